@@ -1,0 +1,233 @@
+//! The one Kraken call the broker makes: `POST /0/private/GetWebSocketsToken`.
+//!
+//! Per API key, sign-and-send is serialised through a [`KeyLane`]: the nonce
+//! is taken, the body built once, signed and sent, and the answer read, all
+//! while holding the lane, so Kraken always sees that key's nonces in order.
+//! Redirects are never followed: a signed request goes to the configured
+//! endpoint or nowhere.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+
+use super::error::KrakenError;
+use super::nonce::NonceSource;
+use super::otp::Otp;
+use super::sign::{WS_TOKEN_PATH, sign};
+use super::wire::{WsToken, parse_ws_token_response};
+use crate::secret::{REDACTED, SecretBytes, SecretString};
+
+/// The User-Agent Kraken requires, naming the project and version.
+pub const USER_AGENT: &str = concat!("kraken-token-broker/", env!("CARGO_PKG_VERSION"));
+
+/// The most of an answer the client reads; a token answer is under 200 bytes.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// The longest the TCP/TLS connect may take, within the total timeout.
+const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What signs a call for one Kraken account.
+#[derive(Clone)]
+pub struct ApiCredentials {
+    pub api_key: SecretString,
+    pub api_secret: SecretBytes,
+    pub otp: Option<Otp>,
+}
+
+impl fmt::Debug for ApiCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiCredentials")
+            .field("api_key", &REDACTED)
+            .field("api_secret", &REDACTED)
+            .field("otp", &self.otp.as_ref().map(|_| REDACTED))
+            .finish()
+    }
+}
+
+/// The nonce sequence of one API key and the turn-taking of its calls.
+#[derive(Debug, Default)]
+pub struct KeyLane {
+    nonces: NonceSource,
+    turn: tokio::sync::Mutex<()>,
+}
+
+impl KeyLane {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// The form body `nonce=…[&otp=…]`, built once: these exact bytes are signed
+/// and sent.
+pub fn ws_token_body(nonce: u64, otp: Option<&SecretString>) -> SecretString {
+    let nonce = nonce.to_string();
+    let mut fields = vec![("nonce", nonce.as_str())];
+    if let Some(otp) = otp {
+        fields.push(("otp", otp.expose()));
+    }
+    SecretString::new(serde_urlencoded::to_string(&fields).expect("string pairs always encode"))
+}
+
+/// A reqwest client bound to one Kraken REST endpoint.
+#[derive(Clone, Debug)]
+pub struct KrakenClient {
+    http: reqwest::Client,
+    endpoint: String,
+    timeout: Duration,
+}
+
+impl KrakenClient {
+    /// `rest_url` is the API root (`https://api.kraken.com`); `timeout` bounds
+    /// each call from connect to the last byte of the answer.
+    pub fn new(rest_url: &str, timeout: Duration) -> Result<Self, reqwest::Error> {
+        let mut headers = HeaderMap::new();
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        let http = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .default_headers(headers)
+            .connect_timeout(timeout.min(MAX_CONNECT_TIMEOUT))
+            .timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Self {
+            http,
+            endpoint: format!("{}{}", rest_url.trim_end_matches('/'), WS_TOKEN_PATH),
+            timeout,
+        })
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Mints a WebSocket token for the account these credentials sign for.
+    pub async fn get_websockets_token(&self, creds: &ApiCredentials, lane: &KeyLane) -> Result<WsToken, KrakenError> {
+        let _turn = lane.turn.lock().await;
+        let nonce = lane.nonces.next();
+        let otp = creds.otp.as_ref().map(|otp| otp.code_at(unix_secs()));
+        let body = ws_token_body(nonce, otp.as_ref());
+        let signature = sign(
+            &creds.api_secret,
+            WS_TOKEN_PATH,
+            &nonce.to_string(),
+            body.expose().as_bytes(),
+        );
+
+        let mut request = self
+            .http
+            .post(&self.endpoint)
+            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(body.expose().to_owned());
+        // Header values marked sensitive are never printed by http's Debug.
+        let mut key = HeaderValue::from_str(creds.api_key.expose())
+            .map_err(|_| KrakenError::Transport("the API key is not a valid header value".into()))?;
+        key.set_sensitive(true);
+        let mut sign_value = HeaderValue::from_str(&signature).expect("base64 is a valid header value");
+        sign_value.set_sensitive(true);
+        request = request.header("API-Key", key).header("API-Sign", sign_value);
+
+        let response = request.send().await.map_err(|e| self.transport_error(&e))?;
+        let status = response.status();
+        let retry_after = parse_retry_after(response.headers().get(RETRY_AFTER));
+        let body = read_bounded(response).await.map_err(|e| match e {
+            BodyError::TooLarge => KrakenError::MalformedResponse("the answer is larger than expected".into()),
+            BodyError::Read(e) => self.transport_error(&e),
+        })?;
+        if status != reqwest::StatusCode::OK {
+            return Err(KrakenError::HttpStatus {
+                status: status.as_u16(),
+                retry_after,
+            });
+        }
+        parse_ws_token_response(&body)
+    }
+
+    fn transport_error(&self, error: &reqwest::Error) -> KrakenError {
+        if error.is_timeout() {
+            return KrakenError::Timeout(self.timeout);
+        }
+        if error.is_body() || error.is_decode() {
+            return KrakenError::MalformedResponse("the answer ended early".into());
+        }
+        // The full chain, e.g. "error sending request: connection refused".
+        // No secret can be in it: reqwest names the URL, never headers or body.
+        let mut text = error.to_string();
+        let mut source = std::error::Error::source(error);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        KrakenError::Transport(text)
+    }
+}
+
+enum BodyError {
+    TooLarge,
+    Read(reqwest::Error),
+}
+
+async fn read_bounded(mut response: reqwest::Response) -> Result<Vec<u8>, BodyError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(BodyError::Read)? {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(BodyError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is rare at edges; ignored).
+fn parse_retry_after(value: Option<&HeaderValue>) -> Option<Duration> {
+    let secs: u64 = value?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs.min(3600)))
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_nonce_then_percent_encoded_otp() {
+        assert_eq!(ws_token_body(1760000000000, None).expose(), "nonce=1760000000000");
+        assert_eq!(
+            ws_token_body(7, Some(&SecretString::new("p&ss=w rd"))).expose(),
+            "nonce=7&otp=p%26ss%3Dw+rd"
+        );
+    }
+
+    #[test]
+    fn credentials_debug_shows_no_secret() {
+        let creds = ApiCredentials {
+            api_key: SecretString::new("KEY-abcdef"),
+            api_secret: SecretBytes::new(b"raw-secret".to_vec()),
+            otp: Some(Otp::static_password(SecretString::new("otp-pass")).unwrap()),
+        };
+        let debug = format!("{creds:?}");
+        for needle in ["KEY-abcdef", "raw-secret", "otp-pass"] {
+            assert!(!debug.contains(needle), "{debug}");
+        }
+    }
+
+    #[test]
+    fn endpoint_is_the_root_plus_the_one_path() {
+        let client = KrakenClient::new("http://127.0.0.1:1/", Duration::from_secs(1)).unwrap();
+        assert_eq!(client.endpoint(), "http://127.0.0.1:1/0/private/GetWebSocketsToken");
+    }
+
+    #[test]
+    fn retry_after_seconds_are_parsed_and_capped() {
+        let v = HeaderValue::from_static("30");
+        assert_eq!(parse_retry_after(Some(&v)), Some(Duration::from_secs(30)));
+        let v = HeaderValue::from_static("999999");
+        assert_eq!(parse_retry_after(Some(&v)), Some(Duration::from_secs(3600)));
+        let v = HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT");
+        assert_eq!(parse_retry_after(Some(&v)), None);
+    }
+}

@@ -1,0 +1,492 @@
+//! Everything that can go wrong calling Kraken, and what to do about it.
+//!
+//! Kraken reports most failures with HTTP 200 and a non-empty `error` array of
+//! strings such as `EAPI:Invalid nonce` or `EService:Throttled: 1700000000`.
+//! [`classify_api_error`] maps one such string to a [`Reason`] (the contract's
+//! metric label), a [`Class`] (permanent or transient) and an [`Action`] (what
+//! the caller must do next). Transport failures map the same way through
+//! [`KrakenError::reason`], [`KrakenError::class`] and [`KrakenError::action`].
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long Kraken keeps a key locked out at least, and so how long the
+/// circuit stays open after `EGeneral:Temporary lockout`.
+pub const LOCKOUT_CIRCUIT: Duration = Duration::from_secs(15 * 60);
+
+/// The shortest back-off after a rate-limit answer: calls made while limited
+/// extend the restriction, and the Starter tier decays one call in 3 s.
+pub const RATE_LIMIT_MIN_BACKOFF: Duration = Duration::from_secs(10);
+
+/// The contract's `reason` label values, a closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    Transport,
+    Timeout,
+    HttpStatus,
+    MalformedResponse,
+    InvalidKey,
+    InvalidSignature,
+    InvalidNonce,
+    PermissionDenied,
+    RateLimited,
+    Lockout,
+    Unavailable,
+    Other,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 12] = [
+        Reason::Transport,
+        Reason::Timeout,
+        Reason::HttpStatus,
+        Reason::MalformedResponse,
+        Reason::InvalidKey,
+        Reason::InvalidSignature,
+        Reason::InvalidNonce,
+        Reason::PermissionDenied,
+        Reason::RateLimited,
+        Reason::Lockout,
+        Reason::Unavailable,
+        Reason::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Transport => "transport",
+            Reason::Timeout => "timeout",
+            Reason::HttpStatus => "http_status",
+            Reason::MalformedResponse => "malformed_response",
+            Reason::InvalidKey => "invalid_key",
+            Reason::InvalidSignature => "invalid_signature",
+            Reason::InvalidNonce => "invalid_nonce",
+            Reason::PermissionDenied => "permission_denied",
+            Reason::RateLimited => "rate_limited",
+            Reason::Lockout => "lockout",
+            Reason::Unavailable => "unavailable",
+            Reason::Other => "other",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether retrying can help without a person changing something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Heals by itself: network, exchange load, rate limits, nonce races.
+    Transient,
+    /// Needs an operator: the key, its permissions, the account, a client bug.
+    Permanent,
+}
+
+/// What the caller must do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Re-sign with a fresh nonce and retry at once, a single time.
+    RetryOnceNow,
+    /// Retry with capped exponential back-off and jitter, never sooner than
+    /// `at_least`.
+    Backoff { at_least: Duration },
+    /// Do not call before this absolute time (`EService:Throttled: <ts>`,
+    /// or an edge `Retry-After`).
+    WaitUntil(SystemTime),
+    /// Do not call at all for this long (temporary lockout).
+    OpenCircuit(Duration),
+    /// Stop, alert an operator, retry only slowly so the key is never pushed
+    /// into a lockout. `hint` says what to fix.
+    Alert { hint: &'static str },
+}
+
+/// One classified Kraken error string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiFailure {
+    pub reason: Reason,
+    pub class: Class,
+    pub action: Action,
+    /// Kraken's code, sanitised and bounded, fit for a log line.
+    pub code: String,
+}
+
+/// A failed `GetWebSocketsToken` call.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum KrakenError {
+    #[error("Kraken answered with an error: {}", .0.code)]
+    Api(ApiFailure),
+    #[error("could not reach Kraken: {0}")]
+    Transport(String),
+    #[error("no answer from Kraken within {0:?}")]
+    Timeout(Duration),
+    #[error("Kraken's edge answered HTTP {status}")]
+    HttpStatus {
+        status: u16,
+        /// Parsed from a `Retry-After` header, when the edge sent one.
+        retry_after: Option<Duration>,
+    },
+    #[error("Kraken's answer was malformed: {0}")]
+    MalformedResponse(String),
+}
+
+impl KrakenError {
+    pub fn reason(&self) -> Reason {
+        match self {
+            KrakenError::Api(f) => f.reason,
+            KrakenError::Transport(_) => Reason::Transport,
+            KrakenError::Timeout(_) => Reason::Timeout,
+            KrakenError::HttpStatus { .. } => Reason::HttpStatus,
+            KrakenError::MalformedResponse(_) => Reason::MalformedResponse,
+        }
+    }
+
+    pub fn class(&self) -> Class {
+        match self {
+            KrakenError::Api(f) => f.class,
+            _ => Class::Transient,
+        }
+    }
+
+    pub fn action(&self) -> Action {
+        match self {
+            KrakenError::Api(f) => f.action,
+            KrakenError::HttpStatus {
+                retry_after: Some(after),
+                ..
+            } => Action::WaitUntil(SystemTime::now() + *after),
+            _ => Action::Backoff {
+                at_least: Duration::ZERO,
+            },
+        }
+    }
+}
+
+/// The longest Kraken code kept for logs; Kraken's own are far shorter.
+const MAX_CODE_LEN: usize = 120;
+
+/// Keeps a code printable and bounded before it goes near a log line.
+fn sanitise(code: &str) -> String {
+    code.chars().filter(|c| !c.is_control()).take(MAX_CODE_LEN).collect()
+}
+
+/// Whether `code` is `category:message`, tolerating what Kraken appends:
+/// spaces after the colon, and detail after the message (`:<field>`, ` <ts>`).
+fn matches(code: &str, category: &str, message: &str) -> bool {
+    let Some((cat, rest)) = code.split_once(':') else {
+        return false;
+    };
+    if !cat.trim().eq_ignore_ascii_case(category) {
+        return false;
+    }
+    let rest = rest.trim_start();
+    let Some(head) = rest.get(..message.len()) else {
+        return false;
+    };
+    if !head.eq_ignore_ascii_case(message) {
+        return false;
+    }
+    // The message must end here: "Invalid key" is not "Invalid keys".
+    rest[message.len()..]
+        .chars()
+        .next()
+        .is_none_or(|c| c == ':' || c.is_whitespace())
+}
+
+/// The unix time after `EService:Throttled:`, if Kraken sent one.
+fn throttled_until(code: &str) -> Option<SystemTime> {
+    let digits: String = code
+        .split_once(':')?
+        .1
+        .trim_start()
+        .get("Throttled".len()..)?
+        .trim_start_matches([':', ' '])
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    let secs: u64 = digits.parse().ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+/// Classifies one Kraken error string. Warnings (`W…`) are not failures and
+/// give `None`; unknown `E…` strings give [`Reason::Other`], transient.
+pub fn classify_api_error(code: &str) -> Option<ApiFailure> {
+    let trimmed = code.trim();
+    if !trimmed.starts_with('E') {
+        return None;
+    }
+    let permanent = |reason, hint| (reason, Class::Permanent, Action::Alert { hint });
+    let backoff = |reason, at_least| (reason, Class::Transient, Action::Backoff { at_least });
+    let m = |cat, msg| matches(trimmed, cat, msg);
+
+    let (reason, class, action) = if m("EAPI", "Invalid key") {
+        permanent(
+            Reason::InvalidKey,
+            "the API key is unknown, revoked or expired: install a valid key",
+        )
+    } else if m("EAPI", "Invalid signature") {
+        permanent(
+            Reason::InvalidSignature,
+            "the API secret does not match the key, or the key has 2FA and the otp is missing or wrong",
+        )
+    } else if m("EAPI", "Invalid nonce") {
+        (Reason::InvalidNonce, Class::Transient, Action::RetryOnceNow)
+    } else if m("EGeneral", "Permission denied") || m("EAPI", "Permission denied") {
+        permanent(
+            Reason::PermissionDenied,
+            "enable the \"WebSocket interface\" permission on the API key",
+        )
+    } else if m("EGeneral", "Temporary lockout") {
+        (Reason::Lockout, Class::Transient, Action::OpenCircuit(LOCKOUT_CIRCUIT))
+    } else if m("EAPI", "Rate limit exceeded") || m("EGeneral", "Too many requests") {
+        backoff(Reason::RateLimited, RATE_LIMIT_MIN_BACKOFF)
+    } else if m("EService", "Throttled") {
+        let action = throttled_until(trimmed).map_or(
+            Action::Backoff {
+                at_least: RATE_LIMIT_MIN_BACKOFF,
+            },
+            Action::WaitUntil,
+        );
+        (Reason::RateLimited, Class::Transient, action)
+    } else if m("EService", "Unavailable")
+        || m("EService", "Busy")
+        || m("EService", "Deadline elapsed")
+        || m("EService", "Market in cancel_only mode")
+        || m("EGeneral", "Internal error")
+    {
+        backoff(Reason::Unavailable, Duration::ZERO)
+    } else if m("EGeneral", "Invalid arguments") || m("EAPI", "Bad request") || m("EGeneral", "Unknown method") {
+        permanent(
+            Reason::Other,
+            "Kraken rejected the request itself: a broker bug, please report it",
+        )
+    } else if m("EAuth", "Account temporary disabled") || m("EAuth", "Account unconfirmed") {
+        permanent(
+            Reason::Other,
+            "the Kraken account is disabled or unconfirmed: resolve it with Kraken",
+        )
+    } else {
+        backoff(Reason::Other, Duration::ZERO)
+    };
+    Some(ApiFailure {
+        reason,
+        class,
+        action,
+        code: sanitise(trimmed),
+    })
+}
+
+/// Classifies a whole `error` array: the first error decides; warnings alone
+/// are no failure.
+pub fn classify_api_errors<S: AsRef<str>>(codes: &[S]) -> Option<ApiFailure> {
+    codes.iter().find_map(|c| classify_api_error(c.as_ref()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One row per documented string and its spacing/detail variants.
+    const TABLE: &[(&str, Reason, Class)] = &[
+        ("EAPI:Invalid key", Reason::InvalidKey, Class::Permanent),
+        ("EAPI: Invalid key", Reason::InvalidKey, Class::Permanent),
+        ("EAPI:Invalid key:revoked", Reason::InvalidKey, Class::Permanent),
+        ("EAPI:Invalid signature", Reason::InvalidSignature, Class::Permanent),
+        (
+            "EAPI:Invalid signature: otp",
+            Reason::InvalidSignature,
+            Class::Permanent,
+        ),
+        ("EAPI:Invalid nonce", Reason::InvalidNonce, Class::Transient),
+        ("EAPI: Invalid nonce", Reason::InvalidNonce, Class::Transient),
+        ("EAPI:Invalid nonce:window", Reason::InvalidNonce, Class::Transient),
+        ("EGeneral:Permission denied", Reason::PermissionDenied, Class::Permanent),
+        (
+            "EGeneral: Permission denied:WebSocket",
+            Reason::PermissionDenied,
+            Class::Permanent,
+        ),
+        ("EAPI:Permission denied", Reason::PermissionDenied, Class::Permanent),
+        ("EGeneral:Temporary lockout", Reason::Lockout, Class::Transient),
+        ("EGeneral: Temporary lockout", Reason::Lockout, Class::Transient),
+        ("EAPI:Rate limit exceeded", Reason::RateLimited, Class::Transient),
+        ("EAPI: Rate limit exceeded", Reason::RateLimited, Class::Transient),
+        ("EGeneral:Too many requests", Reason::RateLimited, Class::Transient),
+        (
+            "EGeneral:Too many requests: slow down",
+            Reason::RateLimited,
+            Class::Transient,
+        ),
+        ("EService:Throttled: 1700000000", Reason::RateLimited, Class::Transient),
+        ("EService:Throttled:1700000000", Reason::RateLimited, Class::Transient),
+        ("EService:Throttled", Reason::RateLimited, Class::Transient),
+        ("EService:Unavailable", Reason::Unavailable, Class::Transient),
+        ("EService: Unavailable", Reason::Unavailable, Class::Transient),
+        ("EService:Busy", Reason::Unavailable, Class::Transient),
+        ("EService:Busy:try later", Reason::Unavailable, Class::Transient),
+        ("EService:Deadline elapsed", Reason::Unavailable, Class::Transient),
+        ("EGeneral:Internal error", Reason::Unavailable, Class::Transient),
+        ("EGeneral:Internal error: 42", Reason::Unavailable, Class::Transient),
+        ("EGeneral:Invalid arguments", Reason::Other, Class::Permanent),
+        ("EGeneral:Invalid arguments:nonce", Reason::Other, Class::Permanent),
+        ("EAPI:Bad request", Reason::Other, Class::Permanent),
+        ("EGeneral:Unknown method", Reason::Other, Class::Permanent),
+        ("EAuth:Account temporary disabled", Reason::Other, Class::Permanent),
+        ("EAuth:Account unconfirmed", Reason::Other, Class::Permanent),
+        ("EFoo:Something new", Reason::Other, Class::Transient),
+        ("EAPI:Invalid keys", Reason::Other, Class::Transient),
+    ];
+
+    #[test]
+    fn each_documented_error_string_maps_to_its_reason_and_class() {
+        for (code, reason, class) in TABLE {
+            let failure = classify_api_error(code).unwrap_or_else(|| panic!("{code} is a failure"));
+            assert_eq!(failure.reason, *reason, "{code}");
+            assert_eq!(failure.class, *class, "{code}");
+        }
+    }
+
+    /// The documented codes as (category, message, reason, class).
+    const DOCUMENTED: &[(&str, &str, Reason, Class)] = &[
+        ("EAPI", "Invalid key", Reason::InvalidKey, Class::Permanent),
+        ("EAPI", "Invalid signature", Reason::InvalidSignature, Class::Permanent),
+        ("EAPI", "Invalid nonce", Reason::InvalidNonce, Class::Transient),
+        (
+            "EGeneral",
+            "Permission denied",
+            Reason::PermissionDenied,
+            Class::Permanent,
+        ),
+        ("EAPI", "Permission denied", Reason::PermissionDenied, Class::Permanent),
+        ("EGeneral", "Temporary lockout", Reason::Lockout, Class::Transient),
+        ("EAPI", "Rate limit exceeded", Reason::RateLimited, Class::Transient),
+        ("EGeneral", "Too many requests", Reason::RateLimited, Class::Transient),
+        ("EService", "Throttled", Reason::RateLimited, Class::Transient),
+        ("EService", "Unavailable", Reason::Unavailable, Class::Transient),
+        ("EService", "Busy", Reason::Unavailable, Class::Transient),
+        ("EService", "Deadline elapsed", Reason::Unavailable, Class::Transient),
+        ("EGeneral", "Internal error", Reason::Unavailable, Class::Transient),
+        ("EGeneral", "Invalid arguments", Reason::Other, Class::Permanent),
+        ("EAPI", "Bad request", Reason::Other, Class::Permanent),
+        ("EGeneral", "Unknown method", Reason::Other, Class::Permanent),
+        ("EAuth", "Account temporary disabled", Reason::Other, Class::Permanent),
+        ("EAuth", "Account unconfirmed", Reason::Other, Class::Permanent),
+    ];
+
+    proptest::proptest! {
+        #[test]
+        fn documented_codes_classify_whatever_spacing_and_detail_follow(
+            row in 0..DOCUMENTED.len(),
+            space in proptest::sample::select(vec!["", " ", "  "]),
+            detail in proptest::sample::select(vec!["", ":", ":field", ": 1700000000", " 1700000000", ":a b c"]),
+        ) {
+            let (cat, msg, reason, class) = DOCUMENTED[row];
+            let code = format!("{cat}:{space}{msg}{detail}");
+            let failure = classify_api_error(&code).expect("an E code is a failure");
+            proptest::prop_assert_eq!(failure.reason, reason, "{}", code);
+            proptest::prop_assert_eq!(failure.class, class, "{}", code);
+        }
+    }
+
+    #[test]
+    fn actions_follow_the_protocol_notes() {
+        let action = |c| classify_api_error(c).unwrap().action;
+        assert_eq!(action("EAPI:Invalid nonce"), Action::RetryOnceNow);
+        assert_eq!(
+            action("EGeneral:Temporary lockout"),
+            Action::OpenCircuit(LOCKOUT_CIRCUIT)
+        );
+        assert!(LOCKOUT_CIRCUIT >= Duration::from_secs(15 * 60));
+        assert_eq!(
+            action("EService:Throttled: 1700000000"),
+            Action::WaitUntil(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        );
+        assert_eq!(
+            action("EService:Throttled:1700000001"),
+            Action::WaitUntil(UNIX_EPOCH + Duration::from_secs(1_700_000_001))
+        );
+        assert!(matches!(action("EAPI:Invalid key"), Action::Alert { .. }));
+        let Action::Alert { hint } = action("EGeneral:Permission denied") else {
+            panic!("permission denied alerts");
+        };
+        assert!(hint.contains("WebSocket interface"), "{hint}");
+        assert_eq!(
+            action("EAPI:Rate limit exceeded"),
+            Action::Backoff {
+                at_least: RATE_LIMIT_MIN_BACKOFF
+            }
+        );
+        assert_eq!(
+            action("EService:Unavailable"),
+            Action::Backoff {
+                at_least: Duration::ZERO
+            }
+        );
+    }
+
+    #[test]
+    fn warnings_alone_are_not_failures() {
+        assert_eq!(classify_api_error("WGeneral:Deprecated"), None);
+        assert_eq!(classify_api_errors::<&str>(&[]), None);
+        assert_eq!(classify_api_errors(&["WAPI:Something", "WGeneral:Other"]), None);
+        let mixed = classify_api_errors(&["WGeneral:Deprecated", "EAPI:Invalid nonce"]).unwrap();
+        assert_eq!(mixed.reason, Reason::InvalidNonce);
+    }
+
+    #[test]
+    fn codes_kept_for_logs_are_sanitised_and_bounded() {
+        let long = format!("EFoo:{}\n\u{7}", "x".repeat(500));
+        let failure = classify_api_error(&long).unwrap();
+        assert_eq!(failure.code.chars().count(), MAX_CODE_LEN);
+        assert!(!failure.code.chars().any(char::is_control));
+    }
+
+    #[test]
+    fn transport_failures_are_transient_with_their_reason() {
+        let cases = [
+            (KrakenError::Transport("refused".into()), Reason::Transport),
+            (KrakenError::Timeout(Duration::from_secs(1)), Reason::Timeout),
+            (
+                KrakenError::HttpStatus {
+                    status: 502,
+                    retry_after: None,
+                },
+                Reason::HttpStatus,
+            ),
+            (KrakenError::MalformedResponse("x".into()), Reason::MalformedResponse),
+        ];
+        for (error, reason) in cases {
+            assert_eq!(error.reason(), reason);
+            assert_eq!(error.class(), Class::Transient);
+            assert!(matches!(error.action(), Action::Backoff { .. }));
+        }
+        let edge = KrakenError::HttpStatus {
+            status: 429,
+            retry_after: Some(Duration::from_secs(30)),
+        };
+        assert!(matches!(edge.action(), Action::WaitUntil(_)));
+    }
+
+    #[test]
+    fn reason_labels_are_the_contracts() {
+        let labels: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "transport",
+                "timeout",
+                "http_status",
+                "malformed_response",
+                "invalid_key",
+                "invalid_signature",
+                "invalid_nonce",
+                "permission_denied",
+                "rate_limited",
+                "lockout",
+                "unavailable",
+                "other"
+            ]
+        );
+    }
+}
