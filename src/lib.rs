@@ -2,5 +2,9 @@
 //! WebSocket tokens to internal consumers.
 #![forbid(unsafe_code)]
 
+pub mod cmd;
 pub mod kraken;
 pub mod secret;
+pub mod signal;
+pub mod sim;
+pub mod telemetry;

@@ -1,0 +1,48 @@
+//! Helpers shared by the integration tests: a simulator on 127.0.0.1:0 and
+//! condition waits with deadlines (never a bare sleep).
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use kraken_token_broker::sim::{self, SimConfig, SimHandle, SimKey};
+use tokio_util::sync::CancellationToken;
+
+/// Starts a simulator on an ephemeral loopback port.
+pub async fn start_sim(config: SimConfig) -> SimHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    sim::start(config, listener, CancellationToken::new()).expect("simulator starts")
+}
+
+/// A simulator with one generated key; returns the key too.
+pub async fn sim_with_key(token_ttl: Duration) -> (SimHandle, SimKey) {
+    let key = SimKey::generate();
+    let sim = start_sim(SimConfig {
+        keys: vec![key.clone()],
+        token_ttl,
+        ..SimConfig::default()
+    })
+    .await;
+    (sim, key)
+}
+
+/// Polls `check` until it returns `Some`, failing the test after `deadline`.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
