@@ -3,8 +3,11 @@
 #![forbid(unsafe_code)]
 
 pub mod cmd;
+pub mod config;
 pub mod kraken;
+pub mod metrics;
 pub mod secret;
 pub mod signal;
 pub mod sim;
 pub mod telemetry;
+pub mod token;

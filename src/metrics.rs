@@ -1,0 +1,398 @@
+//! The broker's Prometheus metrics, named as the contract fixes them.
+//!
+//! One non-global [`Registry`] per broker (so each test gets its own), base
+//! units, timestamps rather than ages, labels only from closed sets, and every
+//! known label combination set to 0 up front so a first failure shows as a
+//! rise. Handles for one account or one route are resolved once and kept, so
+//! the hot path does no label lookups.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::kraken::Reason;
+
+const NS: &str = "kraken_token_broker";
+
+/// Refresh durations: a Kraken call takes 50 ms to a few seconds.
+const REFRESH_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+/// HTTP durations: a cached token is served in microseconds; a request that
+/// waits for a refresh takes as long as the Kraken call.
+const HTTP_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0, 5.0, 15.0,
+];
+
+/// The routes the consumer and admin APIs serve, as labelled.
+pub const ROUTES: &[&str] = &[
+    "/v1/token",
+    "/v1/token/invalidate",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "unmatched",
+];
+/// Statuses each route can answer, pre-set to 0.
+const ROUTE_STATUSES: &[(&str, &[u16])] = &[
+    ("/v1/token", &[200, 400, 401, 403, 405, 429, 503]),
+    ("/v1/token/invalidate", &[200, 400, 401, 403, 405, 413, 415, 429, 503]),
+    ("/healthz", &[200]),
+    ("/readyz", &[200, 503]),
+    ("/metrics", &[200]),
+    ("unmatched", &[404]),
+];
+
+/// Why a consumer was turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    Missing,
+    Invalid,
+    Forbidden,
+}
+
+impl AuthFailure {
+    pub const ALL: [AuthFailure; 3] = [AuthFailure::Missing, AuthFailure::Invalid, AuthFailure::Forbidden];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing",
+            AuthFailure::Invalid => "invalid",
+            AuthFailure::Forbidden => "forbidden",
+        }
+    }
+}
+
+/// All of the broker's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    refreshes: IntCounterVec,
+    refresh_failures: IntCounterVec,
+    refresh_duration: HistogramVec,
+    token_expiry: GaugeVec,
+    last_success: GaugeVec,
+    token_valid: IntGaugeVec,
+    http_requests: IntCounterVec,
+    http_duration: HistogramVec,
+    tokens_served: IntCounterVec,
+    auth_failures: IntCounterVec,
+}
+
+fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, collector: C) -> C {
+    registry
+        .register(Box::new(collector.clone()))
+        .expect("metric names are unique and valid");
+    collector
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry holding every metric of the contract.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let opts = |name: &str, help: &str| Opts::new(name, help).namespace(NS);
+        let hopts = |name: &str, help: &str, buckets: &[f64]| {
+            HistogramOpts::new(name, help).namespace(NS).buckets(buckets.to_vec())
+        };
+        let refreshes = register(
+            &registry,
+            IntCounterVec::new(
+                opts("refreshes_total", "GetWebSocketsToken calls made, by outcome."),
+                &["account", "result"],
+            )
+            .expect("valid"),
+        );
+        let refresh_failures = register(
+            &registry,
+            IntCounterVec::new(
+                opts("refresh_failures_total", "Failed GetWebSocketsToken calls, by reason."),
+                &["account", "reason"],
+            )
+            .expect("valid"),
+        );
+        let refresh_duration = register(
+            &registry,
+            HistogramVec::new(
+                hopts(
+                    "refresh_duration_seconds",
+                    "Time a GetWebSocketsToken call took, success or failure.",
+                    REFRESH_BUCKETS,
+                ),
+                &["account"],
+            )
+            .expect("valid"),
+        );
+        let token_expiry = register(
+            &registry,
+            GaugeVec::new(
+                opts(
+                    "token_expiry_timestamp_seconds",
+                    "Unix time when the held token's use-by passes (0 when none is held).",
+                ),
+                &["account"],
+            )
+            .expect("valid"),
+        );
+        let last_success = register(
+            &registry,
+            GaugeVec::new(
+                opts(
+                    "last_refresh_success_timestamp_seconds",
+                    "Unix time of the last successful refresh (0 before the first).",
+                ),
+                &["account"],
+            )
+            .expect("valid"),
+        );
+        let token_valid = register(
+            &registry,
+            IntGaugeVec::new(
+                opts(
+                    "token_valid",
+                    "1 when a token with at least min_served_ttl left is held, else 0.",
+                ),
+                &["account"],
+            )
+            .expect("valid"),
+        );
+        let http_requests = register(
+            &registry,
+            IntCounterVec::new(
+                opts(
+                    "http_requests_total",
+                    "HTTP requests answered, by matched route and status.",
+                ),
+                &["route", "status"],
+            )
+            .expect("valid"),
+        );
+        let http_duration = register(
+            &registry,
+            HistogramVec::new(
+                hopts(
+                    "http_request_duration_seconds",
+                    "Time to answer an HTTP request, by matched route.",
+                    HTTP_BUCKETS,
+                ),
+                &["route"],
+            )
+            .expect("valid"),
+        );
+        let tokens_served = register(
+            &registry,
+            IntCounterVec::new(
+                opts("tokens_served_total", "Tokens handed to consumers."),
+                &["account", "consumer"],
+            )
+            .expect("valid"),
+        );
+        let auth_failures = register(
+            &registry,
+            IntCounterVec::new(
+                opts(
+                    "auth_failures_total",
+                    "Consumer requests refused: missing or invalid credential, or an account not granted.",
+                ),
+                &["reason"],
+            )
+            .expect("valid"),
+        );
+        let build_info = register(
+            &registry,
+            IntGaugeVec::new(
+                opts("build_info", "Always 1; the version label names the build."),
+                &["version"],
+            )
+            .expect("valid"),
+        );
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        for reason in AuthFailure::ALL {
+            auth_failures.with_label_values(&[reason.as_str()]);
+        }
+        for (route, statuses) in ROUTE_STATUSES {
+            http_duration.with_label_values(&[*route]);
+            for status in *statuses {
+                http_requests.with_label_values(&[*route, &status.to_string()]);
+            }
+        }
+        Self {
+            registry,
+            refreshes,
+            refresh_failures,
+            refresh_duration,
+            token_expiry,
+            last_success,
+            token_valid,
+            http_requests,
+            http_duration,
+            tokens_served,
+            auth_failures,
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("encoding to a Vec cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+
+    /// Handles for one account, every series pre-set to 0.
+    pub fn account(&self, account: &str) -> AccountMetrics {
+        let failures = Reason::ALL
+            .iter()
+            .map(|r| (*r, self.refresh_failures.with_label_values(&[account, r.as_str()])))
+            .collect();
+        AccountMetrics {
+            success: self.refreshes.with_label_values(&[account, "success"]),
+            failure: self.refreshes.with_label_values(&[account, "failure"]),
+            failures,
+            duration: self.refresh_duration.with_label_values(&[account]),
+            expiry: self.token_expiry.with_label_values(&[account]),
+            last_success: self.last_success.with_label_values(&[account]),
+            valid: self.token_valid.with_label_values(&[account]),
+        }
+    }
+
+    /// Drops an account's series (after a reload removed it).
+    pub fn remove_account(&self, account: &str) {
+        let _ = self.refreshes.remove_label_values(&[account, "success"]);
+        let _ = self.refreshes.remove_label_values(&[account, "failure"]);
+        for r in Reason::ALL {
+            let _ = self.refresh_failures.remove_label_values(&[account, r.as_str()]);
+        }
+        let _ = self.refresh_duration.remove_label_values(&[account]);
+        let _ = self.token_expiry.remove_label_values(&[account]);
+        let _ = self.last_success.remove_label_values(&[account]);
+        let _ = self.token_valid.remove_label_values(&[account]);
+    }
+
+    /// The counter of tokens served to `consumer` from `account`, pre-set to 0.
+    pub fn served(&self, account: &str, consumer: &str) -> IntCounter {
+        self.tokens_served.with_label_values(&[account, consumer])
+    }
+
+    pub fn remove_served(&self, account: &str, consumer: &str) {
+        let _ = self.tokens_served.remove_label_values(&[account, consumer]);
+    }
+
+    pub fn auth_failure(&self, reason: AuthFailure) {
+        self.auth_failures.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    /// Records one answered request.
+    pub fn http_request(&self, route: &str, status: u16, seconds: f64) {
+        self.http_requests
+            .with_label_values(&[route, &status.to_string()])
+            .inc();
+        self.http_duration.with_label_values(&[route]).observe(seconds);
+    }
+}
+
+/// One account's metric handles.
+#[derive(Clone)]
+pub struct AccountMetrics {
+    success: IntCounter,
+    failure: IntCounter,
+    failures: Vec<(Reason, IntCounter)>,
+    duration: Histogram,
+    expiry: Gauge,
+    last_success: Gauge,
+    valid: IntGauge,
+}
+
+impl AccountMetrics {
+    pub fn refresh_succeeded(&self, seconds: f64, expires_at_unix: f64, now_unix: f64) {
+        self.success.inc();
+        self.duration.observe(seconds);
+        self.expiry.set(expires_at_unix);
+        self.last_success.set(now_unix);
+    }
+
+    pub fn refresh_failed(&self, reason: Reason, seconds: f64) {
+        self.failure.inc();
+        self.duration.observe(seconds);
+        if let Some((_, counter)) = self.failures.iter().find(|(r, _)| *r == reason) {
+            counter.inc();
+        }
+    }
+
+    /// No token is held any more (dropped after use-by or invalidation).
+    pub fn token_dropped(&self) {
+        self.expiry.set(0.0);
+        self.valid.set(0);
+    }
+
+    pub fn set_valid(&self, valid: bool) {
+        self.valid.set(i64::from(valid));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_contract_metric_is_exposed_with_zeroed_series() {
+        let m = Metrics::new();
+        let _ = m.account("main");
+        let _ = m.served("main", "mm-btc");
+        let text = m.encode();
+        for name in [
+            "kraken_token_broker_refreshes_total{account=\"main\",result=\"success\"} 0",
+            "kraken_token_broker_refreshes_total{account=\"main\",result=\"failure\"} 0",
+            "kraken_token_broker_refresh_failures_total{account=\"main\",reason=\"invalid_key\"} 0",
+            "kraken_token_broker_refresh_failures_total{account=\"main\",reason=\"unavailable\"} 0",
+            "kraken_token_broker_refresh_duration_seconds_count{account=\"main\"} 0",
+            "kraken_token_broker_token_expiry_timestamp_seconds{account=\"main\"} 0",
+            "kraken_token_broker_last_refresh_success_timestamp_seconds{account=\"main\"} 0",
+            "kraken_token_broker_token_valid{account=\"main\"} 0",
+            "kraken_token_broker_http_requests_total{route=\"/v1/token\",status=\"503\"} 0",
+            "kraken_token_broker_http_request_duration_seconds_count{route=\"/v1/token\"} 0",
+            "kraken_token_broker_tokens_served_total{account=\"main\",consumer=\"mm-btc\"} 0",
+            "kraken_token_broker_auth_failures_total{reason=\"forbidden\"} 0",
+            "kraken_token_broker_build_info{version=\"",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+        for reason in Reason::ALL {
+            let series = format!("refresh_failures_total{{account=\"main\",reason=\"{reason}\"}} 0");
+            assert!(text.contains(&series), "{series}");
+        }
+    }
+
+    #[test]
+    fn account_handles_record_and_removal_drops_series() {
+        let m = Metrics::new();
+        let a = m.account("main");
+        a.refresh_failed(Reason::Unavailable, 0.2);
+        a.refresh_succeeded(0.1, 1_800_000_000.0, 1_799_999_100.0);
+        a.set_valid(true);
+        let text = m.encode();
+        assert!(text.contains("refresh_failures_total{account=\"main\",reason=\"unavailable\"} 1"));
+        assert!(text.contains("refreshes_total{account=\"main\",result=\"success\"} 1"));
+        assert!(text.contains("token_valid{account=\"main\"} 1"));
+        assert!(text.contains("token_expiry_timestamp_seconds{account=\"main\"} 1800000000"));
+        m.remove_account("main");
+        assert!(!m.encode().contains("account=\"main\""));
+    }
+
+    #[test]
+    fn separate_instances_do_not_share_values() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        a.auth_failure(AuthFailure::Invalid);
+        assert!(a.encode().contains("auth_failures_total{reason=\"invalid\"} 1"));
+        assert!(b.encode().contains("auth_failures_total{reason=\"invalid\"} 0"));
+    }
+}

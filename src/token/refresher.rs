@@ -1,0 +1,1120 @@
+//! One refresher task per account: the only writer of that account's token.
+//!
+//! It mints a token at start, refreshes it on the schedule of
+//! [`next_refresh_at`], and takes every on-demand request (a consumer needing
+//! more time left, a token reported rejected) through the same task, so a
+//! single upstream call serves any number of waiting consumers by
+//! construction. On failure it keeps serving the last good token while it has
+//! `min_served_ttl` left and decides the next attempt from the error's
+//! [`Action`]: retry once with a fresh nonce, back off with jitter, wait out a
+//! throttle, open a circuit on a lockout, or retry slowly and alert on a key
+//! that can never work.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::cache::{CachedToken, Health, Published};
+use super::schedule::{RefreshPolicy, backoff_delay, next_refresh_at};
+use crate::kraken::{Action, ApiCredentials, KeyLane, KrakenClient, KrakenError, MAX_TOKEN_LIFETIME, Reason, WsToken};
+use crate::metrics::AccountMetrics;
+
+/// How long to wait between retries of a key Kraken rejects for good
+/// (invalid key, permission denied): slow enough never to push the key into
+/// a lockout, quick enough to notice an operator's fix.
+pub const PERMANENT_RETRY_INTERVAL: Duration = Duration::from_secs(300);
+/// On-demand refreshes (a `min_ttl` above what is held, a rejected token) an
+/// account allows in a burst ...
+pub const FORCED_REFRESH_BURST: u32 = 3;
+/// ... and how often one more is allowed after that. Kraken's Starter tier
+/// decays one call in 3 s; this stays far below, whatever consumers do.
+pub const FORCED_REFRESH_EVERY: Duration = Duration::from_secs(10);
+/// The longest an `EService:Throttled` timestamp is obeyed, in case Kraken's
+/// clock and ours disagree wildly.
+const MAX_THROTTLE_WAIT: Duration = Duration::from_secs(3600);
+/// TOTP codes change every 30 s; a retry after a rejected code waits for the next.
+const TOTP_STEP_SECS: u64 = 30;
+
+/// A future yielding one `GetWebSocketsToken` answer.
+pub type FetchFuture = Pin<Box<dyn Future<Output = Result<WsToken, KrakenError>> + Send>>;
+
+/// Where tokens come from: Kraken in production, a script in unit tests.
+pub trait TokenSource: Send + Sync + 'static {
+    fn fetch(&self) -> FetchFuture;
+    /// Whether the key's 2FA is a TOTP seed (a rejected code may be retried
+    /// once with the next code).
+    fn uses_totp(&self) -> bool;
+}
+
+/// The Kraken-backed source of one account.
+pub struct KrakenSource {
+    pub client: KrakenClient,
+    pub credentials: Arc<ApiCredentials>,
+    /// Shared by every account using the same API key.
+    pub lane: Arc<KeyLane>,
+}
+
+impl TokenSource for KrakenSource {
+    fn fetch(&self) -> FetchFuture {
+        let (client, credentials, lane) = (
+            self.client.clone(),
+            Arc::clone(&self.credentials),
+            Arc::clone(&self.lane),
+        );
+        Box::pin(async move { client.get_websockets_token(&credentials, &lane).await })
+    }
+
+    fn uses_totp(&self) -> bool {
+        self.credentials.otp.as_ref().is_some_and(|o| o.is_totp())
+    }
+}
+
+/// Everything a refresher needs to run, replaceable on reload.
+#[derive(Clone)]
+pub struct AccountSetup {
+    pub source: Arc<dyn TokenSource>,
+    pub policy: RefreshPolicy,
+    /// The upstream call's own timeout; a fetch is abandoned a little after it.
+    pub call_timeout: Duration,
+}
+
+/// A random fraction in `[0, 1)` for jitter; a parameter so tests are exact.
+pub type Jitter = fn() -> f64;
+
+/// The jitter used in production.
+pub fn random_jitter() -> f64 {
+    rand::random::<f64>()
+}
+
+/// Why no good-enough token can be had now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cause {
+    /// Refreshing is failing; the reason of the last failure.
+    RefreshFailing(Reason),
+    /// Kraken locked the key out.
+    CircuitOpen,
+    /// Too many on-demand refreshes lately.
+    ForcedRefreshLimited,
+    /// More time left was asked for than a token ever has.
+    Unsatisfiable { lifetime: Duration },
+    /// The broker is stopping, or the refresher did not answer in time.
+    NotAnswering,
+}
+
+/// The answer to a consumer who asked for a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unavailable {
+    pub retry_after: Duration,
+    pub cause: Cause,
+}
+
+pub type Answer = Result<Arc<CachedToken>, Unavailable>;
+
+enum Command {
+    Want {
+        need: Duration,
+        reply: oneshot::Sender<Answer>,
+    },
+    Invalidate {
+        sha256: [u8; 32],
+        need: Duration,
+        consumer: String,
+        reply: oneshot::Sender<Answer>,
+    },
+    Reconfigure(AccountSetup),
+}
+
+/// Commands queued per account before senders wait: bounded, so a storm of
+/// consumers costs a wait, never unbounded memory.
+const COMMAND_QUEUE: usize = 1024;
+
+/// The readers' side of one account.
+#[derive(Clone)]
+pub struct AccountHandle {
+    name: Arc<str>,
+    published: Arc<ArcSwap<Published>>,
+    commands: mpsc::Sender<Command>,
+    answer_timeout: Duration,
+}
+
+impl AccountHandle {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The current published state, lock-free.
+    pub fn published(&self) -> arc_swap::Guard<Arc<Published>> {
+        self.published.load()
+    }
+
+    async fn ask(&self, command: impl FnOnce(oneshot::Sender<Answer>) -> Command) -> Answer {
+        let not_answering = Unavailable {
+            retry_after: Duration::from_secs(1),
+            cause: Cause::NotAnswering,
+        };
+        let (tx, rx) = oneshot::channel();
+        let exchange = async {
+            self.commands.send(command(tx)).await.ok()?;
+            rx.await.ok()
+        };
+        match tokio::time::timeout(self.answer_timeout, exchange).await {
+            Ok(Some(answer)) => answer,
+            _ => Err(not_answering),
+        }
+    }
+
+    /// A token with at least `need` left, refreshing first if needed.
+    pub async fn want(&self, need: Duration) -> Answer {
+        self.ask(|reply| Command::Want { need, reply }).await
+    }
+
+    /// Reports the token with this SHA-256 as rejected by Kraken; answers the
+    /// token to use now (with at least `need` left).
+    pub async fn invalidate(&self, sha256: [u8; 32], need: Duration, consumer: &str) -> Answer {
+        let consumer = consumer.to_owned();
+        self.ask(|reply| Command::Invalidate {
+            sha256,
+            need,
+            consumer,
+            reply,
+        })
+        .await
+    }
+
+    /// Replaces the account's credentials, client or policy.
+    pub async fn reconfigure(&self, setup: AccountSetup) {
+        let _ = self.commands.send(Command::Reconfigure(setup)).await;
+    }
+}
+
+/// Starts the refresher of one account. The task ends when `cancel` fires.
+pub fn spawn(
+    name: &str,
+    setup: AccountSetup,
+    metrics: AccountMetrics,
+    jitter: Jitter,
+    cancel: CancellationToken,
+) -> (AccountHandle, JoinHandle<()>) {
+    let name: Arc<str> = Arc::from(name);
+    let published = Arc::new(ArcSwap::from_pointee(Published::starting()));
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    // Room for one call, its nonce retry, and slack.
+    let answer_timeout = setup.call_timeout * 2 + Duration::from_secs(2);
+    let now = Instant::now();
+    let refresher = Refresher {
+        name: Arc::clone(&name),
+        setup,
+        jitter,
+        published: Arc::clone(&published),
+        metrics,
+        commands: rx,
+        cancel,
+        current: None,
+        last_lifetime: None,
+        health: Health::Starting,
+        waiters: Vec::new(),
+        in_flight: None,
+        next_attempt: now,
+        blocked: false,
+        failures: 0,
+        nonce_retry_used: false,
+        totp_retry_used: false,
+        budget: Budget::new(FORCED_REFRESH_BURST, FORCED_REFRESH_EVERY, now),
+        valid_reported: None,
+    };
+    let task = tokio::spawn(refresher.run());
+    (
+        AccountHandle {
+            name,
+            published,
+            commands: tx,
+            answer_timeout,
+        },
+        task,
+    )
+}
+
+/// A token bucket for on-demand refreshes.
+struct Budget {
+    tokens: f64,
+    capacity: f64,
+    every: Duration,
+    at: Instant,
+}
+
+impl Budget {
+    fn new(burst: u32, every: Duration, now: Instant) -> Self {
+        Self {
+            tokens: f64::from(burst),
+            capacity: f64::from(burst),
+            every,
+            at: now,
+        }
+    }
+
+    /// Takes one; otherwise says how long until one is available.
+    fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() / self.every.as_secs_f64();
+        self.tokens = (self.tokens + refill).min(self.capacity);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(self.every.mul_f64(1.0 - self.tokens))
+        }
+    }
+}
+
+struct Waiter {
+    need: Duration,
+    reply: oneshot::Sender<Answer>,
+}
+
+struct InFlight {
+    task: JoinHandle<Result<WsToken, KrakenError>>,
+    started: Instant,
+    started_wall: SystemTime,
+}
+
+enum Event {
+    Stop,
+    Fetched(Result<Result<WsToken, KrakenError>, tokio::task::JoinError>),
+    Command(Option<Command>),
+    Timer,
+}
+
+struct Refresher {
+    name: Arc<str>,
+    setup: AccountSetup,
+    jitter: Jitter,
+    published: Arc<ArcSwap<Published>>,
+    metrics: AccountMetrics,
+    commands: mpsc::Receiver<Command>,
+    cancel: CancellationToken,
+
+    current: Option<Arc<CachedToken>>,
+    /// The lifetime of the last token minted, for judging `min_ttl` requests.
+    last_lifetime: Option<Duration>,
+    health: Health,
+    waiters: Vec<Waiter>,
+    in_flight: Option<InFlight>,
+    /// When the next refresh (scheduled) or retry (after a failure) is due.
+    next_attempt: Instant,
+    /// `next_attempt` is a retry after a failure: on-demand requests wait for
+    /// it rather than call Kraken sooner.
+    blocked: bool,
+    failures: u32,
+    nonce_retry_used: bool,
+    totp_retry_used: bool,
+    budget: Budget,
+    /// The `token_valid` value last set, so it is only written on change.
+    valid_reported: Option<bool>,
+}
+
+fn unix_secs(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl Refresher {
+    async fn run(mut self) {
+        loop {
+            self.expire_and_report(Instant::now());
+            let wake = self.next_wake(Instant::now());
+            let event = {
+                let in_flight = &mut self.in_flight;
+                let commands = &mut self.commands;
+                let cancel = &self.cancel;
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => Event::Stop,
+                    result = async { (&mut in_flight.as_mut().expect("guarded by is_some").task).await },
+                        if in_flight.is_some() => Event::Fetched(result),
+                    command = commands.recv() => Event::Command(command),
+                    _ = tokio::time::sleep_until(wake) => Event::Timer,
+                }
+            };
+            match event {
+                Event::Stop | Event::Command(None) => break,
+                Event::Fetched(result) => {
+                    let flight = self.in_flight.take().expect("a fetch finished, so one was in flight");
+                    let result =
+                        result.unwrap_or_else(|e| Err(KrakenError::Transport(format!("the fetch task failed: {e}"))));
+                    self.on_fetched(result, &flight);
+                }
+                Event::Command(Some(command)) => self.on_command(command),
+                Event::Timer => {
+                    if self.in_flight.is_none() && Instant::now() >= self.next_attempt {
+                        self.start_fetch();
+                    }
+                }
+            }
+        }
+        if let Some(flight) = self.in_flight.take() {
+            flight.task.abort();
+        }
+        let stopping = Unavailable {
+            retry_after: Duration::from_secs(1),
+            cause: Cause::NotAnswering,
+        };
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.reply.send(Err(stopping.clone()));
+        }
+    }
+
+    /// The next moment something must happen without a command arriving.
+    fn next_wake(&self, now: Instant) -> Instant {
+        let mut wake = now + Duration::from_secs(3600);
+        if self.in_flight.is_none() {
+            wake = wake.min(self.next_attempt);
+        }
+        if let Some(t) = &self.current {
+            for moment in [
+                t.expires_at.checked_sub(self.setup.policy.min_served_ttl),
+                Some(t.expires_at),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if moment > now {
+                    wake = wake.min(moment);
+                }
+            }
+        }
+        wake
+    }
+
+    /// Drops a token past its use-by and keeps `token_valid` true to life.
+    fn expire_and_report(&mut self, now: Instant) {
+        if self.current.as_ref().is_some_and(|t| t.remaining(now).is_zero()) {
+            self.current = None;
+            self.metrics.token_dropped();
+            self.publish();
+        }
+        let valid = self
+            .current
+            .as_ref()
+            .is_some_and(|t| t.remaining(now) >= self.setup.policy.min_served_ttl);
+        if self.valid_reported != Some(valid) {
+            self.metrics.set_valid(valid);
+            if self.valid_reported == Some(true) && !valid {
+                warn!(account = %self.name, "no servable token: the held one has less than min_served_ttl left");
+            }
+            self.valid_reported = Some(valid);
+        }
+    }
+
+    fn publish(&self) {
+        self.published.store(Arc::new(Published {
+            token: self.current.clone(),
+            health: self.health.clone(),
+        }));
+    }
+
+    fn start_fetch(&mut self) {
+        let source = Arc::clone(&self.setup.source);
+        // A little after the client's own timeout: a safety net, not a limit.
+        let limit = self.setup.call_timeout + Duration::from_secs(1);
+        let task = tokio::spawn(async move {
+            tokio::time::timeout(limit, source.fetch())
+                .await
+                .unwrap_or(Err(KrakenError::Timeout(limit)))
+        });
+        self.in_flight = Some(InFlight {
+            task,
+            started: Instant::now(),
+            started_wall: SystemTime::now(),
+        });
+    }
+
+    fn lifetime_hint(&self) -> Duration {
+        self.last_lifetime.unwrap_or(MAX_TOKEN_LIFETIME)
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Want { need, reply } => self.serve_or_wait(need, reply),
+            Command::Invalidate {
+                sha256,
+                need,
+                consumer,
+                reply,
+            } => {
+                if let Some(current) = self.current.take_if(|t| t.sha256 == sha256) {
+                    warn!(
+                        account = %self.name,
+                        consumer = %consumer,
+                        token = %current.fingerprint,
+                        "consumer reports the token rejected by Kraken; minting a new one"
+                    );
+                    self.metrics.token_dropped();
+                    self.valid_reported = Some(false);
+                    self.publish();
+                }
+                self.serve_or_wait(need, reply);
+            }
+            Command::Reconfigure(setup) => {
+                self.setup = setup;
+                info!(account = %self.name, "account reconfigured");
+                if self.blocked && !matches!(self.health, Health::CircuitOpen { .. }) {
+                    // New credentials deserve a try now, not after a back-off
+                    // meant for the old ones.
+                    self.blocked = false;
+                    self.failures = 0;
+                    self.next_attempt = Instant::now();
+                }
+            }
+        }
+    }
+
+    fn serve_or_wait(&mut self, need: Duration, reply: oneshot::Sender<Answer>) {
+        let now = Instant::now();
+        if let Some(token) = self.current.as_ref().filter(|t| t.remaining(now) >= need) {
+            let _ = reply.send(Ok(Arc::clone(token)));
+            return;
+        }
+        let lifetime = self.lifetime_hint();
+        if need > lifetime {
+            let _ = reply.send(Err(Unavailable {
+                retry_after: Duration::ZERO,
+                cause: Cause::Unsatisfiable { lifetime },
+            }));
+            return;
+        }
+        self.waiters.push(Waiter { need, reply });
+        self.demand(now);
+    }
+
+    /// Someone waits for a better token than the one held.
+    fn demand(&mut self, now: Instant) {
+        if self.in_flight.is_some() {
+            return; // answered when it lands
+        }
+        if self.blocked {
+            let unavailable = self.blocked_unavailable(now);
+            self.answer_waiters(now, Some(unavailable));
+            return;
+        }
+        if now >= self.next_attempt {
+            // Due anyway (cold start, or the schedule): not a forced refresh.
+            self.start_fetch();
+            return;
+        }
+        match self.budget.take(now) {
+            Ok(()) => self.start_fetch(),
+            Err(wait) => {
+                warn!(
+                    account = %self.name,
+                    retry_in = ?wait,
+                    "on-demand refresh refused: too many lately (min_ttl or invalidation requests)"
+                );
+                if self.current.is_none() {
+                    // Nothing to serve: refresh as soon as the budget allows.
+                    self.next_attempt = self.next_attempt.min(now + wait);
+                }
+                let unavailable = Unavailable {
+                    retry_after: wait,
+                    cause: Cause::ForcedRefreshLimited,
+                };
+                self.answer_waiters(now, Some(unavailable));
+            }
+        }
+    }
+
+    fn blocked_unavailable(&self, now: Instant) -> Unavailable {
+        let cause = match &self.health {
+            Health::CircuitOpen { .. } => Cause::CircuitOpen,
+            Health::Failing { reason, .. } => Cause::RefreshFailing(*reason),
+            Health::Starting | Health::Healthy => Cause::RefreshFailing(Reason::Other),
+        };
+        Unavailable {
+            retry_after: self.next_attempt.saturating_duration_since(now),
+            cause,
+        }
+    }
+
+    /// Answers every waiter that can be answered: with the current token when
+    /// it is good enough, else (when nothing is in flight) with `otherwise`.
+    fn answer_waiters(&mut self, now: Instant, otherwise: Option<Unavailable>) {
+        let in_flight = self.in_flight.is_some();
+        let lifetime = self.lifetime_hint();
+        for waiter in std::mem::take(&mut self.waiters) {
+            if waiter.reply.is_closed() {
+                continue; // the consumer gave up
+            }
+            let answer = match self.current.as_ref().filter(|t| t.remaining(now) >= waiter.need) {
+                Some(token) => Ok(Arc::clone(token)),
+                None if in_flight => {
+                    self.waiters.push(waiter);
+                    continue;
+                }
+                None if waiter.need > lifetime => Err(Unavailable {
+                    retry_after: Duration::ZERO,
+                    cause: Cause::Unsatisfiable { lifetime },
+                }),
+                None => Err(otherwise.clone().unwrap_or(Unavailable {
+                    retry_after: Duration::from_secs(1),
+                    cause: Cause::NotAnswering,
+                })),
+            };
+            let _ = waiter.reply.send(answer);
+        }
+    }
+
+    fn on_fetched(&mut self, result: Result<WsToken, KrakenError>, flight: &InFlight) {
+        let now = Instant::now();
+        let took = now.saturating_duration_since(flight.started);
+        match result {
+            Ok(minted) => self.on_success(minted, flight, took),
+            Err(error) => self.on_failure(&error, took, now),
+        }
+    }
+
+    fn on_success(&mut self, minted: WsToken, flight: &InFlight, took: Duration) {
+        let now = Instant::now();
+        if minted.lifetime_clamped {
+            warn!(
+                account = %self.name,
+                max_secs = MAX_TOKEN_LIFETIME.as_secs(),
+                "Kraken announced a token lifetime above its documented maximum; clamped"
+            );
+        }
+        // The token's life counts from when the call started: Kraken made it
+        // somewhere between then and the answer.
+        let token = Arc::new(CachedToken::new(
+            minted.token,
+            minted.lifetime,
+            flight.started,
+            flight.started_wall,
+        ));
+        self.metrics.refresh_succeeded(
+            took.as_secs_f64(),
+            unix_secs(flight.started_wall + minted.lifetime),
+            unix_secs(SystemTime::now()),
+        );
+        let policy = self.setup.policy;
+        self.next_attempt = next_refresh_at(token.issued_at, token.expires_at, &policy, (self.jitter)());
+        info!(
+            account = %self.name,
+            outcome = "success",
+            token = %token.fingerprint,
+            expires_in_secs = token.remaining(now).as_secs(),
+            duration_ms = took.as_millis() as u64,
+            next_refresh_in_secs = self.next_attempt.saturating_duration_since(now).as_secs(),
+            "token refreshed"
+        );
+        self.last_lifetime = Some(token.lifetime);
+        self.current = Some(token);
+        self.health = Health::Healthy;
+        self.blocked = false;
+        self.failures = 0;
+        self.nonce_retry_used = false;
+        self.totp_retry_used = false;
+        self.publish();
+        self.expire_and_report(now);
+        self.answer_waiters(now, None);
+    }
+
+    fn on_failure(&mut self, error: &KrakenError, took: Duration, now: Instant) {
+        let reason = error.reason();
+        self.metrics.refresh_failed(reason, took.as_secs_f64());
+        let action = error.action();
+        let detail = error.to_string();
+        let duration_ms = took.as_millis() as u64;
+
+        if action == Action::RetryOnceNow && !self.nonce_retry_used {
+            self.nonce_retry_used = true;
+            warn!(
+                account = %self.name, outcome = "failure", reason = %reason, %error, duration_ms,
+                "Kraken rejected the nonce; retrying once with a fresh one"
+            );
+            self.start_fetch();
+            return;
+        }
+
+        self.failures = self.failures.saturating_add(1);
+        let policy = self.setup.policy;
+        let backoff = |failures, at_least: Duration| {
+            backoff_delay(failures, policy.retry_initial, policy.retry_max, (self.jitter)()).max(at_least)
+        };
+        let mut permanent = false;
+        let mut circuit = false;
+        let delay = match action {
+            Action::Alert { .. }
+                if reason == Reason::InvalidSignature && self.setup.source.uses_totp() && !self.totp_retry_used =>
+            {
+                self.totp_retry_used = true;
+                let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                let wait = Duration::from_secs(TOTP_STEP_SECS - unix % TOTP_STEP_SECS) + Duration::from_millis(100);
+                warn!(
+                    account = %self.name, outcome = "failure", reason = %reason, %error, duration_ms,
+                    retry_in = ?wait,
+                    "Kraken rejected the signature; retrying once with the next TOTP code"
+                );
+                wait
+            }
+            Action::Alert { hint } => {
+                permanent = true;
+                error!(
+                    account = %self.name, outcome = "failure", reason = %reason, %error, duration_ms,
+                    fix = hint, retry_in = ?PERMANENT_RETRY_INTERVAL,
+                    "Kraken rejects this account's key: an operator must act"
+                );
+                PERMANENT_RETRY_INTERVAL
+            }
+            Action::OpenCircuit(open_for) => {
+                circuit = true;
+                error!(
+                    account = %self.name, outcome = "failure", reason = %reason, %error, duration_ms,
+                    retry_in = ?open_for,
+                    "Kraken locked the key out; no calls until the lockout passes"
+                );
+                open_for
+            }
+            Action::WaitUntil(until) => {
+                let wait = until
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO)
+                    .clamp(policy.retry_initial, MAX_THROTTLE_WAIT);
+                warn!(
+                    account = %self.name, outcome = "failure", reason = %reason, %error, duration_ms,
+                    retry_in = ?wait, "Kraken asked to wait; refresh failed"
+                );
+                wait
+            }
+            Action::Backoff { at_least } => {
+                let wait = backoff(self.failures, at_least);
+                warn!(
+                    account = %self.name, outcome = "failure", reason = %reason, %error, duration_ms,
+                    retry_in = ?wait, "token refresh failed"
+                );
+                wait
+            }
+            Action::RetryOnceNow => {
+                let wait = backoff(self.failures, Duration::ZERO);
+                warn!(
+                    account = %self.name, outcome = "failure", reason = %reason, %error, duration_ms,
+                    retry_in = ?wait,
+                    "Kraken rejected the nonce again: is another process using this API key?"
+                );
+                wait
+            }
+        };
+        self.next_attempt = now + delay;
+        self.blocked = true;
+        self.health = if circuit {
+            Health::CircuitOpen { until: now + delay }
+        } else {
+            Health::Failing {
+                reason,
+                detail,
+                consecutive: self.failures,
+                next_attempt: now + delay,
+                permanent,
+            }
+        };
+        self.publish();
+        let unavailable = self.blocked_unavailable(now);
+        self.answer_waiters(now, Some(unavailable));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kraken::{ApiFailure, Class, classify_api_error};
+    use crate::metrics::Metrics;
+    use crate::secret::SecretString;
+    use crate::token::token_sha256;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Answers from a script, then tokens of `lifetime` forever.
+    struct Scripted {
+        script: Mutex<VecDeque<Result<WsToken, KrakenError>>>,
+        lifetime: Duration,
+        delay: Duration,
+        calls: AtomicUsize,
+        totp: bool,
+    }
+
+    impl Scripted {
+        fn new(lifetime: Duration) -> Arc<Self> {
+            Arc::new(Self {
+                script: Mutex::new(VecDeque::new()),
+                lifetime,
+                delay: Duration::from_millis(50),
+                calls: AtomicUsize::new(0),
+                totp: false,
+            })
+        }
+
+        fn then(self: &Arc<Self>, answer: Result<WsToken, KrakenError>) -> &Arc<Self> {
+            self.script.lock().unwrap().push_back(answer);
+            self
+        }
+
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    impl TokenSource for Scripted {
+        fn fetch(&self) -> FetchFuture {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let answer = self.script.lock().unwrap().pop_front().unwrap_or_else(|| {
+                Ok(WsToken {
+                    token: SecretString::new(format!("tok-{n}")),
+                    lifetime: self.lifetime,
+                    lifetime_clamped: false,
+                })
+            });
+            let delay = self.delay;
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                answer
+            })
+        }
+
+        fn uses_totp(&self) -> bool {
+            self.totp
+        }
+    }
+
+    fn kraken(code: &str) -> KrakenError {
+        let failure: ApiFailure = classify_api_error(code).unwrap();
+        KrakenError::Api(failure)
+    }
+
+    fn policy() -> RefreshPolicy {
+        RefreshPolicy {
+            refresh_before_expiry: Duration::from_secs(450),
+            min_served_ttl: Duration::from_secs(60),
+            jitter: Duration::from_secs(30),
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+        }
+    }
+
+    fn half() -> f64 {
+        0.5
+    }
+
+    fn start(source: &Arc<Scripted>, policy: RefreshPolicy) -> (AccountHandle, Metrics, CancellationToken) {
+        let metrics = Metrics::new();
+        let cancel = CancellationToken::new();
+        let setup = AccountSetup {
+            source: Arc::clone(source) as Arc<dyn TokenSource>,
+            policy,
+            call_timeout: Duration::from_secs(10),
+        };
+        let (handle, _task) = spawn("acct", setup, metrics.account("acct"), half, cancel.clone());
+        (handle, metrics, cancel)
+    }
+
+    const MIN: Duration = Duration::from_secs(60);
+
+    #[tokio::test(start_paused = true)]
+    async fn cold_start_with_500_waiters_makes_one_upstream_call() {
+        let source = Scripted::new(Duration::from_secs(900));
+        let (handle, metrics, _cancel) = start(&source, policy());
+        let asks: Vec<_> = (0..500)
+            .map(|_| {
+                let h = handle.clone();
+                tokio::spawn(async move { h.want(MIN).await })
+            })
+            .collect();
+        let mut tokens = std::collections::HashSet::new();
+        for ask in asks {
+            tokens.insert(ask.await.unwrap().expect("a token").sha256);
+        }
+        assert_eq!(tokens.len(), 1, "everyone got the same token");
+        assert_eq!(source.calls(), 1);
+        assert!(
+            metrics
+                .encode()
+                .contains("refreshes_total{account=\"acct\",result=\"success\"} 1")
+        );
+        assert!(metrics.encode().contains("token_valid{account=\"acct\"} 1"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refreshes_ahead_of_use_by_for_several_lifetimes() {
+        let source = Scripted::new(Duration::from_secs(900));
+        let (handle, _m, _cancel) = start(&source, policy());
+        handle.want(MIN).await.unwrap();
+        let start = Instant::now();
+        // Sample every 5 s for an hour: always a token with min_served_ttl left.
+        while Instant::now() < start + Duration::from_secs(3600) {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let published = handle.published();
+            let token = published.token.as_ref().expect("always a token");
+            assert!(
+                token.remaining(Instant::now()) >= Duration::from_secs(420),
+                "refreshed by 435 s"
+            );
+        }
+        // Jitter 0.5 puts refreshes 435 s apart: t = 0, 435, ..., 3480.
+        assert_eq!(source.calls(), 9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_serves_the_live_token_then_fails_closed_and_recovers() {
+        let source = Scripted::new(Duration::from_secs(900));
+        for _ in 0..1000 {
+            source.then(Err(kraken("EService:Unavailable")));
+        }
+        // The first answer is a token; then the outage.
+        source.script.lock().unwrap().push_front(Ok(WsToken {
+            token: SecretString::new("first"),
+            lifetime: Duration::from_secs(900),
+            lifetime_clamped: false,
+        }));
+        let (handle, metrics, _cancel) = start(&source, policy());
+        let first = handle.want(MIN).await.unwrap();
+        // Until 840 s in, the first token is served although refreshes fail.
+        tokio::time::sleep(Duration::from_secs(839)).await;
+        assert_eq!(handle.want(MIN).await.unwrap().sha256, first.sha256);
+        assert!(matches!(
+            handle.published().health,
+            Health::Failing {
+                reason: Reason::Unavailable,
+                ..
+            }
+        ));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let refused = handle.want(MIN).await.unwrap_err();
+        assert_eq!(refused.cause, Cause::RefreshFailing(Reason::Unavailable));
+        assert!(refused.retry_after <= Duration::from_secs(60));
+        let text = metrics.encode();
+        assert!(text.contains("token_valid{account=\"acct\"} 0"), "{text}");
+        let failures = source.calls() - 1;
+        // Back-off capped at 60 s (30..60 with jitter 0.5 -> 45 s): about 20 calls in 840 s.
+        assert!((10..=40).contains(&failures), "{failures} failed calls");
+        // Kraken heals: within retry_max a token is back.
+        source.script.lock().unwrap().clear();
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert!(handle.want(MIN).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejected_key_is_retried_slowly_never_hammered() {
+        for code in ["EAPI:Invalid key", "EGeneral:Permission denied"] {
+            let source = Scripted::new(Duration::from_secs(900));
+            for _ in 0..100 {
+                source.then(Err(kraken(code)));
+            }
+            let (handle, metrics, _cancel) = start(&source, policy());
+            let refused = handle.want(MIN).await.unwrap_err();
+            assert!(matches!(refused.cause, Cause::RefreshFailing(_)), "{code}");
+            assert!(matches!(
+                handle.published().health,
+                Health::Failing { permanent: true, .. }
+            ));
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            // One call at start, then one per PERMANENT_RETRY_INTERVAL (each
+            // call's 50 ms pushes the last one just past the hour).
+            let calls = source.calls();
+            assert!((12..=13).contains(&calls), "{code}: {calls} calls in an hour");
+            let reason = classify_api_error(code).unwrap().reason;
+            let series = format!("refresh_failures_total{{account=\"acct\",reason=\"{reason}\"}} {calls}");
+            assert!(metrics.encode().contains(&series), "{code}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_invalid_nonce_is_retried_once_at_once() {
+        let source = Scripted::new(Duration::from_secs(900));
+        source.then(Err(kraken("EAPI:Invalid nonce")));
+        let (handle, metrics, _cancel) = start(&source, policy());
+        let begun = Instant::now();
+        handle.want(MIN).await.unwrap();
+        assert_eq!(source.calls(), 2);
+        assert!(
+            Instant::now() - begun < Duration::from_millis(200),
+            "no back-off before the retry"
+        );
+        assert!(metrics.encode().contains("reason=\"invalid_nonce\"} 1"));
+
+        // Twice in a row: the second is a real failure, backed off.
+        let source = Scripted::new(Duration::from_secs(900));
+        source
+            .then(Err(kraken("EAPI:Invalid nonce")))
+            .then(Err(kraken("EAPI:Invalid nonce")));
+        let (handle, _m, _cancel) = start(&source, policy());
+        let refused = handle.want(MIN).await.unwrap_err();
+        assert_eq!(refused.cause, Cause::RefreshFailing(Reason::InvalidNonce));
+        assert_eq!(source.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lockout_opens_the_circuit_for_15_minutes() {
+        let source = Scripted::new(Duration::from_secs(900));
+        source.then(Err(kraken("EGeneral:Temporary lockout")));
+        let (handle, _m, _cancel) = start(&source, policy());
+        let refused = handle.want(MIN).await.unwrap_err();
+        assert_eq!(refused.cause, Cause::CircuitOpen);
+        assert!(refused.retry_after >= Duration::from_secs(899));
+        tokio::time::sleep(Duration::from_secs(899)).await;
+        assert_eq!(handle.want(MIN).await.unwrap_err().cause, Cause::CircuitOpen);
+        assert_eq!(source.calls(), 1, "no call while the circuit is open");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(handle.want(MIN).await.is_ok());
+        assert_eq!(source.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttle_timestamp_is_waited_out() {
+        let until = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 30;
+        let source = Scripted::new(Duration::from_secs(900));
+        source.then(Err(kraken(&format!("EService:Throttled: {until}"))));
+        let (handle, _m, _cancel) = start(&source, policy());
+        let refused = handle.want(MIN).await.unwrap_err();
+        assert_eq!(refused.cause, Cause::RefreshFailing(Reason::RateLimited));
+        assert!(refused.retry_after >= Duration::from_secs(25), "{refused:?}");
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert_eq!(source.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fifty_reports_of_the_current_token_cause_one_call_and_an_old_one_none() {
+        let source = Scripted::new(Duration::from_secs(900));
+        let (handle, _m, _cancel) = start(&source, policy());
+        let old = handle.want(MIN).await.unwrap();
+        assert_eq!(source.calls(), 1);
+        let old_sha = old.sha256;
+        let reports: Vec<_> = (0..50)
+            .map(|_| {
+                let h = handle.clone();
+                tokio::spawn(async move { h.invalidate(old_sha, MIN, "engine").await })
+            })
+            .collect();
+        let mut fresh = std::collections::HashSet::new();
+        for r in reports {
+            fresh.insert(r.await.unwrap().expect("a new token").sha256);
+        }
+        assert_eq!(fresh.len(), 1);
+        assert!(!fresh.contains(&old.sha256));
+        assert_eq!(source.calls(), 2, "one upstream call for 50 reports");
+        let again = handle.invalidate(old.sha256, MIN, "engine").await.unwrap();
+        assert!(fresh.contains(&again.sha256));
+        let unknown = handle
+            .invalidate(token_sha256("never issued"), MIN, "engine")
+            .await
+            .unwrap();
+        assert_eq!(unknown.sha256, again.sha256);
+        assert_eq!(source.calls(), 2, "reports of other tokens change nothing");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forced_refreshes_are_rate_limited() {
+        let source = Scripted::new(Duration::from_secs(900));
+        let (handle, _m, _cancel) = start(&source, policy());
+        let mut current = handle.want(MIN).await.unwrap();
+        for _ in 0..FORCED_REFRESH_BURST {
+            current = handle.invalidate(current.sha256, MIN, "noisy").await.unwrap();
+        }
+        assert_eq!(source.calls(), 1 + FORCED_REFRESH_BURST as usize);
+        let refused = handle.invalidate(current.sha256, MIN, "noisy").await.unwrap_err();
+        assert_eq!(refused.cause, Cause::ForcedRefreshLimited);
+        assert!(refused.retry_after > Duration::ZERO && refused.retry_after <= FORCED_REFRESH_EVERY);
+        assert_eq!(source.calls(), 1 + FORCED_REFRESH_BURST as usize);
+        // With nothing to serve, the broker refreshes once the budget allows.
+        tokio::time::sleep(FORCED_REFRESH_EVERY + Duration::from_secs(1)).await;
+        assert!(handle.want(MIN).await.is_ok());
+        assert_eq!(source.calls(), 2 + FORCED_REFRESH_BURST as usize);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn min_ttl_above_what_is_held_refreshes_and_beyond_a_lifetime_is_refused() {
+        let source = Scripted::new(Duration::from_secs(900));
+        let (handle, _m, _cancel) = start(&source, policy());
+        let first = handle.want(MIN).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        let second = handle.want(Duration::from_secs(850)).await.unwrap();
+        assert_ne!(first.sha256, second.sha256);
+        assert!(second.remaining(Instant::now()) >= Duration::from_secs(850));
+        let refused = handle.want(Duration::from_secs(901)).await.unwrap_err();
+        assert_eq!(
+            refused.cause,
+            Cause::Unsatisfiable {
+                lifetime: Duration::from_secs(900)
+            }
+        );
+        assert_eq!(source.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reconfiguring_retries_at_once_after_a_permanent_failure() {
+        let bad = Scripted::new(Duration::from_secs(900));
+        for _ in 0..10 {
+            bad.then(Err(kraken("EAPI:Invalid key")));
+        }
+        let (handle, _m, _cancel) = start(&bad, policy());
+        assert!(handle.want(MIN).await.is_err());
+        let good = Scripted::new(Duration::from_secs(900));
+        handle
+            .reconfigure(AccountSetup {
+                source: Arc::clone(&good) as Arc<dyn TokenSource>,
+                policy: policy(),
+                call_timeout: Duration::from_secs(10),
+            })
+            .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(handle.want(MIN).await.is_ok());
+        assert_eq!(good.calls(), 1);
+        assert_eq!(bad.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejected_totp_code_is_retried_once_with_the_next_code() {
+        let source = Arc::new(Scripted {
+            script: Mutex::new(VecDeque::from([Err(kraken("EAPI:Invalid signature"))])),
+            lifetime: Duration::from_secs(900),
+            delay: Duration::from_millis(10),
+            calls: AtomicUsize::new(0),
+            totp: true,
+        });
+        let (handle, _m, _cancel) = start(&source, policy());
+        assert!(handle.want(MIN).await.is_err());
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        assert!(handle.want(MIN).await.is_ok());
+        assert_eq!(source.calls(), 2);
+        assert_eq!(
+            classify_api_error("EAPI:Invalid signature").unwrap().class,
+            Class::Permanent
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_past_its_use_by_is_never_served() {
+        let source = Scripted::new(Duration::from_secs(900));
+        source.script.lock().unwrap().push_back(Ok(WsToken {
+            token: SecretString::new("short"),
+            lifetime: Duration::from_secs(120),
+            lifetime_clamped: false,
+        }));
+        for _ in 0..100 {
+            source.then(Err(KrakenError::Transport("refused".into())));
+        }
+        let (handle, metrics, _cancel) = start(&source, policy());
+        handle.want(MIN).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(121)).await;
+        assert!(handle.published().token.is_none(), "dropped at use-by");
+        assert!(handle.want(Duration::ZERO).await.is_err());
+        assert!(
+            metrics
+                .encode()
+                .contains("token_expiry_timestamp_seconds{account=\"acct\"} 0")
+        );
+    }
+}
