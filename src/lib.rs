@@ -2,8 +2,10 @@
 //! WebSocket tokens to internal consumers.
 #![forbid(unsafe_code)]
 
+pub mod broker;
 pub mod cmd;
 pub mod config;
+pub mod http;
 pub mod kraken;
 pub mod metrics;
 pub mod secret;

@@ -34,12 +34,15 @@ pub const ROUTES: &[&str] = &[
 ];
 /// Statuses each route can answer, pre-set to 0.
 const ROUTE_STATUSES: &[(&str, &[u16])] = &[
-    ("/v1/token", &[200, 400, 401, 403, 405, 429, 503]),
-    ("/v1/token/invalidate", &[200, 400, 401, 403, 405, 413, 415, 429, 503]),
+    ("/v1/token", &[200, 400, 401, 403, 405, 429, 431, 503]),
+    (
+        "/v1/token/invalidate",
+        &[200, 400, 401, 403, 405, 413, 415, 429, 431, 503],
+    ),
     ("/healthz", &[200]),
     ("/readyz", &[200, 503]),
     ("/metrics", &[200]),
-    ("unmatched", &[404]),
+    ("unmatched", &[404, 431]),
 ];
 
 /// Why a consumer was turned away.

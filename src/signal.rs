@@ -12,3 +12,19 @@ pub async fn shutdown() {
         _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
     }
 }
+
+/// A stream of SIGHUP events ("reload the config"). Bursts coalesce: a
+/// reload already pending absorbs the next signal.
+pub fn reloads() -> tokio::sync::mpsc::Receiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut hup = signal(SignalKind::hangup()).expect("installing a SIGHUP handler cannot fail on Unix");
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!(signal = "SIGHUP", "reloading the config");
+            if tx.try_send(()).is_err() && tx.is_closed() {
+                break;
+            }
+        }
+    });
+    rx
+}

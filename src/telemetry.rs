@@ -23,6 +23,7 @@ pub fn init(format: LogFormat, default_directive: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(true);
     // A second init (tests) is harmless: keep the first subscriber.
     let _ = match format {

@@ -67,6 +67,14 @@ impl Otp {
         )))
     }
 
+    /// The secret material itself, to tell on reload whether it changed.
+    pub fn material(&self) -> &[u8] {
+        match self {
+            Otp::Static(password) => password.expose().as_bytes(),
+            Otp::Totp(totp) => totp.secret().as_bytes(),
+        }
+    }
+
     pub fn is_totp(&self) -> bool {
         matches!(self, Otp::Totp(_))
     }

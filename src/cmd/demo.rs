@@ -1,0 +1,145 @@
+//! `demo`: the Kraken simulator and a broker wired to it, on a fresh machine
+//! with no key and no network. One account `demo`, one consumer
+//! `demo-engine`; tokens live a minute so a refresh shows within one.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use super::serve::bind;
+use crate::broker::{self, Listeners};
+use crate::config::{AccountConfig, Config, ConsumerConfig, KrakenConfig, ListenConfig};
+use crate::http::auth::new_credential;
+use crate::kraken::{ApiCredentials, decode_secret};
+use crate::metrics::Metrics;
+use crate::secret::SecretString;
+use crate::sim::{self, SimConfig, SimKey};
+use crate::token::RefreshPolicy;
+use crate::token::refresher::random_jitter;
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Where the consumer API listens.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub api_listen: SocketAddr,
+    /// Where /metrics, /healthz and /readyz listen.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    pub admin_listen: SocketAddr,
+    /// Where the Kraken simulator listens (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub sim_listen: SocketAddr,
+    /// Lifetime of the simulator's tokens, in seconds.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(20..=900))]
+    pub token_ttl: u64,
+}
+
+/// The demo's refresh policy for a token lifetime: refresh at half-life,
+/// never serve the last sixth.
+fn demo_policy(ttl: Duration) -> RefreshPolicy {
+    RefreshPolicy {
+        refresh_before_expiry: ttl / 2,
+        min_served_ttl: ttl / 6,
+        jitter: ttl / 12,
+        retry_initial: Duration::from_secs(1),
+        retry_max: Duration::from_secs(15),
+    }
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        crate::signal::shutdown().await;
+        stop.cancel();
+    });
+
+    let ttl = Duration::from_secs(args.token_ttl);
+    let key = SimKey::generate();
+    let sim_listener = bind(args.sim_listen, "--sim-listen").await?;
+    let api = bind(args.api_listen, "--api-listen").await?;
+    let admin = bind(args.admin_listen, "--admin-listen").await?;
+    let sim = sim::start(
+        SimConfig {
+            keys: vec![key.clone()],
+            token_ttl: ttl,
+            ..SimConfig::default()
+        },
+        sim_listener,
+        shutdown.clone(),
+    )?;
+
+    let (credential, credential_sha256) = new_credential();
+    let config = Config {
+        listen: ListenConfig {
+            api: api.local_addr()?,
+            admin: admin.local_addr()?,
+        },
+        kraken: KrakenConfig {
+            rest_url: sim.rest_url(),
+            ws_url: sim.ws_url(),
+            timeout: Duration::from_secs(5),
+        },
+        refresh: demo_policy(ttl),
+        accounts: vec![AccountConfig {
+            name: "demo".into(),
+            credentials: ApiCredentials {
+                api_key: SecretString::new(key.api_key.clone()),
+                api_secret: decode_secret(&key.api_secret)?,
+                otp: None,
+            },
+            sources: Vec::new(),
+        }],
+        consumers: vec![ConsumerConfig {
+            name: "demo-engine".into(),
+            credential_sha256,
+            accounts: vec!["demo".into()],
+        }],
+    };
+    print_banner(&config, credential.expose(), &sim.rest_url(), args.token_ttl);
+    let listeners = Listeners { api, admin };
+    let result = broker::run(config, listeners, None, shutdown.clone(), Metrics::new(), random_jitter).await;
+    shutdown.cancel();
+    let _ = sim.wait().await;
+    result
+}
+
+fn print_banner(config: &Config, credential: &str, sim_url: &str, ttl: u64) {
+    let api = format!("http://{}", config.listen.api);
+    let admin = format!("http://{}", config.listen.admin);
+    println!(
+        r#"
+kraken-token-broker demo: a Kraken simulator and a broker wired to it.
+No network and no real key are used; everything runs on loopback.
+
+  account:   demo              (the simulator's generated API key)
+  consumer:  demo-engine
+  credential (shown once):
+    export KTB_CONSUMER_CREDENTIAL={credential}
+
+Fetch a token (in another terminal, after the export above):
+  curl -s -H "Authorization: Bearer $KTB_CONSUMER_CREDENTIAL" {api}/v1/token
+  curl -s -H "Authorization: Bearer $KTB_CONSUMER_CREDENTIAL" "{api}/v1/token?min_ttl=30"
+  cargo run --release -- fetch --url {api}
+
+Report a token Kraken rejected (the broker mints a new one):
+  curl -s -X POST -H "Authorization: Bearer $KTB_CONSUMER_CREDENTIAL" -H 'Content-Type: application/json' \
+       -d '{{"token":"<token>"}}' "{api}/v1/token/invalidate?account=demo"
+
+Operate it:
+  curl -s {admin}/readyz
+  curl -s {admin}/metrics | grep '^kraken_token_broker'
+
+The simulator (use the token on its WebSocket, or break it):
+  WebSocket:  {ws}
+  a fault:    curl -X PUT {sim_url}/_sim/fault -d '{{"error":"EService:Unavailable"}}'
+  heal it:    curl -X DELETE {sim_url}/_sim/fault
+
+Tokens live {ttl} s here (900 s at Kraken), so a refresh shows in the log about
+every {half} s. Ctrl-C stops.
+"#,
+        ws = config.kraken.ws_url,
+        half = ttl / 2,
+    );
+}

@@ -1,0 +1,58 @@
+//! `serve --config FILE`: the broker.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Args;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::broker::{self, Listeners, Reloads};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::token::refresher::random_jitter;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The TOML config file.
+    #[arg(long, env = "KTB_CONFIG")]
+    pub config: PathBuf,
+}
+
+/// Binds `addr`, naming the config key in the error.
+pub async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} ({what})"))
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    // Signals first, so a SIGTERM during start-up is a clean stop.
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        crate::signal::shutdown().await;
+        stop.cancel();
+    });
+    let reload_events = crate::signal::reloads();
+    let config = Config::load(&args.config)?;
+    let listeners = Listeners {
+        api: bind(config.listen.api, "listen.api").await?,
+        admin: bind(config.listen.admin, "listen.admin").await?,
+    };
+    info!(config = %args.config.display(), summary = %config.summary(), "config loaded");
+    let reloads = Reloads {
+        path: args.config,
+        events: reload_events,
+    };
+    broker::run(
+        config,
+        listeners,
+        Some(reloads),
+        shutdown,
+        Metrics::new(),
+        random_jitter,
+    )
+    .await
+}

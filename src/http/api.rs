@@ -1,0 +1,234 @@
+//! The consumer API: `GET /v1/token` and `POST /v1/token/invalidate`.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::auth::Authenticated;
+use super::problem::ApiError;
+use super::{AppState, Grant};
+use crate::token::{CachedToken, Cause, Unavailable, token_sha256};
+
+/// The largest `min_ttl` parsed; anything above any token's life is refused anyway.
+const MAX_MIN_TTL_SECS: u64 = 86_400;
+
+/// The 200 body of both endpoints.
+#[derive(Serialize)]
+struct TokenBody<'a> {
+    token: &'a str,
+    account: &'a str,
+    issued_at: &'a str,
+    expires_at: &'a str,
+    expires_in: u64,
+    ws_url: &'a str,
+}
+
+fn token_response(token: &CachedToken, account: &str, ws_url: &str, now: Instant) -> Response {
+    let body = TokenBody {
+        token: token.token.expose(),
+        account,
+        issued_at: &token.issued_at_rfc3339,
+        expires_at: &token.expires_at_rfc3339,
+        expires_in: token.remaining(now).as_secs(),
+        ws_url,
+    };
+    let json = serde_json::to_vec(&body).expect("a token body always serialises");
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], json).into_response()
+}
+
+/// The query's parameters; unknown, repeated or badly encoded ones are refused.
+struct Query {
+    account: Option<String>,
+    min_ttl: Option<u64>,
+}
+
+fn parse_query(raw: Option<&str>, allow_min_ttl: bool) -> Result<Query, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or(""))
+        .map_err(|_| ApiError::BadRequest("the query string is not valid form encoding".into()))?;
+    let mut query = Query {
+        account: None,
+        min_ttl: None,
+    };
+    for (key, value) in pairs {
+        match key.as_str() {
+            "account" if query.account.is_some() => {
+                return Err(ApiError::BadRequest("`account` is given more than once".into()));
+            }
+            "account" => query.account = Some(value),
+            "min_ttl" if allow_min_ttl && query.min_ttl.is_some() => {
+                return Err(ApiError::BadRequest("`min_ttl` is given more than once".into()));
+            }
+            "min_ttl" if allow_min_ttl => {
+                let secs = value
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|s| *s <= MAX_MIN_TTL_SECS)
+                    .ok_or_else(|| {
+                        ApiError::BadRequest(format!(
+                            "`min_ttl` must be a whole number of seconds from 0 to {MAX_MIN_TTL_SECS}"
+                        ))
+                    })?;
+                query.min_ttl = Some(secs);
+            }
+            other => {
+                let name: String = other.chars().filter(|c| !c.is_control()).take(64).collect();
+                return Err(ApiError::BadRequest(format!("unknown query parameter `{name}`")));
+            }
+        }
+    }
+    Ok(query)
+}
+
+/// The grant of the account asked for, or the only one when none is named.
+fn resolve_grant<'a>(state: &AppState, auth: &'a Authenticated, account: Option<&str>) -> Result<&'a Grant, ApiError> {
+    let grants = &auth.consumer.grants;
+    let grant = match account {
+        Some(name) => grants.iter().find(|g| g.account == name),
+        None if grants.len() == 1 => grants.first(),
+        None => {
+            return Err(ApiError::BadRequest(
+                "this consumer is granted several accounts: name one with ?account=NAME".into(),
+            ));
+        }
+    };
+    grant.ok_or_else(|| {
+        state.metrics.auth_failure(crate::metrics::AuthFailure::Forbidden);
+        ApiError::Forbidden
+    })
+}
+
+fn unavailable(u: Unavailable, account: &str) -> ApiError {
+    let detail = match u.cause {
+        Cause::Unsatisfiable { lifetime } => {
+            return ApiError::BadRequest(format!(
+                "`min_ttl` asks for more than a token's whole lifetime ({} s)",
+                lifetime.as_secs()
+            ));
+        }
+        Cause::RefreshFailing(reason) => {
+            format!("no token good enough is held for account `{account}` and refreshing is failing ({reason})")
+        }
+        Cause::CircuitOpen => {
+            format!("Kraken has locked out the key of account `{account}`; refreshing resumes after the lockout")
+        }
+        Cause::ForcedRefreshLimited => {
+            format!("account `{account}` has had too many forced refreshes lately; retry shortly")
+        }
+        Cause::NotAnswering => format!("no token could be had for account `{account}` in time"),
+    };
+    ApiError::Unavailable {
+        retry_after: u.retry_after,
+        detail,
+    }
+}
+
+fn served(grant: &Grant, consumer: &str, token: &CachedToken) {
+    grant.served.inc();
+    debug!(consumer, account = %grant.account, token = %token.fingerprint, "token served");
+}
+
+/// `GET /v1/token?account=NAME&min_ttl=SECONDS`
+pub async fn get_token(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let query = parse_query(raw.as_deref(), true)?;
+    let grant = resolve_grant(&state, &auth, query.account.as_deref())?;
+    let table = &auth.table;
+    let need = Duration::from_secs(query.min_ttl.unwrap_or(0)).max(table.min_served_ttl);
+    let now = Instant::now();
+    // The hot path: a cached token good enough, no task hop, no lock.
+    if let Some(token) = grant.handle.published().token_with(need, now) {
+        served(grant, &auth.consumer.name, token);
+        return Ok(token_response(token, &grant.account, &table.ws_url, now));
+    }
+    let token = grant
+        .handle
+        .want(need)
+        .await
+        .map_err(|u| unavailable(u, &grant.account))?;
+    served(grant, &auth.consumer.name, &token);
+    Ok(token_response(&token, &grant.account, &table.ws_url, Instant::now()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvalidateBody {
+    token: String,
+}
+
+/// `POST /v1/token/invalidate?account=NAME` with `{"token": "..."}`.
+pub async fn invalidate(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let query = parse_query(raw.as_deref(), false)?;
+    let grant = resolve_grant(&state, &auth, query.account.as_deref())?;
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            let mime = v.split(';').next().unwrap_or("").trim();
+            mime.eq_ignore_ascii_case("application/json")
+        });
+    if !json {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let reported: InvalidateBody = serde_json::from_slice(&body)
+        .map_err(|_| ApiError::BadRequest("the body must be {\"token\": \"<the token Kraken rejected>\"}".into()))?;
+    if reported.token.is_empty() {
+        return Err(ApiError::BadRequest("`token` is empty".into()));
+    }
+    let table = &auth.table;
+    let token = grant
+        .handle
+        .invalidate(token_sha256(&reported.token), table.min_served_ttl, &auth.consumer.name)
+        .await
+        .map_err(|u| unavailable(u, &grant.account))?;
+    served(grant, &auth.consumer.name, &token);
+    Ok(token_response(&token, &grant.account, &table.ws_url, Instant::now()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_are_parsed_strictly() {
+        let q = parse_query(Some("account=main&min_ttl=120"), true).unwrap();
+        assert_eq!(q.account.as_deref(), Some("main"));
+        assert_eq!(q.min_ttl, Some(120));
+        let q = parse_query(None, true).unwrap();
+        assert!(q.account.is_none() && q.min_ttl.is_none());
+        for bad in [
+            "min_ttl=-1",
+            "min_ttl=1.5",
+            "min_ttl=abc",
+            "min_ttl=",
+            "min_ttl=99999999999999999999999",
+            "min_ttl=86401",
+            "account=a&account=b",
+            "min_ttl=1&min_ttl=2",
+            "acount=main",
+        ] {
+            assert!(
+                matches!(parse_query(Some(bad), true), Err(ApiError::BadRequest(_))),
+                "{bad}"
+            );
+        }
+        assert!(
+            parse_query(Some("min_ttl=5"), false).is_err(),
+            "invalidate takes no min_ttl"
+        );
+    }
+}

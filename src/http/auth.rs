@@ -1,0 +1,111 @@
+//! Consumer authentication as an extractor, so no handler can forget it.
+//!
+//! The bearer credential is hashed with SHA-256 and compared against every
+//! consumer's stored hash in constant time (`subtle`); the credential itself is
+//! never stored, logged or echoed.
+
+use std::sync::Arc;
+
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::problem::ApiError;
+use super::{AppState, Consumer, ServeTable};
+use crate::metrics::AuthFailure;
+
+/// A request whose bearer credential matched a consumer.
+pub struct Authenticated {
+    pub consumer: Arc<Consumer>,
+    /// The serving table the consumer was found in, so the request sees one
+    /// consistent configuration even if a reload lands meanwhile.
+    pub table: Arc<ServeTable>,
+}
+
+/// The credential of an `Authorization: Bearer <credential>` header.
+fn bearer(parts: &Parts) -> Result<&[u8], AuthFailure> {
+    let value = parts.headers.get(AUTHORIZATION).ok_or(AuthFailure::Missing)?;
+    let value = value.as_bytes();
+    let (scheme, rest) = value.split_at(value.iter().position(|b| *b == b' ').ok_or(AuthFailure::Invalid)?);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return Err(AuthFailure::Invalid);
+    }
+    let credential = rest.trim_ascii();
+    if credential.is_empty() {
+        return Err(AuthFailure::Invalid);
+    }
+    Ok(credential)
+}
+
+/// The consumer whose credential hashes to `hash`: every stored hash is
+/// compared, each in constant time.
+pub fn find_consumer(table: &ServeTable, hash: &[u8; 32]) -> Option<Arc<Consumer>> {
+    let mut found = None;
+    for consumer in &table.consumers {
+        if bool::from(consumer.credential_sha256.ct_eq(hash)) {
+            found = Some(Arc::clone(consumer));
+        }
+    }
+    found
+}
+
+impl FromRequestParts<AppState> for Authenticated {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let peer = super::peer_ip(parts);
+        if let Some(retry_after) = state.throttle.blocked(peer) {
+            return Err(ApiError::TooManyRequests { retry_after });
+        }
+        let table = state.table.load_full();
+        let failure = match bearer(parts) {
+            Ok(credential) => {
+                let hash: [u8; 32] = Sha256::digest(credential).into();
+                match find_consumer(&table, &hash) {
+                    Some(consumer) => return Ok(Self { consumer, table }),
+                    None => AuthFailure::Invalid,
+                }
+            }
+            Err(failure) => failure,
+        };
+        state.metrics.auth_failure(failure);
+        if failure == AuthFailure::Invalid {
+            state.throttle.record_failure(peer);
+        }
+        Err(ApiError::Unauthorized {
+            missing: failure == AuthFailure::Missing,
+        })
+    }
+}
+
+/// Prefix of consumer credentials, so a leaked one is recognisable in scans.
+pub const CREDENTIAL_PREFIX: &str = "ktb_";
+
+/// A fresh random consumer credential (256 bits) and its SHA-256.
+pub fn new_credential() -> (crate::secret::SecretString, [u8; 32]) {
+    use base64::Engine as _;
+    let bytes: [u8; 32] = rand::random();
+    let credential = format!(
+        "{CREDENTIAL_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    );
+    let hash: [u8; 32] = Sha256::digest(credential.as_bytes()).into();
+    (crate::secret::SecretString::new(credential), hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_random_prefixed_and_hash_to_their_sha256() {
+        let (a, hash) = new_credential();
+        let (b, _) = new_credential();
+        assert_ne!(a, b);
+        assert!(a.expose().starts_with(CREDENTIAL_PREFIX));
+        assert_eq!(a.expose().len(), CREDENTIAL_PREFIX.len() + 43);
+        assert_eq!(hex::encode(hash), crate::secret::sha256_hex(a.expose().as_bytes()));
+    }
+}

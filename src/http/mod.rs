@@ -1,0 +1,150 @@
+//! The HTTP surfaces: the consumer API (`router`) and the admin API
+//! (`admin_router`), each on its own listener (`server::serve`).
+//!
+//! Reads tokens only through `token::AccountHandle`; never calls Kraken.
+
+pub mod admin;
+pub mod api;
+pub mod auth;
+pub mod problem;
+pub mod server;
+pub mod throttle;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use prometheus::IntCounter;
+use tokio::time::Instant;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::metrics::{self, Metrics};
+use crate::token::AccountHandle;
+use throttle::AuthThrottle;
+
+/// The largest request body accepted (an invalidation report is ~100 bytes).
+pub const MAX_BODY_BYTES: usize = 4 * 1024;
+/// The largest request head (target and headers) the API answers; larger
+/// ones get 431 as problem+json. The server's own, larger limit
+/// ([`server::ServerLimits::max_header_bytes`]) cuts off anything beyond.
+pub const MAX_HEAD_BYTES: usize = 8 * 1024;
+
+/// One account a consumer may fetch.
+pub struct Grant {
+    pub account: String,
+    pub handle: AccountHandle,
+    /// `tokens_served_total{account, consumer}`, resolved once.
+    pub served: IntCounter,
+}
+
+/// A consumer as the API knows it.
+pub struct Consumer {
+    pub name: String,
+    pub credential_sha256: [u8; 32],
+    pub grants: Vec<Grant>,
+}
+
+/// Everything a request needs, swapped whole on reload so that a request
+/// never sees half of an old configuration and half of a new one.
+pub struct ServeTable {
+    pub consumers: Vec<Arc<Consumer>>,
+    pub accounts: BTreeMap<String, AccountHandle>,
+    pub min_served_ttl: Duration,
+    pub ws_url: String,
+}
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub table: Arc<ArcSwap<ServeTable>>,
+    pub metrics: Metrics,
+    pub throttle: Arc<AuthThrottle>,
+}
+
+/// The client's address, when the server recorded it.
+pub fn peer_ip(parts: &Parts) -> Option<IpAddr> {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip())
+}
+
+/// The route label of a request path: one of the closed set of served
+/// routes, or `unmatched`, never the raw path. The routes are static, so this
+/// is exactly the matched route, known even for requests that time out.
+pub fn route_label(path: &str) -> &'static str {
+    metrics::ROUTES
+        .iter()
+        .copied()
+        .find(|route| *route == path)
+        .unwrap_or("unmatched")
+}
+
+/// Counts every answered request by route and status.
+async fn track(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = route_label(request.uri().path());
+    let response = next.run(request).await;
+    metrics.http_request(route, response.status().as_u16(), started.elapsed().as_secs_f64());
+    response
+}
+
+/// Refuses request heads over [`MAX_HEAD_BYTES`] with 431 problem+json.
+async fn limit_head(request: Request, next: Next) -> Response {
+    let head: usize = request.uri().path_and_query().map_or(0, |pq| pq.as_str().len())
+        + request
+            .headers()
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum::<usize>();
+    if head > MAX_HEAD_BYTES {
+        return axum::response::IntoResponse::into_response(problem::ApiError::HeadTooLarge);
+    }
+    next.run(request).await
+}
+
+async fn not_found() -> Response {
+    axum::response::IntoResponse::into_response(problem::ApiError::NotFound)
+}
+
+/// The consumer API. `request_timeout` bounds each request, including one
+/// that waits for a refresh.
+pub fn router(state: AppState, request_timeout: Duration) -> Router {
+    let metrics = state.metrics.clone();
+    Router::new()
+        .route("/v1/token", get(api::get_token))
+        .route("/v1/token/invalidate", post(api::invalidate))
+        .fallback(not_found)
+        .with_state(state)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(limit_head))
+        .layer(middleware::map_response(problem::finish))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            request_timeout,
+        ))
+        .layer(middleware::from_fn_with_state(metrics, track))
+}
+
+/// The admin API: health, readiness and metrics; never a token.
+pub fn admin_router(state: AppState) -> Router {
+    let metrics = state.metrics.clone();
+    Router::new()
+        .route("/healthz", get(admin::healthz))
+        .route("/readyz", get(admin::readyz))
+        .route("/metrics", get(admin::metrics))
+        .with_state(state)
+        .layer(middleware::from_fn_with_state(metrics, track))
+}

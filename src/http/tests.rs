@@ -1,0 +1,361 @@
+//! Handler tests through `router(state).oneshot(...)`: no socket, no Kraken;
+//! tokens come from a refresher over an in-memory source.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::body::{Body, to_bytes};
+use axum::http::{Method, Request, StatusCode, header};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
+
+use super::*;
+use crate::kraken::{KrakenError, WsToken};
+use crate::metrics::Metrics;
+use crate::secret::SecretString;
+use crate::token::refresher::{self, FetchFuture};
+use crate::token::{AccountSetup, RefreshPolicy, TokenSource};
+
+/// Mints `tok-<account>-<n>` tokens of a fixed lifetime, instantly.
+struct Minting {
+    prefix: &'static str,
+    lifetime: Duration,
+    calls: AtomicUsize,
+}
+
+impl TokenSource for Minting {
+    fn fetch(&self) -> FetchFuture {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let answer: Result<WsToken, KrakenError> = Ok(WsToken {
+            token: SecretString::new(format!("tok-{}-{n}", self.prefix)),
+            lifetime: self.lifetime,
+            lifetime_clamped: false,
+        });
+        Box::pin(async move { answer })
+    }
+
+    fn uses_totp(&self) -> bool {
+        false
+    }
+}
+
+const WS_URL: &str = "wss://ws-auth.kraken.com/v2";
+
+fn sha(credential: &str) -> [u8; 32] {
+    Sha256::digest(credential.as_bytes()).into()
+}
+
+fn app() -> (Router, Metrics) {
+    let metrics = Metrics::new();
+    let policy = RefreshPolicy {
+        refresh_before_expiry: Duration::from_secs(450),
+        min_served_ttl: Duration::from_secs(60),
+        jitter: Duration::from_secs(30),
+        retry_initial: Duration::from_secs(1),
+        retry_max: Duration::from_secs(60),
+    };
+    let cancel = CancellationToken::new();
+    let mut handles = BTreeMap::new();
+    for (name, prefix) in [("main", "main"), ("other", "other"), ("hidden", "hidden")] {
+        let setup = AccountSetup {
+            source: Arc::new(Minting {
+                prefix,
+                lifetime: Duration::from_secs(900),
+                calls: AtomicUsize::new(0),
+            }),
+            policy,
+            call_timeout: Duration::from_secs(5),
+        };
+        let (handle, _) = refresher::spawn(name, setup, metrics.account(name), || 0.5, cancel.clone());
+        handles.insert(name.to_owned(), handle);
+    }
+    let grant = |account: &str, consumer: &str| Grant {
+        account: account.to_owned(),
+        handle: handles[account].clone(),
+        served: metrics.served(account, consumer),
+    };
+    let consumers = vec![
+        Arc::new(Consumer {
+            name: "one".into(),
+            credential_sha256: sha("cred-one"),
+            grants: vec![grant("main", "one")],
+        }),
+        Arc::new(Consumer {
+            name: "two".into(),
+            credential_sha256: sha("cred-two"),
+            grants: vec![grant("main", "two"), grant("other", "two")],
+        }),
+    ];
+    let state = AppState {
+        table: Arc::new(ArcSwap::from_pointee(ServeTable {
+            consumers,
+            accounts: handles,
+            min_served_ttl: policy.min_served_ttl,
+            ws_url: WS_URL.into(),
+        })),
+        metrics: metrics.clone(),
+        throttle: Arc::new(throttle::AuthThrottle::new()),
+    };
+    (router(state, Duration::from_secs(10)), metrics)
+}
+
+fn get(uri: &str, credential: Option<&str>) -> Request<Body> {
+    let mut r = Request::get(uri);
+    if let Some(c) = credential {
+        r = r.header(header::AUTHORIZATION, format!("Bearer {c}"));
+    }
+    r.body(Body::empty()).unwrap()
+}
+
+fn invalidate(uri: &str, credential: &str, content_type: Option<&str>, body: &str) -> Request<Body> {
+    let mut r = Request::post(uri).header(header::AUTHORIZATION, format!("Bearer {credential}"));
+    if let Some(ct) = content_type {
+        r = r.header(header::CONTENT_TYPE, ct);
+    }
+    r.body(Body::from(body.to_owned())).unwrap()
+}
+
+async fn call(app: &Router, request: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Value) {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = to_bytes(response.into_body(), 1 << 20).await.unwrap();
+    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, headers, json)
+}
+
+fn assert_problem(status: StatusCode, headers: &axum::http::HeaderMap, body: &Value, expected: u16) {
+    assert_eq!(status.as_u16(), expected, "{body}");
+    assert_eq!(headers[header::CONTENT_TYPE], problem::PROBLEM_JSON);
+    assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+    assert_eq!(body["status"], expected);
+    assert!(body["type"].as_str().unwrap().starts_with("tag:kraken-token-broker"));
+    assert!(body["title"].is_string() && body["detail"].is_string());
+}
+
+#[tokio::test]
+async fn a_granted_consumer_gets_the_token_with_the_contracts_fields() {
+    let (app, metrics) = app();
+    let (status, headers, body) = call(&app, get("/v1/token", Some("cred-one"))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+    assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+    assert_eq!(body["token"], "tok-main-1");
+    assert_eq!(body["account"], "main");
+    assert_eq!(body["ws_url"], WS_URL);
+    assert!(body["expires_in"].as_u64().unwrap() >= 899);
+    for field in ["issued_at", "expires_at"] {
+        let t = body[field].as_str().unwrap();
+        assert!(t.ends_with('Z') && humantime::parse_rfc3339(t).is_ok(), "{field}: {t}");
+    }
+    assert!(
+        metrics
+            .encode()
+            .contains("tokens_served_total{account=\"main\",consumer=\"one\"} 1")
+    );
+    // account named explicitly, and min_ttl within the lifetime
+    let (status, _, body) = call(&app, get("/v1/token?account=main&min_ttl=600", Some("cred-one"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["token"], "tok-main-1", "still the cached one");
+}
+
+#[tokio::test]
+async fn a_consumer_with_several_accounts_must_name_one() {
+    let (app, _) = app();
+    let (status, headers, body) = call(&app, get("/v1/token", Some("cred-two"))).await;
+    assert_problem(status, &headers, &body, 400);
+    assert!(body["detail"].as_str().unwrap().contains("?account="));
+    let (status, _, body) = call(&app, get("/v1/token?account=other", Some("cred-two"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["account"], "other");
+    assert_eq!(body["token"], "tok-other-1");
+}
+
+#[tokio::test]
+async fn missing_and_wrong_credentials_are_401_with_www_authenticate() {
+    let (app, metrics) = app();
+    for request in [
+        get("/v1/token", None),
+        get("/v1/token", Some("cred-wrong")),
+        Request::get("/v1/token")
+            .header(header::AUTHORIZATION, "Basic Y3JlZC1vbmU=")
+            .body(Body::empty())
+            .unwrap(),
+        Request::get("/v1/token")
+            .header(header::AUTHORIZATION, "Bearer ")
+            .body(Body::empty())
+            .unwrap(),
+    ] {
+        let (status, headers, body) = call(&app, request).await;
+        assert_problem(status, &headers, &body, 401);
+        assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer");
+        assert!(!body.to_string().contains("cred-"), "no credential echoed");
+    }
+    let text = metrics.encode();
+    assert!(text.contains("auth_failures_total{reason=\"missing\"} 1"), "{text}");
+    assert!(text.contains("auth_failures_total{reason=\"invalid\"} 3"), "{text}");
+}
+
+#[tokio::test]
+async fn unknown_and_ungranted_accounts_get_the_same_403() {
+    let (app, metrics) = app();
+    let (s1, h1, b1) = call(&app, get("/v1/token?account=hidden", Some("cred-one"))).await;
+    let (s2, h2, b2) = call(&app, get("/v1/token?account=no-such", Some("cred-one"))).await;
+    assert_problem(s1, &h1, &b1, 403);
+    assert_problem(s2, &h2, &b2, 403);
+    assert_eq!(b1, b2, "the answer does not reveal whether the account exists");
+    assert!(metrics.encode().contains("auth_failures_total{reason=\"forbidden\"} 2"));
+}
+
+#[tokio::test]
+async fn malformed_queries_are_400() {
+    let (app, _) = app();
+    for uri in [
+        "/v1/token?min_ttl=abc",
+        "/v1/token?min_ttl=-5",
+        "/v1/token?min_ttl=1e3",
+        "/v1/token?min_ttl=99999999999999999999",
+        "/v1/token?account=main&account=main",
+        "/v1/token?colour=red",
+        "/v1/token?min_ttl=901",
+    ] {
+        let (status, headers, body) = call(&app, get(uri, Some("cred-one"))).await;
+        assert_problem(status, &headers, &body, 400);
+    }
+    let (_, _, body) = call(&app, get("/v1/token?min_ttl=901", Some("cred-one"))).await;
+    assert!(body["detail"].as_str().unwrap().contains("900 s"), "{body}");
+}
+
+#[tokio::test]
+async fn auth_is_checked_before_the_query() {
+    let (app, _) = app();
+    let (status, _, _) = call(&app, get("/v1/token?min_ttl=abc", None)).await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn wrong_methods_unknown_routes_and_large_requests_are_problems() {
+    let (app, _) = app();
+    for method in [Method::POST, Method::PUT, Method::DELETE, Method::PATCH] {
+        let request = Request::builder()
+            .method(method.clone())
+            .uri("/v1/token")
+            .header(header::AUTHORIZATION, "Bearer cred-one")
+            .body(Body::empty())
+            .unwrap();
+        let (status, headers, body) = call(&app, request).await;
+        assert_problem(status, &headers, &body, 405);
+        assert!(headers[header::ALLOW].to_str().unwrap().contains("GET"), "{method}");
+    }
+    let (status, headers, body) = call(&app, get("/v1/token/invalidate", Some("cred-one"))).await;
+    assert_problem(status, &headers, &body, 405);
+    assert_eq!(headers[header::ALLOW], "POST");
+    let (status, headers, body) = call(&app, get("/v2/whatever", Some("cred-one"))).await;
+    assert_problem(status, &headers, &body, 404);
+
+    let huge = "x".repeat(MAX_HEAD_BYTES + 1);
+    let request = Request::get("/v1/token")
+        .header(header::AUTHORIZATION, "Bearer cred-one")
+        .header("x-padding", huge.as_str())
+        .body(Body::empty())
+        .unwrap();
+    let (status, headers, body) = call(&app, request).await;
+    assert_problem(status, &headers, &body, 431);
+
+    let big_body = format!("{{\"token\":\"{}\"}}", "t".repeat(MAX_BODY_BYTES));
+    let (status, headers, body) = call(
+        &app,
+        invalidate("/v1/token/invalidate", "cred-one", Some("application/json"), &big_body),
+    )
+    .await;
+    assert_problem(status, &headers, &body, 413);
+}
+
+#[tokio::test]
+async fn invalidate_checks_its_body_and_answers_a_new_token() {
+    let (app, _) = app();
+    let (_, _, first) = call(&app, get("/v1/token", Some("cred-one"))).await;
+    let old = first["token"].as_str().unwrap().to_owned();
+
+    let (status, headers, body) = call(&app, invalidate("/v1/token/invalidate", "cred-one", None, "{}")).await;
+    assert_problem(status, &headers, &body, 415);
+    for bad in [
+        "",
+        "{}",
+        "[]",
+        r#"{"token":""}"#,
+        r#"{"token":1}"#,
+        r#"{"token":"a","x":1}"#,
+        "not json",
+    ] {
+        let (status, headers, body) = call(
+            &app,
+            invalidate("/v1/token/invalidate", "cred-one", Some("application/json"), bad),
+        )
+        .await;
+        assert_problem(status, &headers, &body, 400);
+    }
+    let report = format!(r#"{{"token":"{old}"}}"#);
+    let (status, headers, body) = call(
+        &app,
+        invalidate(
+            "/v1/token/invalidate?account=main",
+            "cred-one",
+            Some("application/json; charset=utf-8"),
+            &report,
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+    assert_eq!(body["token"], "tok-main-2");
+    // The old token again: nothing changes, the current one is answered.
+    let (_, _, again) = call(
+        &app,
+        invalidate("/v1/token/invalidate", "cred-one", Some("application/json"), &report),
+    )
+    .await;
+    assert_eq!(again["token"], "tok-main-2");
+    let (status, _, _) = call(
+        &app,
+        invalidate(
+            "/v1/token/invalidate?account=hidden",
+            "cred-one",
+            Some("application/json"),
+            &report,
+        ),
+    )
+    .await;
+    assert_eq!(status, 403);
+}
+
+#[tokio::test]
+async fn a_flood_of_wrong_credentials_is_throttled_per_address_but_good_consumers_are_not() {
+    let (app, _) = app();
+    let from = |ip: [u8; 4], credential: &str| {
+        let mut r = get("/v1/token", Some(credential));
+        r.extensions_mut()
+            .insert(axum::extract::ConnectInfo(std::net::SocketAddr::from((ip, 4000))));
+        r
+    };
+    let mut throttled = 0;
+    for _ in 0..100 {
+        let (status, headers, body) = call(&app, from([10, 0, 0, 66], "guess")).await;
+        if status == 429 {
+            assert_problem(status, &headers, &body, 429);
+            assert!(headers.contains_key(header::RETRY_AFTER));
+            throttled += 1;
+        } else {
+            assert_eq!(status, 401);
+        }
+    }
+    assert!(throttled >= 70, "most guesses are throttled: {throttled}");
+    let (status, _, _) = call(&app, from([10, 0, 0, 7], "cred-one")).await;
+    assert_eq!(status, 200, "another address is unaffected");
+}

@@ -1,0 +1,111 @@
+//! Per-address throttling of failed authentications, so a client guessing
+//! credentials is slowed down while good consumers are not touched.
+//!
+//! Each client address has a small token bucket of failures; when it runs
+//! out, requests from that address are refused with 429 until it refills.
+//! Successful requests never consult or change it beyond one map lookup.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::time::Instant;
+
+/// Failed authentications an address may make in a burst ...
+pub const FAILURE_BURST: f64 = 20.0;
+/// ... and how many more per second after that.
+pub const FAILURES_PER_SEC: f64 = 2.0;
+/// Addresses tracked at most; past this, the oldest idea of "recent" is
+/// dropped wholesale so the table cannot grow without bound.
+const MAX_TRACKED: usize = 65_536;
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Failure buckets per client address.
+#[derive(Debug, Default)]
+pub struct AuthThrottle {
+    buckets: DashMap<IpAddr, Bucket>,
+}
+
+impl AuthThrottle {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn refill(bucket: &mut Bucket, now: Instant) {
+        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * FAILURES_PER_SEC).min(FAILURE_BURST);
+        bucket.at = now;
+    }
+
+    /// How long `peer` must wait, if it has used up its failures.
+    pub fn blocked(&self, peer: Option<IpAddr>) -> Option<Duration> {
+        let peer = peer?;
+        let mut bucket = self.buckets.get_mut(&peer)?;
+        let now = Instant::now();
+        Self::refill(&mut bucket, now);
+        if bucket.tokens >= 1.0 {
+            if bucket.tokens >= FAILURE_BURST {
+                drop(bucket);
+                self.buckets.remove(&peer);
+            }
+            return None;
+        }
+        Some(Duration::from_secs_f64((1.0 - bucket.tokens) / FAILURES_PER_SEC))
+    }
+
+    /// Counts one failed authentication from `peer`.
+    pub fn record_failure(&self, peer: Option<IpAddr>) {
+        let Some(peer) = peer else { return };
+        if self.buckets.len() >= MAX_TRACKED {
+            self.buckets.clear();
+        }
+        let now = Instant::now();
+        let mut bucket = self.buckets.entry(peer).or_insert(Bucket {
+            tokens: FAILURE_BURST,
+            at: now,
+        });
+        Self::refill(&mut bucket, now);
+        bucket.tokens = (bucket.tokens - 1.0).max(0.0);
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.buckets.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_address_is_blocked_after_its_burst_and_unblocked_as_it_refills() {
+        let t = AuthThrottle::new();
+        let bad: IpAddr = "10.0.0.9".parse().unwrap();
+        let good: IpAddr = "10.0.0.1".parse().unwrap();
+        for _ in 0..FAILURE_BURST as usize {
+            assert_eq!(t.blocked(Some(bad)), None);
+            t.record_failure(Some(bad));
+        }
+        let wait = t.blocked(Some(bad)).expect("blocked after the burst");
+        assert!(wait <= Duration::from_secs(1));
+        assert_eq!(t.blocked(Some(good)), None, "others are untouched");
+        tokio::time::sleep(wait + Duration::from_millis(1)).await;
+        assert_eq!(t.blocked(Some(bad)), None, "one more try after the refill");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(t.blocked(Some(bad)), None);
+        assert_eq!(t.tracked(), 0, "a full bucket is forgotten");
+    }
+
+    #[test]
+    fn unknown_addresses_are_never_blocked() {
+        let t = AuthThrottle::new();
+        t.record_failure(None);
+        assert_eq!(t.blocked(None), None);
+        assert_eq!(t.tracked(), 0);
+    }
+}
