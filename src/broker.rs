@@ -398,3 +398,34 @@ fn server_ended(which: &str, result: Result<std::io::Result<()>, tokio::task::Jo
         Err(e) => anyhow!("the {which} server task failed: {e}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refresher_that_dies_is_reported_and_one_that_is_stopped_is_not() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let running = CancellationToken::new();
+        let dies = tokio::spawn(async { panic!("a bug in a refresher") });
+        watch_refresher("main", &running, dies, tx.clone()).await.unwrap();
+        let report = rx.recv().await.unwrap();
+        assert_eq!(report, "the refresher of account `main` died: it panicked");
+
+        let returns = tokio::spawn(async {});
+        watch_refresher("quiet", &running, returns, tx.clone()).await.unwrap();
+        assert!(rx.recv().await.unwrap().contains("`quiet` died: it returned"));
+
+        let stopped = CancellationToken::new();
+        stopped.cancel();
+        watch_refresher("other", &stopped, tokio::spawn(async {}), tx)
+            .await
+            .unwrap();
+        assert!(rx.try_recv().is_err(), "a refresher asked to stop is no death");
+    }
+
+    #[test]
+    fn request_timeout_leaves_room_for_a_call_and_its_retry() {
+        assert_eq!(request_timeout(Duration::from_secs(10)), Duration::from_secs(25));
+    }
+}

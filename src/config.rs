@@ -403,7 +403,7 @@ impl Config {
             api: w.socket_addr(listen_t, "api", DEFAULT_API_LISTEN),
             admin: w.socket_addr(listen_t, "admin", DEFAULT_ADMIN_LISTEN),
         };
-        if listen.api == listen.admin {
+        if listen.api == listen.admin && listen.api.port() != 0 {
             w.problem(None, "listen", "api and admin must listen on different addresses");
         }
 

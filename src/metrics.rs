@@ -77,6 +77,7 @@ pub struct Metrics {
     token_valid: IntGaugeVec,
     http_requests: IntCounterVec,
     http_duration: HistogramVec,
+    http_in_flight: IntGaugeVec,
     tokens_served: IntCounterVec,
     auth_failures: IntCounterVec,
 }
@@ -186,6 +187,14 @@ impl Metrics {
             )
             .expect("valid"),
         );
+        let http_in_flight = register(
+            &registry,
+            IntGaugeVec::new(
+                opts("http_requests_in_flight", "HTTP requests being answered now, by route."),
+                &["route"],
+            )
+            .expect("valid"),
+        );
         let tokens_served = register(
             &registry,
             IntCounterVec::new(
@@ -219,6 +228,7 @@ impl Metrics {
         }
         for (route, statuses) in ROUTE_STATUSES {
             http_duration.with_label_values(&[*route]);
+            http_in_flight.with_label_values(&[*route]);
             for status in *statuses {
                 http_requests.with_label_values(&[*route, &status.to_string()]);
             }
@@ -233,6 +243,7 @@ impl Metrics {
             token_valid,
             http_requests,
             http_duration,
+            http_in_flight,
             tokens_served,
             auth_failures,
         }
@@ -292,6 +303,11 @@ impl Metrics {
 
     pub fn auth_failure(&self, reason: AuthFailure) {
         self.auth_failures.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    /// The in-flight gauge of a route.
+    pub fn in_flight(&self, route: &str) -> IntGauge {
+        self.http_in_flight.with_label_values(&[route])
     }
 
     /// Records one answered request.

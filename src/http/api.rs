@@ -107,7 +107,7 @@ fn unavailable(u: Unavailable, account: &str) -> ApiError {
     let detail = match u.cause {
         Cause::Unsatisfiable { lifetime } => {
             return ApiError::BadRequest(format!(
-                "`min_ttl` asks for more than a token's whole lifetime ({} s)",
+                "`min_ttl` asks for more than even a fresh token has ({} s)",
                 lifetime.as_secs()
             ));
         }

@@ -96,7 +96,10 @@ pub fn route_label(path: &str) -> &'static str {
 async fn track(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = route_label(request.uri().path());
+    let in_flight = metrics.in_flight(route);
+    in_flight.inc();
     let response = next.run(request).await;
+    in_flight.dec();
     metrics.http_request(route, response.status().as_u16(), started.elapsed().as_secs_f64());
     response
 }

@@ -560,9 +560,13 @@ impl Refresher {
                     retry_after: Duration::ZERO,
                     cause: Cause::Unsatisfiable { lifetime },
                 }),
-                None => Err(otherwise.clone().unwrap_or(Unavailable {
-                    retry_after: Duration::from_secs(1),
-                    cause: Cause::NotAnswering,
+                // Called without `otherwise` only after a fresh token landed:
+                // it is the most there is to give.
+                None => Err(otherwise.clone().unwrap_or_else(|| Unavailable {
+                    retry_after: Duration::ZERO,
+                    cause: Cause::Unsatisfiable {
+                        lifetime: self.current.as_ref().map_or(lifetime, |t| t.remaining(now)),
+                    },
                 })),
             };
             let _ = waiter.reply.send(answer);
@@ -585,6 +589,13 @@ impl Refresher {
                 account = %self.name,
                 max_secs = MAX_TOKEN_LIFETIME.as_secs(),
                 "Kraken announced a token lifetime above its documented maximum; clamped"
+            );
+        }
+        if minted.lifetime <= self.setup.policy.min_served_ttl {
+            warn!(
+                account = %self.name,
+                lifetime_secs = minted.lifetime.as_secs(),
+                "Kraken granted a token shorter than min_served_ttl: it can never be served"
             );
         }
         // The token's life counts from when the call started: Kraken made it
@@ -1050,6 +1061,26 @@ mod tests {
                 lifetime: Duration::from_secs(900)
             }
         );
+        assert_eq!(source.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_need_that_even_a_fresh_token_cannot_meet_is_unsatisfiable_not_a_timeout() {
+        let source = Scripted::new(Duration::from_secs(30));
+        let short = RefreshPolicy {
+            refresh_before_expiry: Duration::from_secs(10),
+            min_served_ttl: Duration::from_secs(5),
+            jitter: Duration::ZERO,
+            ..policy()
+        };
+        let (handle, _m, _cancel) = start(&source, short);
+        handle.want(Duration::from_secs(1)).await.unwrap();
+        // The call takes 50 ms, counted against the token: 29.95 s is the most.
+        let refused = handle.want(Duration::from_millis(29_990)).await.unwrap_err();
+        let Cause::Unsatisfiable { lifetime } = refused.cause else {
+            panic!("{refused:?}");
+        };
+        assert!(lifetime < Duration::from_millis(29_990) && lifetime >= Duration::from_millis(29_900));
         assert_eq!(source.calls(), 2);
     }
 

@@ -21,10 +21,16 @@ pub struct RefreshPolicy {
     pub retry_max: Duration,
 }
 
-/// A refresh never comes sooner than this fraction of a token's lifetime
-/// after it was issued, whatever the policy says: a policy meant for 900 s
-/// tokens must not make the broker hammer Kraken when tokens live 10 s.
+/// A refresh comes no sooner than this fraction of a token's lifetime after
+/// it was issued, unless the token would stop being servable first: a policy
+/// meant for 900 s tokens must not make the broker hammer Kraken when tokens
+/// live 10 s.
 pub const MIN_AGE_FRACTION: f64 = 0.25;
+
+/// And never sooner than this after issue, whatever else holds: even a token
+/// that can never be served (lifetime under `min_served_ttl`) must not put
+/// the broker in a loop of calls.
+pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// When to refresh a token issued at `issued_at` that may be used until
 /// `expires_at`. `jitter_fraction` is in `[0, 1)`.
@@ -32,7 +38,8 @@ pub const MIN_AGE_FRACTION: f64 = 0.25;
 /// The aim is `expires_at - refresh_before_expiry - jitter * fraction`,
 /// kept within `[issued_at + lifetime * MIN_AGE_FRACTION, expires_at - min_served_ttl]`
 /// (the upper bound wins if the two cross): after that point the token can
-/// no longer be served, so the refresh must have started.
+/// no longer be served, so the refresh must have started. Whatever the
+/// numbers, the result is at least [`MIN_REFRESH_INTERVAL`] after issue.
 pub fn next_refresh_at(
     issued_at: Instant,
     expires_at: Instant,
@@ -48,7 +55,7 @@ pub fn next_refresh_at(
         .unwrap_or(issued_at)
         .max(issued_at);
     let earliest = (issued_at + lifetime.mul_f64(MIN_AGE_FRACTION)).min(latest);
-    target.clamp(earliest, latest)
+    target.clamp(earliest, latest).max(issued_at + MIN_REFRESH_INTERVAL)
 }
 
 /// The back-off after `failures` consecutive failures (1 for the first):
@@ -117,6 +124,16 @@ mod tests {
     }
 
     #[test]
+    fn a_token_that_can_never_be_served_does_not_cause_a_loop_of_calls() {
+        let t0 = Instant::now();
+        // 30 s tokens under min_served_ttl 60 s: not servable at all.
+        let at = next_refresh_at(t0, t0 + Duration::from_secs(30), &policy(), 0.0);
+        assert_eq!(at, t0 + MIN_REFRESH_INTERVAL);
+        let at = next_refresh_at(t0, t0 + Duration::from_millis(10), &policy(), 0.0);
+        assert_eq!(at, t0 + MIN_REFRESH_INTERVAL);
+    }
+
+    #[test]
     fn backoff_doubles_to_the_cap_with_half_jitter() {
         let (i, m) = (Duration::from_secs(1), Duration::from_secs(60));
         assert_eq!(backoff_delay(1, i, m, 0.0), Duration::from_millis(500));
@@ -158,8 +175,11 @@ mod tests {
             let exp = t0 + Duration::from_millis(lifetime_ms);
             let at = next_refresh_at(t0, exp, &policy, fraction);
             prop_assert!(at >= t0, "never before issue");
+            prop_assert!(at >= t0 + MIN_REFRESH_INTERVAL, "never a loop of calls");
             let servable_until = exp.checked_sub(policy.min_served_ttl).unwrap_or(t0).max(t0);
-            prop_assert!(at <= servable_until, "before the token stops being servable");
+            if servable_until >= t0 + MIN_REFRESH_INTERVAL {
+                prop_assert!(at <= servable_until, "before the token stops being servable");
+            }
             let min_age = Duration::from_millis(lifetime_ms).mul_f64(MIN_AGE_FRACTION);
             prop_assert!(at >= (t0 + min_age).min(servable_until), "not sooner than the minimum age");
         }
