@@ -162,7 +162,12 @@ impl Broker {
             let digest = setup_digest(account, &config);
             let setup = self.setup(account, &client, &config);
             match self.accounts.get_mut(&account.name) {
-                Some(running) if running.setup_digest == digest => {}
+                Some(running) if running.setup_digest == digest => {
+                    // Unchanged: a reload still means "retry now" for an
+                    // account stuck on a rejection an operator has fixed.
+                    let handle = running.handle.clone();
+                    tokio::spawn(async move { handle.retry_now().await });
+                }
                 Some(running) => {
                     running.setup_digest = digest;
                     let handle = running.handle.clone();

@@ -8,6 +8,7 @@ pub mod config;
 pub mod http;
 pub mod kraken;
 pub mod metrics;
+pub mod reload;
 pub mod secret;
 pub mod signal;
 pub mod sim;

@@ -74,6 +74,7 @@ pub struct Metrics {
     refresh_duration: HistogramVec,
     token_expiry: GaugeVec,
     last_success: GaugeVec,
+    last_failure: GaugeVec,
     token_valid: IntGaugeVec,
     http_requests: IntCounterVec,
     http_duration: HistogramVec,
@@ -150,6 +151,17 @@ impl Metrics {
                     "Unix time of the last successful refresh (0 before the first).",
                 ),
                 &["account"],
+            )
+            .expect("valid"),
+        );
+        let last_failure = register(
+            &registry,
+            GaugeVec::new(
+                opts(
+                    "last_refresh_failure_timestamp_seconds",
+                    "Unix time of the last failed refresh, by reason (0 before the first).",
+                ),
+                &["account", "reason"],
             )
             .expect("valid"),
         );
@@ -240,6 +252,7 @@ impl Metrics {
             refresh_duration,
             token_expiry,
             last_success,
+            last_failure,
             token_valid,
             http_requests,
             http_duration,
@@ -266,7 +279,13 @@ impl Metrics {
     pub fn account(&self, account: &str) -> AccountMetrics {
         let failures = Reason::ALL
             .iter()
-            .map(|r| (*r, self.refresh_failures.with_label_values(&[account, r.as_str()])))
+            .map(|r| {
+                (
+                    *r,
+                    self.refresh_failures.with_label_values(&[account, r.as_str()]),
+                    self.last_failure.with_label_values(&[account, r.as_str()]),
+                )
+            })
             .collect();
         AccountMetrics {
             success: self.refreshes.with_label_values(&[account, "success"]),
@@ -285,6 +304,7 @@ impl Metrics {
         let _ = self.refreshes.remove_label_values(&[account, "failure"]);
         for r in Reason::ALL {
             let _ = self.refresh_failures.remove_label_values(&[account, r.as_str()]);
+            let _ = self.last_failure.remove_label_values(&[account, r.as_str()]);
         }
         let _ = self.refresh_duration.remove_label_values(&[account]);
         let _ = self.token_expiry.remove_label_values(&[account]);
@@ -324,7 +344,8 @@ impl Metrics {
 pub struct AccountMetrics {
     success: IntCounter,
     failure: IntCounter,
-    failures: Vec<(Reason, IntCounter)>,
+    /// Per reason: the failure counter and the last-failure timestamp.
+    failures: Vec<(Reason, IntCounter, Gauge)>,
     duration: Histogram,
     expiry: Gauge,
     last_success: Gauge,
@@ -339,11 +360,12 @@ impl AccountMetrics {
         self.last_success.set(now_unix);
     }
 
-    pub fn refresh_failed(&self, reason: Reason, seconds: f64) {
+    pub fn refresh_failed(&self, reason: Reason, seconds: f64, now_unix: f64) {
         self.failure.inc();
         self.duration.observe(seconds);
-        if let Some((_, counter)) = self.failures.iter().find(|(r, _)| *r == reason) {
+        if let Some((_, counter, last)) = self.failures.iter().find(|(r, _, _)| *r == reason) {
             counter.inc();
+            last.set(now_unix);
         }
     }
 
@@ -395,11 +417,14 @@ mod tests {
     fn account_handles_record_and_removal_drops_series() {
         let m = Metrics::new();
         let a = m.account("main");
-        a.refresh_failed(Reason::Unavailable, 0.2);
+        a.refresh_failed(Reason::Unavailable, 0.2, 1_799_999_000.0);
         a.refresh_succeeded(0.1, 1_800_000_000.0, 1_799_999_100.0);
         a.set_valid(true);
         let text = m.encode();
         assert!(text.contains("refresh_failures_total{account=\"main\",reason=\"unavailable\"} 1"));
+        assert!(
+            text.contains("last_refresh_failure_timestamp_seconds{account=\"main\",reason=\"unavailable\"} 1799999000")
+        );
         assert!(text.contains("refreshes_total{account=\"main\",result=\"success\"} 1"));
         assert!(text.contains("token_valid{account=\"main\"} 1"));
         assert!(text.contains("token_expiry_timestamp_seconds{account=\"main\"} 1800000000"));

@@ -15,8 +15,8 @@ use super::problem::ApiError;
 use super::{AppState, Grant};
 use crate::token::{CachedToken, Cause, Unavailable, token_sha256};
 
-/// The largest `min_ttl` parsed; anything above any token's life is refused anyway.
-const MAX_MIN_TTL_SECS: u64 = 86_400;
+/// The largest `min_ttl` accepted: Kraken's documented token lifetime.
+const MAX_MIN_TTL_SECS: u64 = crate::kraken::MAX_TOKEN_LIFETIME.as_secs();
 
 /// The 200 body of both endpoints.
 #[derive(Serialize)]
@@ -216,7 +216,7 @@ mod tests {
             "min_ttl=abc",
             "min_ttl=",
             "min_ttl=99999999999999999999999",
-            "min_ttl=86401",
+            "min_ttl=901",
             "account=a&account=b",
             "min_ttl=1&min_ttl=2",
             "acount=main",

@@ -122,6 +122,10 @@ async fn not_found() -> Response {
     axum::response::IntoResponse::into_response(problem::ApiError::NotFound)
 }
 
+/// The consumer API's routes and methods, as `router` serves them and as
+/// proto-docs/openapi.yaml documents them (a test holds the three together).
+pub const API_ROUTES: &[(&str, &str)] = &[("/v1/token", "GET"), ("/v1/token/invalidate", "POST")];
+
 /// The consumer API. `request_timeout` bounds each request, including one
 /// that waits for a refresh.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {

@@ -229,7 +229,7 @@ async fn malformed_queries_are_400() {
         assert_problem(status, &headers, &body, 400);
     }
     let (_, _, body) = call(&app, get("/v1/token?min_ttl=901", Some("cred-one"))).await;
-    assert!(body["detail"].as_str().unwrap().contains("900 s"), "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("from 0 to 900"), "{body}");
 }
 
 #[tokio::test]
@@ -358,4 +358,53 @@ async fn a_flood_of_wrong_credentials_is_throttled_per_address_but_good_consumer
     assert!(throttled >= 70, "most guesses are throttled: {throttled}");
     let (status, _, _) = call(&app, from([10, 0, 0, 7], "cred-one")).await;
     assert_eq!(status, 200, "another address is unaffected");
+}
+
+/// The (path, method) pairs proto-docs/openapi.yaml documents.
+fn documented_operations() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/proto-docs/openapi.yaml")).unwrap();
+    let docs = yaml_rust2::YamlLoader::load_from_str(&text).unwrap();
+    let paths = docs[0]["paths"].as_hash().expect("a paths object");
+    let mut ops = Vec::new();
+    for (path, item) in paths {
+        for (method, _) in item.as_hash().unwrap() {
+            let method = method.as_str().unwrap();
+            if ["get", "put", "post", "delete", "patch", "head", "options", "trace"].contains(&method) {
+                ops.push((path.as_str().unwrap().to_owned(), method.to_uppercase()));
+            }
+        }
+    }
+    ops.sort();
+    ops
+}
+
+#[tokio::test]
+async fn every_served_route_is_documented_and_every_documented_route_is_served() {
+    let mut served: Vec<(String, String)> = API_ROUTES.iter().map(|(p, m)| (p.to_string(), m.to_string())).collect();
+    served.sort();
+    assert_eq!(served, documented_operations(), "API_ROUTES and openapi.yaml agree");
+
+    // And the router really serves exactly those: each documented operation
+    // reaches a handler; every other method on those paths is 405.
+    let (app, _) = app();
+    let all = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"];
+    for (path, method) in documented_operations() {
+        for other in all {
+            let request = Request::builder()
+                .method(other)
+                .uri(&path)
+                .header(header::AUTHORIZATION, "Bearer cred-one")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(r#"{"token":"x"}"#))
+                .unwrap();
+            let status = app.clone().oneshot(request).await.unwrap().status();
+            if other == method {
+                assert!(status != 404 && status != 405, "{other} {path} is served: {status}");
+            } else {
+                assert_eq!(status, 405, "{other} {path} is not documented, so not allowed");
+            }
+        }
+    }
+    let (status, _, _) = call(&app, get("/v1/tokens", Some("cred-one"))).await;
+    assert_eq!(status, 404, "an undocumented path is not served");
 }

@@ -130,6 +130,7 @@ enum Command {
         reply: oneshot::Sender<Answer>,
     },
     Reconfigure(AccountSetup),
+    RetryNow,
 }
 
 /// Commands queued per account before senders wait: bounded, so a storm of
@@ -192,6 +193,13 @@ impl AccountHandle {
     /// Replaces the account's credentials, client or policy.
     pub async fn reconfigure(&self, setup: AccountSetup) {
         let _ = self.commands.send(Command::Reconfigure(setup)).await;
+    }
+
+    /// If the account waits out a permanent rejection (invalid key,
+    /// permission denied), retries now: an operator says it is fixed. A
+    /// lockout circuit or a throttle is never cut short.
+    pub async fn retry_now(&self) {
+        let _ = self.commands.send(Command::RetryNow).await;
     }
 }
 
@@ -467,12 +475,23 @@ impl Refresher {
                 if self.blocked && !matches!(self.health, Health::CircuitOpen { .. }) {
                     // New credentials deserve a try now, not after a back-off
                     // meant for the old ones.
-                    self.blocked = false;
-                    self.failures = 0;
-                    self.next_attempt = Instant::now();
+                    self.unblock();
+                }
+            }
+            Command::RetryNow => {
+                if self.blocked && matches!(self.health, Health::Failing { permanent: true, .. }) {
+                    info!(account = %self.name, "retrying now, as asked by a reload");
+                    self.unblock();
                 }
             }
         }
+    }
+
+    fn unblock(&mut self) {
+        self.blocked = false;
+        self.failures = 0;
+        self.totp_retry_used = false;
+        self.next_attempt = Instant::now();
     }
 
     fn serve_or_wait(&mut self, need: Duration, reply: oneshot::Sender<Answer>) {
@@ -636,7 +655,8 @@ impl Refresher {
 
     fn on_failure(&mut self, error: &KrakenError, took: Duration, now: Instant) {
         let reason = error.reason();
-        self.metrics.refresh_failed(reason, took.as_secs_f64());
+        self.metrics
+            .refresh_failed(reason, took.as_secs_f64(), unix_secs(SystemTime::now()));
         let action = error.action();
         let detail = error.to_string();
         let duration_ms = took.as_millis() as u64;
@@ -1104,6 +1124,26 @@ mod tests {
         assert!(handle.want(MIN).await.is_ok());
         assert_eq!(good.calls(), 1);
         assert_eq!(bad.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_now_cuts_short_a_permanent_rejection_but_never_a_lockout() {
+        let source = Scripted::new(Duration::from_secs(900));
+        source.then(Err(kraken("EGeneral:Permission denied")));
+        let (handle, _m, _cancel) = start(&source, policy());
+        assert!(handle.want(MIN).await.is_err());
+        handle.retry_now().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(handle.want(MIN).await.is_ok(), "retried at once, not in 5 minutes");
+        assert_eq!(source.calls(), 2);
+
+        let locked = Scripted::new(Duration::from_secs(900));
+        locked.then(Err(kraken("EGeneral:Temporary lockout")));
+        let (handle, _m, _cancel) = start(&locked, policy());
+        assert!(handle.want(MIN).await.is_err());
+        handle.retry_now().await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(locked.calls(), 1, "the lockout circuit stays open");
     }
 
     #[tokio::test(start_paused = true)]

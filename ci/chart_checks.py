@@ -1,0 +1,316 @@
+"""Conformance checks of the Helm chart, with no helm binary and no cluster.
+
+- helm-python-sdk (Helm's own Go SDK) lints the chart: no warning, no error;
+- it renders with the default values and with every optional part enabled;
+- values.schema.json refuses bad values, each kind with a message naming it;
+- every rendered built-in kind passes kubernetes-validate --strict for
+  Kubernetes 1.29 and 1.33;
+- the rendered PrometheusRule's groups pass `promtool check rules`;
+- the Deployment's pod security settings, probes, mounts and grace period are
+  what the chart promises;
+- the rendered broker.toml passes the broker's own `check-config`.
+
+usage: python chart_checks.py BROKER_BINARY
+"""
+
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import helm_python as helm
+import kubernetes_validate as kv
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "kraken-token-broker"
+KUBE_VERSIONS = ["1.29.0", "1.33.0"]
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+checks = 0
+
+
+def check(condition: bool, what: str) -> None:
+    global checks
+    checks += 1
+    if not condition:
+        raise AssertionError(what)
+
+
+def defaults() -> dict:
+    return yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+def everything_enabled() -> dict:
+    v = defaults()
+    v["replicaCount"] = 2
+    v["accounts"] = [{"name": "main", "otp": "none"}, {"name": "alt", "otp": "static"}, {"name": "twofa", "otp": "totp"}]
+    v["consumers"] = [
+        {"name": "mm-btc", "credentialSha256": "ab" * 32, "accounts": ["main"]},
+        {"name": "mm-eth", "credentialSha256": "cd" * 32, "accounts": ["main", "alt", "twofa"]},
+    ]
+    v["keysSecret"] = {
+        "create": True,
+        "existingSecret": "",
+        "data": {
+            "main.api-key": "KEY-main",
+            "main.api-secret": "AAECAwQFBgc=",
+            "alt.api-key": "KEY-alt",
+            "alt.api-secret": "AAECAwQFBgc=",
+            "alt.otp": "static-pass",
+            "twofa.api-key": "KEY-twofa",
+            "twofa.api-secret": "AAECAwQFBgc=",
+            "twofa.totp-secret": "JBSWY3DPEHPK3PXP",
+        },
+    }
+    v["serviceMonitor"] = {"enabled": True, "labels": {"release": "prometheus"}, "interval": "15s", "scrapeTimeout": "5s"}
+    v["prometheusRule"] = {
+        "enabled": True,
+        "labels": {"release": "prometheus"},
+        "runbookBaseUrl": "https://wiki.example.com/ktb/runbooks.md",
+    }
+    v["networkPolicy"]["consumerNamespaces"] = ["trading", "research"]
+    v["serviceAccount"]["annotations"] = {"example.com/owner": "trading-infra"}
+    v["podAnnotations"] = {"example.com/team": "mm"}
+    v["nodeSelector"] = {"kubernetes.io/os": "linux"}
+    v["tolerations"] = [{"key": "dedicated", "operator": "Equal", "value": "trading", "effect": "NoSchedule"}]
+    return v
+
+
+def render(chart, values: dict) -> list[dict]:
+    out = chart.render(values, name="ktb", namespace="trading")
+    docs = []
+    for path, text in out.items():
+        if path.endswith("NOTES.txt"):
+            check("kraken-token-broker" in text, "NOTES.txt renders")
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                docs.append(doc)
+    return docs
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def lint(values: dict | None, label: str) -> None:
+    report = helm.lint(str(CHART), values)
+    bad = [m for m in report["messages"] if m["severity"] >= 2]
+    check(not bad and not report["errors"], f"helm lint ({label}) is clean: {bad} {report['errors']}")
+
+
+def validate_kinds(docs: list[dict], label: str) -> None:
+    for doc in docs:
+        if doc["kind"] in CRD_KINDS:
+            continue
+        for version in KUBE_VERSIONS:
+            try:
+                kv.validate(doc, version, strict=True)
+            except kv.ValidationError as e:
+                raise AssertionError(f"{label}: {doc['kind']} invalid for Kubernetes {version}: {e}") from e
+            check(True, "validated")
+
+
+def check_prometheus_rule(docs: list[dict]) -> None:
+    (rule,) = by_kind(docs, "PrometheusRule")
+    check(rule["metadata"]["labels"].get("release") == "prometheus", "PrometheusRule carries its labels")
+    groups = rule["spec"]["groups"]
+    source = yaml.safe_load((CHART / "files" / "alert-rules.yaml").read_text())
+    check([g["name"] for g in groups] == [g["name"] for g in source["groups"]], "the rules come from files/alert-rules.yaml")
+    alerts = [r["alert"] for g in groups for r in g["rules"]]
+    check(len(alerts) == 7, f"seven alerts: {alerts}")
+    for g in groups:
+        for r in g["rules"]:
+            url = r["annotations"]["runbook_url"]
+            check(url.startswith("https://wiki.example.com/ktb/runbooks.md#"), f"runbook base rewritten: {url}")
+            check(url.endswith("#" + r["alert"].lower()), f"runbook anchor per alert: {url}")
+            check(r["annotations"]["summary"] and r["annotations"]["description"], "summary and description")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump({"groups": groups}, f)
+    subprocess.run(["promtool", "check", "rules", f.name], check=True)
+    check(True, "promtool accepts the rendered groups")
+    (monitor,) = by_kind(docs, "ServiceMonitor")
+    (service,) = by_kind(docs, "Service")
+    port_names = [p["name"] for p in service["spec"]["ports"]]
+    check(monitor["spec"]["endpoints"][0]["port"] in port_names, "the ServiceMonitor scrapes a Service port")
+    check(monitor["spec"]["endpoints"][0]["path"] == "/metrics", "it scrapes /metrics")
+
+
+def check_runbooks() -> None:
+    """Every alert's runbook_url points at a heading of proto-docs/runbooks.md."""
+    headings = {
+        line[3:].strip().lower()
+        for line in (ROOT / "proto-docs" / "runbooks.md").read_text().splitlines()
+        if line.startswith("## ")
+    }
+    source = yaml.safe_load((CHART / "files" / "alert-rules.yaml").read_text())
+    for group in source["groups"]:
+        for rule in group["rules"]:
+            anchor = rule["annotations"]["runbook_url"].rsplit("#", 1)[1]
+            check(anchor in headings, f"runbooks.md has a section for {rule['alert']} (#{anchor})")
+
+
+def check_deployment(docs: list[dict], values: dict) -> None:
+    (deploy,) = by_kind(docs, "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    check(pod["automountServiceAccountToken"] is False, "no service account token in the pod")
+    psc = pod["securityContext"]
+    check(psc["runAsNonRoot"] is True and psc["runAsUser"] != 0, "pod runs as non-root")
+    check(psc["seccompProfile"]["type"] == "RuntimeDefault", "pod seccomp RuntimeDefault")
+    (c,) = pod["containers"]
+    sc = c["securityContext"]
+    check(sc["readOnlyRootFilesystem"] is True, "read-only root filesystem")
+    check(sc["allowPrivilegeEscalation"] is False, "no privilege escalation")
+    check(sc["capabilities"]["drop"] == ["ALL"], "all capabilities dropped")
+    check(sc["runAsNonRoot"] is True, "container runs as non-root")
+    check(sc["seccompProfile"]["type"] == "RuntimeDefault", "container seccomp RuntimeDefault")
+    check(c["startupProbe"]["httpGet"]["path"] == "/readyz", "startupProbe on /readyz")
+    check(c["readinessProbe"]["httpGet"]["path"] == "/readyz", "readinessProbe on /readyz")
+    check(c["livenessProbe"]["httpGet"]["path"] == "/healthz", "livenessProbe on /healthz")
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"]:
+        check(c[probe]["httpGet"]["port"] == "admin", f"{probe} on the admin port")
+    check(c["resources"]["limits"]["memory"] and c["resources"]["requests"]["cpu"], "resources set")
+    # Drain: twice kraken.timeout plus 5 s, which the grace period must exceed.
+    timeout_s = int(values["kraken"]["timeout"].rstrip("s"))
+    check(pod["terminationGracePeriodSeconds"] > 2 * timeout_s + 5, "grace period above the drain time")
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    check("subPath" not in mounts["keys"], "keys mounted as a directory, no subPath")
+    check(mounts["keys"]["readOnly"] is True, "keys mounted read-only")
+    keys_volume = next(v for v in pod["volumes"] if v["name"] == "keys")
+    check(keys_volume["secret"]["defaultMode"] == 0o440, "key files not world-readable")
+    check("--reload-poll" in c["args"], "the broker re-reads rotated secrets")
+    check("checksum/config" in deploy["spec"]["template"]["metadata"]["annotations"], "config checksum rolls pods")
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    check(ports == {"api": 8080, "admin": 9090}, f"api and admin ports: {ports}")
+
+
+def check_policies(docs: list[dict], values: dict) -> None:
+    (pdb,) = by_kind(docs, "PodDisruptionBudget")
+    check(pdb["spec"]["maxUnavailable"] == 1, "PDB maxUnavailable 1")
+    (sa,) = by_kind(docs, "ServiceAccount")
+    check(sa["automountServiceAccountToken"] is False, "ServiceAccount does not automount")
+    (np,) = by_kind(docs, "NetworkPolicy")
+    api_rule, admin_rule = np["spec"]["ingress"]
+    check(api_rule["ports"][0]["port"] == "api", "first ingress rule is the API port")
+    sources = api_rule["from"]
+    check(sources[0]["podSelector"]["matchLabels"] == values["networkPolicy"]["consumerPodLabels"], "consumer pods")
+    listed = [s["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for s in sources[1:]]
+    check(listed == values["networkPolicy"]["consumerNamespaces"], f"listed namespaces: {listed}")
+    check(admin_rule["ports"][0]["port"] == "admin", "second ingress rule is the admin port")
+    monitoring = admin_rule["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+    check(monitoring == values["networkPolicy"]["monitoringNamespace"], "admin only from monitoring")
+    egress_ports = sorted(p["port"] for rule in np["spec"]["egress"] for p in rule["ports"])
+    check(egress_ports == [53, 53, 443], f"egress only DNS and HTTPS: {egress_ports}")
+
+
+def check_config_accepted(docs: list[dict], binary: str, values: dict) -> None:
+    """The rendered broker.toml, with secret paths moved to a temp dir, passes check-config."""
+    (cm,) = by_kind(docs, "ConfigMap")
+    text = cm["data"]["broker.toml"]
+    data = values["keysSecret"].get("data") or {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for account in values["accounts"]:
+            d = Path(tmp) / account["name"]
+            d.mkdir()
+            for key in ["api-key", "api-secret", "otp", "totp-secret"]:
+                default = {"api-key": "KEY", "api-secret": "AAECAw==", "otp": "pass", "totp-secret": "JBSWY3DPEHPK3PXP"}[key]
+                (d / key).write_text(data.get(f"{account['name']}.{key}", default) + "\n")
+        config = Path(tmp) / "broker.toml"
+        config.write_text(text.replace("/etc/kraken-token-broker/keys", tmp))
+        result = subprocess.run([binary, "check-config", "--config", str(config)], capture_output=True, text=True)
+        check(result.returncode == 0, f"the broker accepts the rendered config:\n{result.stderr}\n{text}")
+        for value in data.values():
+            check(value not in result.stdout, "check-config prints no secret")
+
+
+def check_schema_refusals(chart) -> None:
+    chart.validate_schema(defaults())
+    chart.validate_schema(everything_enabled())
+    bad = {
+        "replicaCount 0": ("replicaCount", lambda v: v.update(replicaCount=0)),
+        "an account name with capitals": ("name", lambda v: v["accounts"][0].update(name="Main")),
+        "an unknown otp kind": ("otp", lambda v: v["accounts"][0].update(otp="sms")),
+        "a short credential hash": ("credentialSha256", lambda v: v["consumers"][0].update(credentialSha256="abc")),
+        "no consumers": ("consumers", lambda v: v.update(consumers=[])),
+        "a non-HTTPS REST URL": ("restUrl", lambda v: v["kraken"].update(restUrl="ftp://api.kraken.com")),
+        "a duration that is not one": ("timeout", lambda v: v["kraken"].update(timeout="soon")),
+        "a port out of range": ("apiPort", lambda v: v["service"].update(apiPort=70000)),
+        "an unknown top-level key": ("colour", lambda v: v.update(colour="red")),
+        "a grace period under the drain time": (
+            "terminationGracePeriodSeconds",
+            lambda v: v.update(terminationGracePeriodSeconds=5),
+        ),
+        "a bad key name in keysSecret.data": ("main.password", lambda v: v["keysSecret"].update(data={"main.password": "x"})),
+        "an egress CIDR that is not one": ("egressCidrs", lambda v: v["networkPolicy"].update(egressCidrs=["kraken"])),
+    }
+    for what, (names, mutate) in bad.items():
+        values = copy.deepcopy(defaults())
+        mutate(values)
+        try:
+            chart.validate_schema(values)
+        except helm.HelmValuesError as e:
+            check(names in str(e), f"the refusal of {what} names `{names}`: {e}")
+            continue
+        raise AssertionError(f"the schema accepted {what}")
+    print(f"schema refuses {len(bad)} kinds of bad values")
+
+
+def check_template_refusals(chart) -> None:
+    for what, mutate, needle in [
+        ("a consumer granted an unknown account", lambda v: v["consumers"][0].update(accounts=["nope"]), "not in accounts"),
+        ("an account listed twice", lambda v: v["accounts"].append({"name": "main"}), "listed twice"),
+        (
+            "a created Secret missing a key",
+            lambda v: v["keysSecret"].update(create=True, data={"main.api-key": "K"}),
+            "main.api-secret",
+        ),
+    ]:
+        values = defaults()
+        mutate(values)
+        try:
+            chart.render(values, name="ktb", namespace="trading")
+        except helm.HelmRenderError as e:
+            check(needle in str(e), f"the refusal of {what} says `{needle}`: {e}")
+            continue
+        raise AssertionError(f"the chart rendered {what}")
+
+
+def main() -> None:
+    binary = sys.argv[1]
+    chart = helm.Chart.load(str(CHART))
+    lint(None, "defaults")
+    lint(everything_enabled(), "everything enabled")
+
+    plain = render(chart, defaults())
+    kinds = sorted(d["kind"] for d in plain)
+    check(
+        kinds == ["ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "Service", "ServiceAccount"],
+        f"default kinds: {kinds}",
+    )
+    check(not by_kind(plain, "Secret"), "no Secret (no key material) by default")
+    validate_kinds(plain, "defaults")
+    check_deployment(plain, defaults())
+    check_policies(plain, defaults())
+    check_config_accepted(plain, binary, defaults())
+
+    full_values = everything_enabled()
+    full = render(chart, full_values)
+    kinds = sorted(d["kind"] for d in full)
+    check("ServiceMonitor" in kinds and "PrometheusRule" in kinds and "Secret" in kinds, f"all kinds: {kinds}")
+    validate_kinds(full, "everything enabled")
+    check_deployment(full, full_values)
+    check_policies(full, full_values)
+    check_prometheus_rule(full)
+    check_config_accepted(full, binary, full_values)
+
+    check_schema_refusals(chart)
+    check_template_refusals(chart)
+    check_runbooks()
+    print(f"chart checks passed ({checks} assertions)")
+
+
+if __name__ == "__main__":
+    main()
