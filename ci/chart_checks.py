@@ -6,8 +6,8 @@
 - every rendered built-in kind passes kubernetes-validate --strict for
   Kubernetes 1.29 and 1.33;
 - the rendered PrometheusRule's groups pass `promtool check rules`;
-- the Deployment's pod security settings, probes, mounts and grace period are
-  what the chart promises;
+- the StatefulSet's pod security settings, probes, mounts, per-replica keys
+  and grace period are what the chart promises;
 - the rendered broker.toml passes the broker's own `check-config`.
 
 usage: python chart_checks.py BROKER_BINARY
@@ -51,20 +51,14 @@ def everything_enabled() -> dict:
         {"name": "mm-btc", "credentialSha256": "ab" * 32, "accounts": ["main"]},
         {"name": "mm-eth", "credentialSha256": "cd" * 32, "accounts": ["main", "alt", "twofa"]},
     ]
-    v["keysSecret"] = {
-        "create": True,
-        "existingSecret": "",
-        "data": {
-            "main.api-key": "KEY-main",
-            "main.api-secret": "AAECAwQFBgc=",
-            "alt.api-key": "KEY-alt",
-            "alt.api-secret": "AAECAwQFBgc=",
-            "alt.otp": "static-pass",
-            "twofa.api-key": "KEY-twofa",
-            "twofa.api-secret": "AAECAwQFBgc=",
-            "twofa.totp-secret": "JBSWY3DPEHPK3PXP",
-        },
-    }
+    data = {}
+    for replica in range(2):
+        for account, extra in [("main", None), ("alt", ("otp", "static-pass")), ("twofa", ("totp-secret", "JBSWY3DPEHPK3PXP"))]:
+            data[f"{account}.{replica}.api-key"] = f"KEY-{account}-{replica}"
+            data[f"{account}.{replica}.api-secret"] = "AAECAwQFBgc="
+            if extra:
+                data[f"{account}.{replica}.{extra[0]}"] = extra[1]
+    v["keysSecret"] = {"create": True, "existingSecret": "", "data": data}
     v["serviceMonitor"] = {"enabled": True, "labels": {"release": "prometheus"}, "interval": "15s", "scrapeTimeout": "5s"}
     v["prometheusRule"] = {
         "enabled": True,
@@ -133,7 +127,7 @@ def check_prometheus_rule(docs: list[dict]) -> None:
     subprocess.run(["promtool", "check", "rules", f.name], check=True)
     check(True, "promtool accepts the rendered groups")
     (monitor,) = by_kind(docs, "ServiceMonitor")
-    (service,) = by_kind(docs, "Service")
+    (service,) = [s for s in by_kind(docs, "Service") if s["spec"].get("clusterIP") != "None"]
     port_names = [p["name"] for p in service["spec"]["ports"]]
     check(monitor["spec"]["endpoints"][0]["port"] in port_names, "the ServiceMonitor scrapes a Service port")
     check(monitor["spec"]["endpoints"][0]["path"] == "/metrics", "it scrapes /metrics")
@@ -153,8 +147,11 @@ def check_runbooks() -> None:
             check(anchor in headings, f"runbooks.md has a section for {rule['alert']} (#{anchor})")
 
 
-def check_deployment(docs: list[dict], values: dict) -> None:
-    (deploy,) = by_kind(docs, "Deployment")
+def check_workload(docs: list[dict], values: dict) -> None:
+    (deploy,) = by_kind(docs, "StatefulSet")
+    check(deploy["spec"]["replicas"] == values["replicaCount"], "replicas")
+    headless = [s for s in by_kind(docs, "Service") if s["spec"].get("clusterIP") == "None"]
+    check([s["metadata"]["name"] for s in headless] == [deploy["spec"]["serviceName"]], "a governing headless Service")
     pod = deploy["spec"]["template"]["spec"]
     check(pod["automountServiceAccountToken"] is False, "no service account token in the pod")
     psc = pod["securityContext"]
@@ -181,6 +178,18 @@ def check_deployment(docs: list[dict], values: dict) -> None:
     check(mounts["keys"]["readOnly"] is True, "keys mounted read-only")
     keys_volume = next(v for v in pod["volumes"] if v["name"] == "keys")
     check(keys_volume["secret"]["defaultMode"] == 0o440, "key files not world-readable")
+    # One key pair per replica: pod N reads N/<account>/..., picked by KTB_REPLICA.
+    files_per_replica = sum(2 + (a.get("otp", "none") != "none") for a in values["accounts"])
+    items = keys_volume["secret"]["items"]
+    check(len(items) == values["replicaCount"] * files_per_replica, f"{len(items)} key files mounted")
+    for item in items:
+        account, replica, file = item["key"].split(".")
+        check(item["path"] == f"{replica}/{account}/{file}", f"key {item['key']} at {item['path']}")
+    env = {e["name"]: e for e in c["env"]}
+    check(
+        env["KTB_REPLICA"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']",
+        "each pod knows its ordinal",
+    )
     check("--reload-poll" in c["args"], "the broker re-reads rotated secrets")
     check("checksum/config" in deploy["spec"]["template"]["metadata"]["annotations"], "config checksum rolls pods")
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
@@ -207,23 +216,28 @@ def check_policies(docs: list[dict], values: dict) -> None:
 
 
 def check_config_accepted(docs: list[dict], binary: str, values: dict) -> None:
-    """The rendered broker.toml, with secret paths moved to a temp dir, passes check-config."""
+    """The rendered broker.toml, with secret paths moved to a temp dir, passes
+    check-config for every replica (each with its own ordinal)."""
     (cm,) = by_kind(docs, "ConfigMap")
     text = cm["data"]["broker.toml"]
     data = values["keysSecret"].get("data") or {}
+    defaults = {"api-key": "KEY", "api-secret": "AAECAw==", "otp": "pass", "totp-secret": "JBSWY3DPEHPK3PXP"}
     with tempfile.TemporaryDirectory() as tmp:
-        for account in values["accounts"]:
-            d = Path(tmp) / account["name"]
-            d.mkdir()
-            for key in ["api-key", "api-secret", "otp", "totp-secret"]:
-                default = {"api-key": "KEY", "api-secret": "AAECAw==", "otp": "pass", "totp-secret": "JBSWY3DPEHPK3PXP"}[key]
-                (d / key).write_text(data.get(f"{account['name']}.{key}", default) + "\n")
+        for replica in range(values["replicaCount"]):
+            for account in values["accounts"]:
+                d = Path(tmp) / str(replica) / account["name"]
+                d.mkdir(parents=True)
+                for key, default in defaults.items():
+                    (d / key).write_text(data.get(f"{account['name']}.{replica}.{key}", default) + "\n")
         config = Path(tmp) / "broker.toml"
         config.write_text(text.replace("/etc/kraken-token-broker/keys", tmp))
-        result = subprocess.run([binary, "check-config", "--config", str(config)], capture_output=True, text=True)
-        check(result.returncode == 0, f"the broker accepts the rendered config:\n{result.stderr}\n{text}")
-        for value in data.values():
-            check(value not in result.stdout, "check-config prints no secret")
+        for replica in range(values["replicaCount"]):
+            env = {"PATH": "/usr/bin:/bin", "KTB_REPLICA": str(replica)}
+            result = subprocess.run([binary, "check-config", "--config", str(config)], capture_output=True, text=True, env=env)
+            check(result.returncode == 0, f"the broker accepts the rendered config (replica {replica}):\n{result.stderr}\n{text}")
+            check(f"/{replica}/main/api-key" in result.stdout, f"replica {replica} reads its own key: {result.stdout}")
+            for value in data.values():
+                check(value not in result.stdout, "check-config prints no secret")
 
 
 def check_schema_refusals(chart) -> None:
@@ -264,8 +278,8 @@ def check_template_refusals(chart) -> None:
         ("an account listed twice", lambda v: v["accounts"].append({"name": "main"}), "listed twice"),
         (
             "a created Secret missing a key",
-            lambda v: v["keysSecret"].update(create=True, data={"main.api-key": "K"}),
-            "main.api-secret",
+            lambda v: v["keysSecret"].update(create=True, data={"main.0.api-key": "K"}),
+            "main.0.api-secret",
         ),
     ]:
         values = defaults()
@@ -287,12 +301,12 @@ def main() -> None:
     plain = render(chart, defaults())
     kinds = sorted(d["kind"] for d in plain)
     check(
-        kinds == ["ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "Service", "ServiceAccount"],
+        kinds == ["ConfigMap", "NetworkPolicy", "PodDisruptionBudget", "Service", "Service", "ServiceAccount", "StatefulSet"],
         f"default kinds: {kinds}",
     )
     check(not by_kind(plain, "Secret"), "no Secret (no key material) by default")
     validate_kinds(plain, "defaults")
-    check_deployment(plain, defaults())
+    check_workload(plain, defaults())
     check_policies(plain, defaults())
     check_config_accepted(plain, binary, defaults())
 
@@ -301,7 +315,7 @@ def main() -> None:
     kinds = sorted(d["kind"] for d in full)
     check("ServiceMonitor" in kinds and "PrometheusRule" in kinds and "Secret" in kinds, f"all kinds: {kinds}")
     validate_kinds(full, "everything enabled")
-    check_deployment(full, full_values)
+    check_workload(full, full_values)
     check_policies(full, full_values)
     check_prometheus_rule(full)
     check_config_accepted(full, binary, full_values)

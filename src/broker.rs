@@ -316,6 +316,9 @@ pub struct ReloadSummary {
 /// Returns an error (so the process exits non-zero) if a refresher dies or a
 /// listener fails. On shutdown: stop accepting, let in-flight requests finish
 /// (they may be waiting on a refresh, so refreshers stop last), stop refreshers.
+///
+/// `limits` bound the listeners; their drain time is set from the config.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     config: Config,
     listeners: Listeners,
@@ -323,11 +326,12 @@ pub async fn run(
     shutdown: CancellationToken,
     metrics: Metrics,
     jitter: Jitter,
+    limits: ServerLimits,
 ) -> anyhow::Result<()> {
     let timeout = request_timeout(config.kraken.timeout);
     let limits = ServerLimits {
         drain_timeout: timeout,
-        ..ServerLimits::default()
+        ..limits
     };
     let mut broker = Broker::start(config, metrics, jitter)?;
     let state = broker.state();

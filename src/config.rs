@@ -297,7 +297,14 @@ impl<'s> Walker<'s> {
         let env = self.string(source, &path, "env");
         let (raw, origin) = match (file, env) {
             (Some((file, _)), None) => {
-                let file = PathBuf::from(file);
+                let file = match expand_env(file, reader) {
+                    Ok(expanded) => PathBuf::from(expanded),
+                    Err(var) => {
+                        let msg = format!("environment variable {var} (in the file path) is not set");
+                        self.problem(at, path, msg);
+                        return None;
+                    }
+                };
                 match reader.file(&file) {
                     Ok(text) => (text, SecretSource::File(file)),
                     Err(e) => {
@@ -326,6 +333,27 @@ impl<'s> Walker<'s> {
         }
         Some((SecretString::new(value), origin))
     }
+}
+
+/// Replaces each `${NAME}` in `text` with the environment variable NAME, so
+/// one config can name a per-replica file (`/keys/${KTB_REPLICA}/api-key`).
+/// Errs with the name of the first variable that is unset.
+pub fn expand_env<R: SecretReader>(text: &str, reader: &R) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            out.push_str(&rest[start..]);
+            return Ok(out);
+        };
+        let name = &after[..end];
+        out.push_str(&reader.env(name).ok_or_else(|| name.to_owned())?);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 fn join(prefix: &str, key: &str) -> String {
@@ -984,6 +1012,27 @@ accounts = ["nope"]
         assert!(problems(&both).iter().any(|p| p.to_string().contains("not both")));
         let no_accounts = MINIMAL.replace(r#"accounts = ["main"]"#, "accounts = []");
         assert!(problems(&no_accounts)[0].to_string().contains("non-empty list"));
+    }
+
+    #[test]
+    fn secret_file_paths_expand_environment_variables() {
+        let mut s = secrets();
+        s.env.insert("KTB_REPLICA".into(), "k".into());
+        let text = MINIMAL.replace("/k/key", "/${KTB_REPLICA}/key");
+        let c = Config::parse(&text, &s).unwrap();
+        assert_eq!(c.accounts[0].sources[0].1, SecretSource::File("/k/key".into()));
+        assert_eq!(c.accounts[0].credentials.api_key.expose(), "KEY-123");
+        let unset = MINIMAL.replace("/k/key", "/${NOT_SET}/key");
+        let p = Config::parse(&unset, &secrets()).unwrap_err();
+        assert!(
+            p[0].to_string().contains("NOT_SET (in the file path) is not set"),
+            "{p:?}"
+        );
+        assert_eq!(expand_env("a/${X}/b/${X}", &s).unwrap_err(), "X");
+        assert_eq!(
+            expand_env("no vars, $HOME, ${unclosed", &s).unwrap(),
+            "no vars, $HOME, ${unclosed"
+        );
     }
 
     #[test]

@@ -99,7 +99,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     print_banner(&config, credential.expose(), &sim.rest_url(), args.token_ttl);
     let listeners = Listeners { api, admin };
-    let result = broker::run(config, listeners, None, shutdown.clone(), Metrics::new(), random_jitter).await;
+    let result = broker::run(
+        config,
+        listeners,
+        None,
+        shutdown.clone(),
+        Metrics::new(),
+        random_jitter,
+        Default::default(),
+    )
+    .await;
     shutdown.cancel();
     let _ = sim.wait().await;
     result

@@ -76,6 +76,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         shutdown,
         Metrics::new(),
         random_jitter,
+        Default::default(),
     )
     .await
 }

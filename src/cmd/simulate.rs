@@ -71,6 +71,7 @@ impl SimulateArgs {
             error: self.fault_error.clone(),
             http_status: self.fault_http_status,
             delay_ms: self.fault_delay_ms,
+            delay_jitter_ms: None,
             malformed: self.fault_malformed,
             truncated: self.fault_truncated,
             hang: self.fault_hang,

@@ -56,6 +56,14 @@ impl KeyLane {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// A lane whose nonces follow `clock` (tests step the clock).
+    pub fn with_clock(clock: super::nonce::NanoClock) -> Self {
+        Self {
+            nonces: NonceSource::with_clock(clock),
+            turn: tokio::sync::Mutex::new(()),
+        }
+    }
 }
 
 /// The form body `nonce=…[&otp=…]`, built once: these exact bytes are signed

@@ -107,6 +107,10 @@ pub struct FaultSpec {
     /// Milliseconds to wait before answering.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delay_ms: Option<u64>,
+    /// Up to this many more milliseconds, at random per call: calls then
+    /// overtake each other, as on a real network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_jitter_ms: Option<u64>,
     /// Answer HTTP 200 with a body that is not JSON.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub malformed: bool,
@@ -466,7 +470,10 @@ impl SimState {
         let mut inner = self.lock();
         let api_key = call.api_key.map(str::to_owned);
         let fault = inner.take_fault();
-        let delay = Duration::from_millis(fault.as_ref().and_then(|f| f.delay_ms).unwrap_or(0));
+        let jitter = fault.as_ref().and_then(|f| f.delay_jitter_ms).unwrap_or(0);
+        let delay = Duration::from_millis(
+            fault.as_ref().and_then(|f| f.delay_ms).unwrap_or(0) + rand::rng().random_range(0..=jitter),
+        );
 
         let early = fault.as_ref().and_then(|f| {
             if f.hang {

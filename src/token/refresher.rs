@@ -711,10 +711,10 @@ impl Refresher {
                 open_for
             }
             Action::WaitUntil(until) => {
-                let wait = until
-                    .duration_since(SystemTime::now())
-                    .unwrap_or(Duration::ZERO)
-                    .clamp(policy.retry_initial, MAX_THROTTLE_WAIT);
+                // Never sooner than the ordinary back-off: a timestamp already
+                // past must not turn into a retry loop.
+                let until = until.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+                let wait = backoff(self.failures, until).min(MAX_THROTTLE_WAIT);
                 warn!(
                     account = %self.name, outcome = "failure", reason = %reason, %error, duration_ms,
                     retry_in = ?wait, "Kraken asked to wait; refresh failed"
@@ -1014,6 +1014,19 @@ mod tests {
         assert!(refused.retry_after >= Duration::from_secs(25), "{refused:?}");
         tokio::time::sleep(Duration::from_secs(20)).await;
         assert_eq!(source.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttle_timestamp_in_the_past_still_backs_off() {
+        let source = Scripted::new(Duration::from_secs(900));
+        for _ in 0..100 {
+            source.then(Err(kraken("EService:Throttled: 1000000000")));
+        }
+        let (_handle, _m, _cancel) = start(&source, policy());
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        // Back-off doubling 1 s -> 60 s cap (jitter 0.5): about 7 calls in 2 minutes.
+        let calls = source.calls();
+        assert!((4..=10).contains(&calls), "{calls} calls in 2 minutes");
     }
 
     #[tokio::test(start_paused = true)]

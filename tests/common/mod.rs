@@ -77,6 +77,10 @@ pub struct Broker {
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
     pub http: reqwest::Client,
+    /// Sends a reload (as SIGHUP does), when started from files.
+    pub reload: Option<tokio::sync::mpsc::Sender<()>>,
+    /// Holds the config and secret files, when started from files.
+    pub dir: Option<tempfile::TempDir>,
 }
 
 pub fn account(name: &str, key: &SimKey) -> AccountConfig {
@@ -130,6 +134,7 @@ impl Broker {
             shutdown.clone(),
             metrics.clone(),
             || 0.5,
+            Default::default(),
         ));
         Broker {
             api: format!("http://{api_addr}"),
@@ -142,7 +147,63 @@ impl Broker {
                 .timeout(Duration::from_secs(20))
                 .build()
                 .unwrap(),
+            reload: None,
+            dir: None,
         }
+    }
+
+    /// One account `main` whose key and secret are in files, loaded through
+    /// `Config::load` as `serve` does; `reload()` re-reads them.
+    pub async fn start_from_files(sim: &SimHandle, key: &SimKey, refresh: &str, timeout: &str) -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("api-key"), format!("{}\n", key.api_key)).unwrap();
+        std::fs::write(d.join("api-secret"), format!("{}\n", key.api_secret)).unwrap();
+        let (credential, hash) = new_credential();
+        let text = config_text(sim, d, &hex::encode(hash), refresh, "")
+            .replace("timeout = \"2s\"", &format!("timeout = \"{timeout}\""));
+        let path = d.join("broker.toml");
+        std::fs::write(&path, text).unwrap();
+        let config = Config::load(&path).expect("a valid test config");
+        let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (api_addr, admin_addr) = (api.local_addr().unwrap(), admin.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let metrics = Metrics::new();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(broker::run(
+            config,
+            Listeners { api, admin },
+            Some(broker::Reloads { path, events: rx }),
+            shutdown.clone(),
+            metrics.clone(),
+            || 0.5,
+            Default::default(),
+        ));
+        Broker {
+            api: format!("http://{api_addr}"),
+            admin: format!("http://{admin_addr}"),
+            credential: credential.expose().to_owned(),
+            metrics,
+            shutdown,
+            task,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .unwrap(),
+            reload: Some(tx),
+            dir: Some(dir),
+        }
+    }
+
+    /// Asks for a reload, as SIGHUP does.
+    pub async fn reload(&self) {
+        self.reload
+            .as_ref()
+            .expect("started from files")
+            .send(())
+            .await
+            .unwrap();
     }
 
     /// `GET /v1/token` with a query; status, `Retry-After`, JSON body.

@@ -53,3 +53,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* Container ports: fixed; the Service maps its own ports onto them. */}}
 {{- define "ktb.apiContainerPort" -}}8080{{- end }}
 {{- define "ktb.adminContainerPort" -}}9090{{- end }}
+
+{{/* The key files of one account, as a JSON list: api-key, api-secret, and its 2FA file. */}}
+{{- define "ktb.keyFiles" -}}
+{{- $files := list "api-key" "api-secret" }}
+{{- if eq .otp "static" }}{{ $files = append $files "otp" }}{{ end }}
+{{- if eq .otp "totp" }}{{ $files = append $files "totp-secret" }}{{ end }}
+{{- toJson $files }}
+{{- end }}

@@ -1,0 +1,734 @@
+//! Every Kraken error class and transport fault, injected in steady state and
+//! at cold start: what consumers saw (only live tokens, or 503 with
+//! Retry-After), what the metrics say, how many upstream calls were made (never
+//! a storm, never into a lockout), and how fast the broker recovers.
+//!
+//! Timings: the simulator's tokens live 2 s; the broker refreshes 1 s before
+//! use-by, serves a token only with 0.5 s left, backs off 0.1 s to 0.5 s, and
+//! gives Kraken 0.5 s per call.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Broker, now_ms, sim_with_key, start_sim};
+use kraken_token_broker::kraken::{ApiCredentials, KeyLane, KrakenClient, decode_secret};
+use kraken_token_broker::secret::SecretString;
+use kraken_token_broker::sim::{FaultSpec, SimConfig, SimHandle, SimKey};
+use serde_json::{Value, json};
+
+const TTL: Duration = Duration::from_secs(2);
+const REFRESH: &str = r#"
+refresh_before_expiry = "1s"
+min_served_ttl = "500ms"
+jitter = "0s"
+retry_initial = "100ms"
+retry_max = "500ms"
+"#;
+const TIMEOUT: &str = "500ms";
+/// A served token must have min_served_ttl left by the simulator's clock,
+/// less the time the answer took to arrive.
+const MIN_LEFT_MS: u64 = 450;
+
+/// What consumers saw while a fault lasted.
+#[derive(Debug, Default)]
+struct Seen {
+    served: usize,
+    unavailable: usize,
+    retry_after: Vec<u64>,
+}
+
+/// Polls `GET /v1/token` every 25 ms for `window`: every 200 must be a token
+/// the simulator issued with time left; every other answer must be a 503 with
+/// Retry-After.
+async fn watch(broker: &Broker, sim: &SimHandle, window: Duration) -> Seen {
+    let mut seen = Seen::default();
+    let until = Instant::now() + window;
+    while Instant::now() < until {
+        let (status, retry_after, body) = broker.get_token("").await;
+        match status {
+            200 => {
+                let token = body["token"].as_str().unwrap();
+                let issued = sim.state().tokens();
+                let t = issued
+                    .iter()
+                    .find(|t| t.token == token)
+                    .expect("a token the simulator issued");
+                let left = t.expires_at_unix_ms.saturating_sub(now_ms());
+                assert!(left >= MIN_LEFT_MS, "a token with {left} ms left was served");
+                assert!(!t.revoked);
+                seen.served += 1;
+            }
+            503 => {
+                let secs: u64 = retry_after.expect("Retry-After on 503").parse().unwrap();
+                assert!(secs >= 1);
+                assert_eq!(body["status"], 503);
+                seen.retry_after.push(secs);
+                seen.unavailable += 1;
+            }
+            other => panic!("consumers must see 200 or 503, saw {other}: {body}"),
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    seen
+}
+
+/// How long until consumers get a token again.
+async fn recovery(broker: &Broker, deadline: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        if broker.get_token("").await.0 == 200 {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < deadline, "no recovery within {deadline:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn failures(broker: &Broker, reason: &str) -> f64 {
+    broker.metric(&format!(
+        "refresh_failures_total{{account=\"main\",reason=\"{reason}\"}}"
+    ))
+}
+
+/// How the broker must behave under a fault.
+#[derive(Clone, Copy)]
+enum Expect {
+    /// Refreshes fail and are retried with back-off: the live token is
+    /// served, then 503; at most `max_calls` calls in the window; recovery
+    /// within the back-off once the fault clears.
+    Transient { reason: &'static str, max_calls: usize },
+    /// Kraken rejects the key: one call, no retry for minutes; recovery when
+    /// an operator reloads.
+    Permanent { reason: &'static str },
+    /// Refreshes succeed despite the fault: consumers never see a 503.
+    Serves,
+}
+
+fn error(code: &str) -> FaultSpec {
+    FaultSpec {
+        error: Some(code.into()),
+        ..FaultSpec::default()
+    }
+}
+
+/// The steady-state scenario: a healthy broker, then the fault.
+async fn steady_state(fault: FaultSpec, expect: Expect) {
+    let (sim, key) = sim_with_key(TTL).await;
+    let broker = Broker::start_from_files(&sim, &key, REFRESH, TIMEOUT).await;
+    assert_eq!(recovery(&broker, Duration::from_secs(5)).await.as_secs(), 0);
+    let calls_before = sim.state().calls().len();
+    sim.state().set_fault(fault);
+    let seen = watch(&broker, &sim, Duration::from_millis(2500)).await;
+    let calls = sim.state().calls().len() - calls_before;
+    assert!(
+        seen.served > 0,
+        "the live token is served after the fault begins: {seen:?}"
+    );
+    judge(&broker, &sim, expect, &seen, calls).await;
+    broker.stop().await.unwrap();
+}
+
+/// The cold-start scenario: the fault is there before the broker starts.
+async fn cold_start(fault: FaultSpec, expect: Expect) {
+    let (sim, key) = sim_with_key(TTL).await;
+    sim.state().set_fault(fault);
+    let broker = Broker::start_from_files(&sim, &key, REFRESH, TIMEOUT).await;
+    let seen = watch(&broker, &sim, Duration::from_millis(2000)).await;
+    let calls = sim.state().calls().len();
+    if !matches!(expect, Expect::Serves) {
+        assert_eq!(seen.served, 0, "no token can be had: {seen:?}");
+        let (status, readyz) = broker.admin_get("/readyz").await;
+        assert_eq!(status, 503, "{readyz}");
+    }
+    judge(&broker, &sim, expect, &seen, calls).await;
+    broker.stop().await.unwrap();
+}
+
+async fn judge(broker: &Broker, sim: &SimHandle, expect: Expect, seen: &Seen, calls: usize) {
+    match expect {
+        Expect::Transient { reason, max_calls } => {
+            assert!(seen.unavailable > 0, "503 once no live token is left: {seen:?}");
+            assert!(failures(broker, reason) >= 1.0, "reason {reason} counted");
+            assert_eq!(broker.metric("token_valid{account=\"main\"}"), 0.0);
+            assert!(
+                calls <= max_calls,
+                "{calls} calls during the fault, at most {max_calls}"
+            );
+            sim.state().clear_fault();
+            let took = recovery(broker, Duration::from_secs(3)).await;
+            assert!(took <= Duration::from_millis(1500), "recovered in {took:?}");
+        }
+        Expect::Permanent { reason } => {
+            assert!(seen.unavailable > 0, "503 once no live token is left: {seen:?}");
+            assert_eq!(
+                failures(broker, reason),
+                1.0,
+                "one call for {reason}, then none for minutes"
+            );
+            assert!(calls <= 2, "{calls} calls");
+            let (_, readyz) = broker.admin_get("/readyz").await;
+            assert!(readyz.contains("needs an operator"), "{readyz}");
+            sim.state().clear_fault();
+            broker.reload().await;
+            let took = recovery(broker, Duration::from_secs(3)).await;
+            assert!(
+                took <= Duration::from_millis(1500),
+                "a reload retries at once: {took:?}"
+            );
+        }
+        Expect::Serves => {
+            assert_eq!(seen.unavailable, 0, "consumers never see a 503: {seen:?}");
+            assert!(seen.served > 0);
+            assert_eq!(
+                broker.metric("refreshes_total{account=\"main\",result=\"failure\"}"),
+                0.0
+            );
+        }
+    }
+}
+
+// Kraken's error answers (HTTP 200 with an error array) -----------------------
+
+#[tokio::test]
+async fn unavailable_in_steady_state() {
+    steady_state(
+        error("EService:Unavailable"),
+        Expect::Transient {
+            reason: "unavailable",
+            max_calls: 12,
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn unavailable_at_cold_start() {
+    cold_start(
+        error("EService:Unavailable"),
+        Expect::Transient {
+            reason: "unavailable",
+            max_calls: 12,
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn busy_and_internal_error_in_steady_state() {
+    steady_state(
+        error("EService:Busy"),
+        Expect::Transient {
+            reason: "unavailable",
+            max_calls: 12,
+        },
+    )
+    .await;
+    steady_state(
+        error("EGeneral:Internal error"),
+        Expect::Transient {
+            reason: "unavailable",
+            max_calls: 12,
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn deadline_elapsed_at_cold_start() {
+    cold_start(
+        error("EService:Deadline elapsed"),
+        Expect::Transient {
+            reason: "unavailable",
+            max_calls: 12,
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn invalid_nonce_in_steady_state_is_retried_once_per_attempt() {
+    // Every attempt is a call and its one re-signed retry.
+    steady_state(
+        error("EAPI:Invalid nonce"),
+        Expect::Transient {
+            reason: "invalid_nonce",
+            max_calls: 24,
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn invalid_nonce_at_cold_start() {
+    cold_start(
+        error("EAPI:Invalid nonce"),
+        Expect::Transient {
+            reason: "invalid_nonce",
+            max_calls: 24,
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_single_invalid_nonce_is_invisible_to_consumers() {
+    let (sim, key) = sim_with_key(TTL).await;
+    let broker = Broker::start_from_files(&sim, &key, REFRESH, TIMEOUT).await;
+    recovery(&broker, Duration::from_secs(5)).await;
+    sim.state().set_fault(FaultSpec {
+        count: Some(1),
+        ..error("EAPI:Invalid nonce")
+    });
+    let seen = watch(&broker, &sim, Duration::from_millis(2500)).await;
+    assert_eq!(seen.unavailable, 0, "the re-signed retry hides it: {seen:?}");
+    assert_eq!(failures(&broker, "invalid_nonce"), 1.0, "but the metric shows it");
+    assert_eq!(broker.metric("token_valid{account=\"main\"}"), 1.0);
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn rate_limited_backs_off_at_least_ten_seconds() {
+    for cold in [false, true] {
+        let (sim, key) = sim_with_key(TTL).await;
+        if cold {
+            sim.state().set_fault(error("EAPI:Rate limit exceeded"));
+        }
+        let broker = Broker::start_from_files(&sim, &key, REFRESH, TIMEOUT).await;
+        if !cold {
+            recovery(&broker, Duration::from_secs(5)).await;
+            sim.state().set_fault(error("EAPI:Rate limit exceeded"));
+        }
+        let before = sim
+            .state()
+            .calls()
+            .iter()
+            .filter(|c| c.outcome.starts_with("EAPI"))
+            .count();
+        assert!(before <= 1);
+        let seen = watch(&broker, &sim, Duration::from_millis(3000)).await;
+        assert!(seen.unavailable > 0);
+        let limited = sim
+            .state()
+            .calls()
+            .iter()
+            .filter(|c| c.outcome.starts_with("EAPI"))
+            .count();
+        assert_eq!(
+            limited, 1,
+            "one call, then nothing for 10 s: calls made while limited extend the limit"
+        );
+        assert!(
+            seen.retry_after.iter().any(|s| *s >= 5),
+            "Retry-After tells consumers: {:?}",
+            seen.retry_after
+        );
+        assert_eq!(failures(&broker, "rate_limited"), 1.0);
+        broker.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn throttled_waits_until_krakens_timestamp() {
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3;
+    let (sim, key) = sim_with_key(TTL).await;
+    let broker = Broker::start_from_files(&sim, &key, REFRESH, TIMEOUT).await;
+    recovery(&broker, Duration::from_secs(5)).await;
+    sim.state().set_fault(error(&format!("EService:Throttled: {until}")));
+    let seen = watch(&broker, &sim, Duration::from_millis(2000)).await;
+    assert!(seen.unavailable > 0);
+    assert!(failures(&broker, "rate_limited") >= 1.0);
+    let state = sim.state().clone();
+    let at = common::wait_for("the call after the throttle", Duration::from_secs(6), || {
+        let calls: Vec<u64> = {
+            let all = state.calls();
+            all.iter()
+                .filter(|c| c.outcome.starts_with("EService"))
+                .map(|c| c.at_unix_ms)
+                .collect()
+        };
+        async move { (calls.len() >= 2).then_some(calls) }
+    })
+    .await;
+    assert!(
+        at[1] >= until * 1000,
+        "the next call waited for Kraken's timestamp: {} < {}",
+        at[1],
+        until * 1000
+    );
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn lockout_opens_the_circuit_with_no_further_calls() {
+    for cold in [false, true] {
+        let (sim, key) = sim_with_key(TTL).await;
+        if cold {
+            sim.state().set_fault(error("EGeneral:Temporary lockout"));
+        }
+        let broker = Broker::start_from_files(&sim, &key, REFRESH, TIMEOUT).await;
+        if !cold {
+            recovery(&broker, Duration::from_secs(5)).await;
+            sim.state().set_fault(error("EGeneral:Temporary lockout"));
+        }
+        let seen = watch(&broker, &sim, Duration::from_millis(2500)).await;
+        assert!(seen.unavailable > 0);
+        assert!(
+            seen.retry_after.iter().all(|s| *s >= 800),
+            "Retry-After covers the lockout: {:?}",
+            seen.retry_after
+        );
+        let locked = sim
+            .state()
+            .calls()
+            .iter()
+            .filter(|c| c.outcome.contains("lockout"))
+            .count();
+        assert_eq!(locked, 1, "one call, then the circuit stays open for 15 minutes");
+        let (_, readyz) = broker.admin_get("/readyz").await;
+        assert!(readyz.contains("locked the key out"), "{readyz}");
+        // A reload does not cut a lockout short: every call would extend it.
+        broker.reload().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            sim.state()
+                .calls()
+                .iter()
+                .filter(|c| c.outcome.contains("lockout"))
+                .count(),
+            1
+        );
+        broker.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn invalid_key_in_steady_state() {
+    steady_state(error("EAPI:Invalid key"), Expect::Permanent { reason: "invalid_key" }).await;
+}
+
+#[tokio::test]
+async fn invalid_key_at_cold_start() {
+    cold_start(error("EAPI:Invalid key"), Expect::Permanent { reason: "invalid_key" }).await;
+}
+
+#[tokio::test]
+async fn invalid_signature_in_steady_state() {
+    steady_state(
+        error("EAPI:Invalid signature"),
+        Expect::Permanent {
+            reason: "invalid_signature",
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn invalid_signature_at_cold_start() {
+    cold_start(
+        error("EAPI:Invalid signature"),
+        Expect::Permanent {
+            reason: "invalid_signature",
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn permission_denied_in_steady_state() {
+    steady_state(
+        error("EGeneral:Permission denied"),
+        Expect::Permanent {
+            reason: "permission_denied",
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn permission_denied_at_cold_start() {
+    cold_start(
+        error("EAPI:Permission denied"),
+        Expect::Permanent {
+            reason: "permission_denied",
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn invalid_arguments_is_a_permanent_other() {
+    steady_state(
+        error("EGeneral:Invalid arguments:nonce"),
+        Expect::Permanent { reason: "other" },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_unknown_error_code_is_a_transient_other() {
+    cold_start(
+        error("EFuture:Something new"),
+        Expect::Transient {
+            reason: "other",
+            max_calls: 12,
+        },
+    )
+    .await;
+}
+
+// Transport faults ------------------------------------------------------------
+
+#[tokio::test]
+async fn connection_refused_in_steady_state_and_at_cold_start() {
+    for cold in [false, true] {
+        let key = SimKey::generate();
+        let config = || SimConfig {
+            keys: vec![key.clone()],
+            token_ttl: TTL,
+            ..SimConfig::default()
+        };
+        let sim = start_sim(config()).await;
+        let addr = sim.addr();
+        let broker = Broker::start_from_files(&sim, &key, REFRESH, TIMEOUT).await;
+        if cold {
+            sim.shutdown().await.unwrap();
+        } else {
+            recovery(&broker, Duration::from_secs(5)).await;
+            sim.shutdown().await.unwrap();
+        }
+        let mut unavailable = 0;
+        let until = Instant::now() + Duration::from_millis(2500);
+        while Instant::now() < until {
+            let (status, retry_after, _) = broker.get_token("").await;
+            assert!(status == 200 || (status == 503 && retry_after.is_some()), "{status}");
+            unavailable += usize::from(status == 503);
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(unavailable > 0);
+        assert!(failures(&broker, "transport") >= 1.0);
+        assert!(failures(&broker, "transport") <= 12.0, "back-off, not a storm");
+        // Kraken comes back on the same address.
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("rebind the simulator's port");
+        let _sim =
+            kraken_token_broker::sim::start(config(), listener, tokio_util::sync::CancellationToken::new()).unwrap();
+        let took = recovery(&broker, Duration::from_secs(3)).await;
+        assert!(took <= Duration::from_millis(1500), "recovered in {took:?}");
+        broker.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_hang_longer_than_the_timeout_in_steady_state() {
+    let hang = FaultSpec {
+        hang: true,
+        ..FaultSpec::default()
+    };
+    // Each attempt waits out the 0.5 s timeout: fewer calls.
+    steady_state(
+        hang,
+        Expect::Transient {
+            reason: "timeout",
+            max_calls: 6,
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_hang_at_cold_start() {
+    let hang = FaultSpec {
+        hang: true,
+        ..FaultSpec::default()
+    };
+    cold_start(
+        hang,
+        Expect::Transient {
+            reason: "timeout",
+            max_calls: 6,
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn slow_answers_just_under_the_timeout_are_served() {
+    let slow = FaultSpec {
+        delay_ms: Some(350),
+        ..FaultSpec::default()
+    };
+    steady_state(slow.clone(), Expect::Serves).await;
+    cold_start(slow, Expect::Serves).await;
+}
+
+#[tokio::test]
+async fn html_5xx_in_steady_state() {
+    for status in [502, 503, 520] {
+        let edge = FaultSpec {
+            http_status: Some(status),
+            ..FaultSpec::default()
+        };
+        steady_state(
+            edge,
+            Expect::Transient {
+                reason: "http_status",
+                max_calls: 12,
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn html_5xx_at_cold_start() {
+    let edge = FaultSpec {
+        http_status: Some(502),
+        ..FaultSpec::default()
+    };
+    cold_start(
+        edge,
+        Expect::Transient {
+            reason: "http_status",
+            max_calls: 12,
+        },
+    )
+    .await;
+}
+
+// Malformed answers -------------------------------------------------------------
+
+fn shaped(fault: Value) -> FaultSpec {
+    serde_json::from_value(fault).unwrap()
+}
+
+#[tokio::test]
+async fn truncated_json_in_steady_state_and_at_cold_start() {
+    let expect = Expect::Transient {
+        reason: "malformed_response",
+        max_calls: 12,
+    };
+    steady_state(shaped(json!({"truncated": true})), expect).await;
+    cold_start(shaped(json!({"truncated": true})), expect).await;
+}
+
+#[tokio::test]
+async fn a_body_that_is_not_json() {
+    let expect = Expect::Transient {
+        reason: "malformed_response",
+        max_calls: 12,
+    };
+    steady_state(shaped(json!({"malformed": true})), expect).await;
+    cold_start(shaped(json!({"malformed": true})), expect).await;
+}
+
+#[tokio::test]
+async fn expires_missing_zero_or_negative_is_never_cached() {
+    let expect = Expect::Transient {
+        reason: "malformed_response",
+        max_calls: 12,
+    };
+    for expires in [json!("omit"), json!(0), json!(-5), json!("900")] {
+        steady_state(shaped(json!({ "expires": expires })), expect).await;
+    }
+    cold_start(shaped(json!({"expires": "omit"})), expect).await;
+}
+
+#[tokio::test]
+async fn an_empty_token_is_never_cached() {
+    let expect = Expect::Transient {
+        reason: "malformed_response",
+        max_calls: 12,
+    };
+    steady_state(shaped(json!({"token": ""})), expect).await;
+    cold_start(shaped(json!({"token": ""})), expect).await;
+}
+
+#[tokio::test]
+async fn a_huge_expires_is_clamped_to_krakens_900_seconds() {
+    for cold in [false, true] {
+        let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+        let huge = shaped(json!({"expires": 1e12}));
+        if cold {
+            sim.state().set_fault(huge.clone());
+        }
+        let broker = Broker::start_from_files(&sim, &key, REFRESH, TIMEOUT).await;
+        if !cold {
+            recovery(&broker, Duration::from_secs(5)).await;
+            sim.state().set_fault(huge);
+            // Make the broker refresh now, under the fault.
+            let (_, _, body) = broker.get_token("").await;
+            let r = broker
+                .http
+                .post(format!("{}/v1/token/invalidate", broker.api))
+                .bearer_auth(&broker.credential)
+                .json(&json!({"token": body["token"]}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+        let (status, _, body) = broker.get_token("").await;
+        assert_eq!(status, 200);
+        let expires_in = body["expires_in"].as_u64().unwrap();
+        assert!((890..=900).contains(&expires_in), "clamped: {expires_in}");
+        let token = body["token"].as_str().unwrap();
+        assert!(sim.state().token_is_valid(token));
+        broker.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn the_same_token_again_is_served_and_refreshing_goes_on_normally() {
+    let dup = shaped(json!({"token": "the-very-same-token"}));
+    let (sim, key) = sim_with_key(TTL).await;
+    sim.state().set_fault(dup);
+    let broker = Broker::start_from_files(&sim, &key, REFRESH, TIMEOUT).await;
+    let seen = watch(&broker, &sim, Duration::from_millis(3000)).await;
+    assert_eq!(seen.unavailable, 0, "{seen:?}");
+    let calls = sim.state().calls().len();
+    assert!(
+        (2..=5).contains(&calls),
+        "refreshes on schedule, not in a loop: {calls}"
+    );
+    assert!(sim.state().calls().iter().all(|c| c.outcome == "ok"));
+    broker.stop().await.unwrap();
+}
+
+// The clock -----------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_wall_clock_step_back_never_produces_a_rejected_nonce() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALL: AtomicU64 = AtomicU64::new(0);
+    /// Real time for two calls, then an hour in the past, then real time again.
+    fn stepping() -> u64 {
+        let now = kraken_token_broker::kraken::nonce::system_nanos();
+        match CALL.fetch_add(1, Ordering::SeqCst) {
+            2..=4 => now - 3_600_000_000_000,
+            _ => now,
+        }
+    }
+    let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+    let creds = ApiCredentials {
+        api_key: SecretString::new(key.api_key.clone()),
+        api_secret: decode_secret(&key.api_secret).unwrap(),
+        otp: None,
+    };
+    let client = KrakenClient::new(&sim.rest_url(), Duration::from_secs(5)).unwrap();
+    let lane = KeyLane::with_clock(stepping);
+    for _ in 0..7 {
+        client
+            .get_websockets_token(&creds, &lane)
+            .await
+            .expect("every nonce accepted");
+    }
+    assert!(sim.state().calls().iter().all(|c| c.outcome == "ok"));
+    // Token use-by decisions run on the monotonic clock (tokio::time::Instant),
+    // so a wall-clock step cannot make the broker serve an expired token.
+}
