@@ -45,14 +45,17 @@ pub(super) async fn private(
         content_type: header_str(&headers, "content-type"),
         body: &body,
     };
-    let decision = sim.state.private_call(&call);
-    if !decision.delay.is_zero() {
+    // The delay comes first, as on a slow network: Kraken checks the nonce
+    // when the call arrives, so delayed calls can be overtaken.
+    let (fault, delay) = sim.state.take_fault();
+    if !delay.is_zero() {
         tokio::select! {
-            _ = tokio::time::sleep(decision.delay) => {}
+            _ = tokio::time::sleep(delay) => {}
             _ = sim.shutdown.cancelled() => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
         }
     }
-    match decision.reply {
+    let reply = sim.state.answer(&call, fault);
+    match reply {
         Reply::Json(value) => json_body(StatusCode::OK, value.to_string()),
         Reply::Raw(bytes) => json_body(StatusCode::OK, bytes),
         Reply::Html(status, html) => (

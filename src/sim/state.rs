@@ -465,16 +465,32 @@ impl SimState {
         inner.record(http_method, path, None, None, outcome.to_owned(), None);
     }
 
-    /// Decides the answer to a private REST call.
-    pub fn private_call(&self, call: &PrivateCall<'_>) -> Decision {
-        let mut inner = self.lock();
-        let api_key = call.api_key.map(str::to_owned);
-        let fault = inner.take_fault();
+    /// Takes the fault for one arriving call (counting it down), and how long
+    /// the call is delayed before Kraken sees it.
+    pub fn take_fault(&self) -> (Option<FaultSpec>, Duration) {
+        let fault = self.lock().take_fault();
         let jitter = fault.as_ref().and_then(|f| f.delay_jitter_ms).unwrap_or(0);
         let delay = Duration::from_millis(
             fault.as_ref().and_then(|f| f.delay_ms).unwrap_or(0) + rand::rng().random_range(0..=jitter),
         );
+        (fault, delay)
+    }
 
+    /// Decides the answer to a private REST call at once (no delay applied).
+    pub fn private_call(&self, call: &PrivateCall<'_>) -> Decision {
+        let (fault, delay) = self.take_fault();
+        Decision {
+            delay,
+            reply: self.answer(call, fault),
+        }
+    }
+
+    /// Kraken's answer to a call that has arrived, under `fault`. The REST
+    /// layer sleeps the fault's delay first, as a slow network would, so
+    /// delayed calls can overtake each other before their nonces are checked.
+    pub fn answer(&self, call: &PrivateCall<'_>, fault: Option<FaultSpec>) -> Reply {
+        let mut inner = self.lock();
+        let api_key = call.api_key.map(str::to_owned);
         let early = fault.as_ref().and_then(|f| {
             if f.hang {
                 Some((Reply::Hang, "fault:hang".to_owned()))
@@ -496,7 +512,7 @@ impl SimState {
         });
         if let Some((reply, outcome)) = early {
             inner.record(call.http_method, call.path, api_key, None, outcome, None);
-            return Decision { delay, reply };
+            return reply;
         }
 
         let fixed_token = fault.as_ref().and_then(|f| f.token.clone());
@@ -518,7 +534,7 @@ impl SimState {
             _ => outcome,
         };
         inner.record(call.http_method, call.path, api_key, nonce, outcome, token_fp);
-        Decision { delay, reply }
+        reply
     }
 }
 
