@@ -24,5 +24,5 @@ for _ in $(seq 1 100); do
 done
 cd "$(mktemp -d)"   # schemathesis writes its cache to the working directory
 "$ST" --config-file "$ROOT/ci/schemathesis.toml" run "$ROOT/proto-docs/openapi.yaml" \
-  --url "$API" --max-examples 50 --seed 42 --checks all \
+  --url "$API" --mode all --max-examples 50 --seed 42 --checks all \
   -H "Authorization: Bearer $CRED"

@@ -34,7 +34,7 @@ pub const ROUTES: &[&str] = &[
 ];
 /// Statuses each route can answer, pre-set to 0.
 const ROUTE_STATUSES: &[(&str, &[u16])] = &[
-    ("/v1/token", &[200, 400, 401, 403, 405, 429, 431, 503]),
+    ("/v1/token", &[200, 400, 401, 403, 405, 413, 429, 431, 503]),
     (
         "/v1/token/invalidate",
         &[200, 400, 401, 403, 405, 413, 415, 429, 431, 503],

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -170,7 +170,7 @@ pub async fn invalidate(
     auth: Authenticated,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let query = parse_query(raw.as_deref(), false)?;
     let grant = resolve_grant(&state, &auth, query.account.as_deref())?;
@@ -184,6 +184,20 @@ pub async fn invalidate(
     if !json {
         return Err(ApiError::UnsupportedMediaType);
     }
+    // Read only now, after auth: within a deadline and a size limit.
+    let body = tokio::time::timeout(
+        super::BODY_READ_TIMEOUT,
+        axum::body::to_bytes(body, super::MAX_BODY_BYTES),
+    )
+    .await
+    .map_err(|_| ApiError::RequestTimeout)?
+    .map_err(|e| {
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
+            ApiError::PayloadTooLarge
+        } else {
+            ApiError::BadRequest("the request body could not be read".into())
+        }
+    })?;
     let reported: InvalidateBody = serde_json::from_slice(&body)
         .map_err(|_| ApiError::BadRequest("the body must be {\"token\": \"<the token Kraken rejected>\"}".into()))?;
     if reported.token.is_empty() {

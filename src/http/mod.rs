@@ -104,8 +104,21 @@ async fn track(State(metrics): State<Metrics>, request: Request, next: Next) -> 
     response
 }
 
-/// Refuses request heads over [`MAX_HEAD_BYTES`] with 431 problem+json.
+/// The longest a request body may take to arrive once its head is in: an
+/// invalidation report is ~100 bytes, so only a stalling client needs longer.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Refuses request heads over [`MAX_HEAD_BYTES`] with 431, and bodies declared
+/// over [`MAX_BODY_BYTES`] with 413 before reading a byte of them.
 async fn limit_head(request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return axum::response::IntoResponse::into_response(problem::ApiError::PayloadTooLarge);
+    }
     let head: usize = request.uri().path_and_query().map_or(0, |pq| pq.as_str().len())
         + request
             .headers()

@@ -34,6 +34,8 @@ pub enum ApiError {
     NotFound,
     /// 405: the route exists, the method does not.
     MethodNotAllowed,
+    /// 408: the body did not arrive in time.
+    RequestTimeout,
     /// 413: the body is too large.
     PayloadTooLarge,
     /// 415: the body is not JSON.
@@ -63,6 +65,7 @@ impl ApiError {
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -78,6 +81,7 @@ impl ApiError {
             ApiError::Forbidden => "forbidden",
             ApiError::NotFound => "not-found",
             ApiError::MethodNotAllowed => "method-not-allowed",
+            ApiError::RequestTimeout => "request-timeout",
             ApiError::PayloadTooLarge => "payload-too-large",
             ApiError::UnsupportedMediaType => "unsupported-media-type",
             ApiError::HeadTooLarge => "request-header-fields-too-large",
@@ -96,6 +100,7 @@ impl ApiError {
             ApiError::Forbidden => "this consumer is not granted that account",
             ApiError::NotFound => "no such endpoint: tokens are served at GET /v1/token",
             ApiError::MethodNotAllowed => "this endpoint does not take that method: see the Allow header",
+            ApiError::RequestTimeout => "the request body did not arrive in time",
             ApiError::PayloadTooLarge => "the request body is too large",
             ApiError::UnsupportedMediaType => "send the body as application/json",
             ApiError::HeadTooLarge => "the request's target and headers are too large",

@@ -408,3 +408,93 @@ async fn every_served_route_is_documented_and_every_documented_route_is_served()
     let (status, _, _) = call(&app, get("/v1/tokens", Some("cred-one"))).await;
     assert_eq!(status, 404, "an undocumented path is not served");
 }
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Statuses the consumer API may answer: never a 5xx other than 503.
+    const ALLOWED: &[u16] = &[200, 400, 401, 403, 404, 405, 413, 415, 429, 431, 503];
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// Any bytes, percent-encoded into a query string.
+    fn query() -> impl Strategy<Value = String> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..200)
+                .prop_map(|bytes| { bytes.iter().map(|b| format!("%{b:02X}")).collect::<String>() }),
+            "[a-z_=&0-9%+.-]{0,120}",
+            (any::<u64>(), "[a-z_-]{0,70}").prop_map(|(n, a)| format!("min_ttl={n}&account={a}")),
+            (any::<i64>(), any::<f64>()).prop_map(|(i, f)| format!("min_ttl={i}&min_ttl={f}")),
+        ]
+    }
+
+    /// Authorization values: right, wrong, odd schemes, raw bytes.
+    fn authorization() -> impl Strategy<Value = Option<Vec<u8>>> {
+        prop_oneof![
+            Just(None),
+            Just(Some(b"Bearer cred-one".to_vec())),
+            Just(Some(b"bearer    cred-two   ".to_vec())),
+            "[ -~]{0,100}".prop_map(|s| Some(s.into_bytes())),
+            proptest::collection::vec(32u8..=255, 0..100).prop_map(Some),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn no_request_gets_a_5xx_other_than_503_or_a_panic(
+            method in prop_oneof![Just("GET"), Just("POST"), Just("PUT"), Just("DELETE"), Just("HEAD"), Just("OPTIONS")],
+            path in prop_oneof![Just("/v1/token".to_owned()), Just("/v1/token/invalidate".to_owned()), "/[ -~]{0,40}".prop_map(|p| p.replace(['?', '#', ' '], "_"))],
+            query in query(),
+            auth in authorization(),
+            content_type in prop_oneof![Just(None), Just(Some("application/json")), Just(Some("text/plain")), Just(Some("application/json; charset=utf-8"))],
+            body in prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..300),
+                "\\{\"token\":\"[ -~]{0,60}\"\\}".prop_map(String::into_bytes),
+                Just(b"{\"token\":\"tok-main-1\"}".to_vec()),
+            ],
+        ) {
+            let uri = format!("{path}?{query}");
+            let Ok(mut builder) = Request::builder().method(method).uri(&uri).body(()).map(|r| r.into_parts().0) else {
+                return Ok(()); // not a request a client could send
+            };
+            if let Some(value) = auth.and_then(|a| axum::http::HeaderValue::from_bytes(&a).ok()) {
+                builder.headers.insert(header::AUTHORIZATION, value);
+            }
+            if let Some(ct) = content_type {
+                builder.headers.insert(header::CONTENT_TYPE, axum::http::HeaderValue::from_static(ct));
+            }
+            let request = Request::from_parts(builder, Body::from(body));
+            let response = runtime().block_on(async { app().0.oneshot(request).await }).unwrap();
+            let status = response.status().as_u16();
+            prop_assert!(ALLOWED.contains(&status), "{method} {uri}: {status}");
+            if status != 200 && method != "HEAD" {
+                let ct = response.headers().get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap().to_owned());
+                prop_assert_eq!(ct.as_deref(), Some(problem::PROBLEM_JSON), "{} {}: every error is problem+json", method, uri);
+            }
+        }
+
+        #[test]
+        fn only_the_right_credential_authenticates(credential in "[ -~]{0,80}") {
+            let table_hashes = [sha("cred-one"), sha("cred-two")];
+            let hash: [u8; 32] = Sha256::digest(credential.trim().as_bytes()).into();
+            let request = Request::get("/v1/token?account=main")
+                .header(header::AUTHORIZATION, format!("Bearer {credential}"))
+                .body(Body::empty())
+                .unwrap();
+            let status = runtime().block_on(async { app().0.oneshot(request).await }).unwrap().status().as_u16();
+            if table_hashes.contains(&hash) {
+                prop_assert_eq!(status, 200);
+            } else {
+                prop_assert_eq!(status, 401);
+            }
+        }
+    }
+}

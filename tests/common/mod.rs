@@ -102,6 +102,16 @@ impl Broker {
     }
 
     pub async fn start_with(sim: &SimHandle, accounts: Vec<AccountConfig>, policy: RefreshPolicy) -> Broker {
+        Self::start_limited(sim, accounts, policy, Default::default()).await
+    }
+
+    /// As `start_with`, with the listeners' limits given.
+    pub async fn start_limited(
+        sim: &SimHandle,
+        accounts: Vec<AccountConfig>,
+        policy: RefreshPolicy,
+        limits: kraken_token_broker::http::server::ServerLimits,
+    ) -> Broker {
         let (credential, credential_sha256) = new_credential();
         let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -134,7 +144,7 @@ impl Broker {
             shutdown.clone(),
             metrics.clone(),
             || 0.5,
-            Default::default(),
+            limits,
         ));
         Broker {
             api: format!("http://{api_addr}"),

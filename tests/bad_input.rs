@@ -1,0 +1,265 @@
+//! Bad input over real sockets: malformed and oversized requests, invalid
+//! UTF-8, absurd values, thousands of idle connections, clients trickling
+//! headers. Never a 5xx other than 503, never a crash, memory bounded, and
+//! good consumers unaffected throughout.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Broker, Served, policy, sim_with_key};
+use kraken_token_broker::http::server::ServerLimits;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Sends raw bytes, returns the status of the answer (None if the server
+/// closed the connection without one).
+async fn raw(addr: &str, request: &[u8]) -> Option<u16> {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    // The server may close before reading everything; that is an answer too.
+    let _ = stream.write_all(request).await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the server answers or closes within 5 s");
+    let head = String::from_utf8_lossy(&buf);
+    head.strip_prefix("HTTP/1.1 ")
+        .or_else(|| head.strip_prefix("HTTP/1.0 "))
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+}
+
+fn host(url: &str) -> String {
+    url.trim_start_matches("http://").to_owned()
+}
+
+async fn good_consumer_is_served(broker: &Broker) {
+    for _ in 0..5 {
+        let (status, _, body) = broker.get_token("").await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_never_get_a_5xx_and_the_server_lives_on() {
+    let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+    let broker = Broker::start(&sim, &key, policy(450.0, 60.0, 30.0, (1.0, 60.0))).await;
+    good_consumer_is_served(&broker).await;
+    let addr = host(&broker.api);
+    let auth = format!("Authorization: Bearer {}\r\n", broker.credential);
+    let many_headers: String = (0..300).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let many_params: String = (0..5000).map(|i| format!("p{i}=1&")).collect();
+    let huge = "a".repeat(100 * 1024);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("invalid UTF-8 in the query", b"GET /v1/token?account=\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+        (
+            "invalid UTF-8 in the credential",
+            b"GET /v1/token HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\xc3\x28\r\n\r\n".to_vec(),
+        ),
+        ("a NUL in a header", b"GET /v1/token HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n".to_vec()),
+        ("a request line that is not one", b"HELLO THERE\r\n\r\n".to_vec()),
+        ("an unknown HTTP version", b"GET /v1/token HTTP/9.9\r\nHost: x\r\n\r\n".to_vec()),
+        ("a bare LF", b"GET /v1/token HTTP/1.1\nHost: x\n\n".to_vec()),
+        ("300 headers", format!("GET /v1/token HTTP/1.1\r\nHost: x\r\n{many_headers}\r\n").into_bytes()),
+        ("a 100 KiB header", format!("GET /v1/token HTTP/1.1\r\nHost: x\r\nX-Big: {huge}\r\n\r\n").into_bytes()),
+        ("5000 query parameters", format!("GET /v1/token?{many_params} HTTP/1.1\r\nHost: x\r\n{auth}\r\n").into_bytes()),
+        (
+            "an absurd min_ttl",
+            format!("GET /v1/token?min_ttl=99999999999999999999999999999999 HTTP/1.1\r\nHost: x\r\n{auth}\r\n").into_bytes(),
+        ),
+        (
+            "a negative min_ttl",
+            format!("GET /v1/token?min_ttl=-1 HTTP/1.1\r\nHost: x\r\n{auth}\r\n").into_bytes(),
+        ),
+        (
+            "a body larger than declared",
+            format!(
+                "POST /v1/token/invalidate HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: 5\r\n\r\n{{\"token\":\"xxxxxxxx\"}}"
+            )
+            .into_bytes(),
+        ),
+        (
+            "a 1 MiB declared body",
+            format!(
+                "POST /v1/token/invalidate HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: 1048576\r\n\r\n{{"
+            )
+            .into_bytes(),
+        ),
+        (
+            "a body that stalls",
+            format!(
+                "POST /v1/token/invalidate HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: 20\r\n\r\n{{"
+            )
+            .into_bytes(),
+        ),
+        (
+            "a broken chunked body",
+            format!(
+                "POST /v1/token/invalidate HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\nabc\r\n0\r\n\r\n"
+            )
+            .into_bytes(),
+        ),
+        (
+            "both Content-Length and chunked",
+            format!(
+                "POST /v1/token/invalidate HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            )
+            .into_bytes(),
+        ),
+        ("a path with dot segments", b"GET /v1/../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+        ("an absolute-form target", b"GET http://evil.example/v1/token HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+        ("CONNECT", b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example\r\n\r\n".to_vec()),
+    ];
+    for (what, request) in cases {
+        let status = raw(&addr, &request).await;
+        if let Some(status) = status {
+            assert!(status < 500 || status == 503, "{what}: {status}");
+        }
+        match what {
+            "a 1 MiB declared body" => assert_eq!(status, Some(413), "refused before reading"),
+            "a body that stalls" => assert_eq!(status, Some(408), "cut off after the body deadline"),
+            "a 100 KiB header" | "300 headers" => assert_eq!(status, Some(431), "{what}"),
+            "5000 query parameters" => assert_eq!(status, Some(431), "{what}"),
+            _ => {}
+        }
+        good_consumer_is_served(&broker).await;
+    }
+    let r = broker
+        .http
+        .get(format!("{}/readyz", broker.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the server lives on");
+    broker.stop().await.unwrap();
+}
+
+/// The file-descriptor budget for idle connections: both ends of each live in
+/// this machine, so stay well under the soft limit.
+fn idle_budget() -> usize {
+    let limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).and_then(|n| n.parse::<usize>().ok()))
+        })
+        .unwrap_or(1024);
+    (limit / 3).min(2000)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_idle_connections_leave_good_consumers_and_memory_alone() {
+    let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+    let refresh = "refresh_before_expiry = \"450s\"\nmin_served_ttl = \"60s\"\n";
+    let mut served = Served::start(&sim, &key, refresh, &[]).await;
+    let pid = served.child.id();
+    let cred = served.credential.clone();
+    assert_eq!(served.get("/v1/token", Some(&cred)).await.0, 200);
+    let before = rss_kib(pid);
+    let n = idle_budget();
+    let mut idle = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut stream = TcpStream::connect(host(&served.api)).await.unwrap();
+        if i % 2 == 0 {
+            // Half send a partial request head and stop.
+            stream
+                .write_all(b"GET /v1/token HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
+        }
+        idle.push(stream);
+    }
+    for _ in 0..20 {
+        assert_eq!(
+            served.get("/v1/token", Some(&cred)).await.0,
+            200,
+            "good consumers unaffected"
+        );
+    }
+    let during = rss_kib(pid);
+    let growth_kib = during.saturating_sub(before);
+    println!("{n} idle connections: RSS {before} KiB -> {during} KiB (+{growth_kib} KiB)");
+    // hyper holds a read buffer per connection; the connection cap bounds the total.
+    assert!(
+        growth_kib < 20 * n as u64,
+        "memory bounded: +{growth_kib} KiB for {n} connections"
+    );
+    drop(idle);
+    assert_eq!(served.get("/v1/token", Some(&cred)).await.0, 200);
+    served.signal("TERM");
+    assert!(served.exit(Duration::from_secs(10)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_trickling_headers_are_cut_off_and_good_consumers_are_not() {
+    let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+    let limits = ServerLimits {
+        header_read_timeout: Duration::from_secs(1),
+        ..ServerLimits::default()
+    };
+    let broker = Broker::start_limited(
+        &sim,
+        vec![common::account("main", &key)],
+        policy(450.0, 60.0, 30.0, (1.0, 60.0)),
+        limits,
+    )
+    .await;
+    good_consumer_is_served(&broker).await;
+    let addr = host(&broker.api);
+    let trickles: Vec<_> = (0..50)
+        .map(|_| {
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                let mut stream = TcpStream::connect(&addr).await.unwrap();
+                let started = std::time::Instant::now();
+                let head =
+                    b"GET /v1/token HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+                for byte in head {
+                    if stream.write_all(&[*byte]).await.is_err() {
+                        return started.elapsed(); // cut off
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                // The head was sent in full: the server must not have waited for it.
+                let mut buf = [0u8; 64];
+                let _ = stream.read(&mut buf).await;
+                panic!("a head trickled over {:?} was accepted", started.elapsed());
+            })
+        })
+        .collect();
+    // Good consumers meanwhile.
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < until {
+        good_consumer_is_served(&broker).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for t in trickles {
+        let cut_after = t.await.unwrap();
+        assert!(cut_after < Duration::from_secs(5), "cut off after {cut_after:?}");
+    }
+    broker.stop().await.unwrap();
+}
