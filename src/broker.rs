@@ -340,7 +340,7 @@ pub async fn run(
     let admin_addr = listeners.admin.local_addr()?;
     let mut api = tokio::spawn(serve(
         listeners.api,
-        http::router(state.clone(), timeout),
+        http::router(state.clone()),
         stop_serving.clone(),
         limits,
     ));

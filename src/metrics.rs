@@ -65,10 +65,22 @@ impl AuthFailure {
     }
 }
 
-/// All of the broker's metrics.
+/// All of the broker's metrics. Cloning is one reference-count increment.
 #[derive(Clone)]
-pub struct Metrics {
+pub struct Metrics(std::sync::Arc<Inner>);
+
+/// The series of one route, resolved once: recording a request does no
+/// label hashing and no allocation.
+struct RouteMetrics {
+    route: &'static str,
+    in_flight: IntGauge,
+    duration: Histogram,
+    by_status: Vec<(u16, IntCounter)>,
+}
+
+struct Inner {
     registry: Registry,
+    routes: Vec<RouteMetrics>,
     refreshes: IntCounterVec,
     refresh_failures: IntCounterVec,
     refresh_duration: HistogramVec,
@@ -238,15 +250,21 @@ impl Metrics {
         for reason in AuthFailure::ALL {
             auth_failures.with_label_values(&[reason.as_str()]);
         }
-        for (route, statuses) in ROUTE_STATUSES {
-            http_duration.with_label_values(&[*route]);
-            http_in_flight.with_label_values(&[*route]);
-            for status in *statuses {
-                http_requests.with_label_values(&[*route, &status.to_string()]);
-            }
-        }
-        Self {
+        let routes = ROUTE_STATUSES
+            .iter()
+            .map(|(route, statuses)| RouteMetrics {
+                route,
+                in_flight: http_in_flight.with_label_values(&[*route]),
+                duration: http_duration.with_label_values(&[*route]),
+                by_status: statuses
+                    .iter()
+                    .map(|s| (*s, http_requests.with_label_values(&[*route, &s.to_string()])))
+                    .collect(),
+            })
+            .collect();
+        Self(std::sync::Arc::new(Inner {
             registry,
+            routes,
             refreshes,
             refresh_failures,
             refresh_duration,
@@ -259,18 +277,18 @@ impl Metrics {
             http_in_flight,
             tokens_served,
             auth_failures,
-        }
+        }))
     }
 
     pub fn registry(&self) -> &Registry {
-        &self.registry
+        &self.0.registry
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut buf = Vec::new();
         TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
+            .encode(&self.0.registry.gather(), &mut buf)
             .expect("encoding to a Vec cannot fail");
         String::from_utf8(buf).expect("the text format is UTF-8")
     }
@@ -282,60 +300,76 @@ impl Metrics {
             .map(|r| {
                 (
                     *r,
-                    self.refresh_failures.with_label_values(&[account, r.as_str()]),
-                    self.last_failure.with_label_values(&[account, r.as_str()]),
+                    self.0.refresh_failures.with_label_values(&[account, r.as_str()]),
+                    self.0.last_failure.with_label_values(&[account, r.as_str()]),
                 )
             })
             .collect();
         AccountMetrics {
-            success: self.refreshes.with_label_values(&[account, "success"]),
-            failure: self.refreshes.with_label_values(&[account, "failure"]),
+            success: self.0.refreshes.with_label_values(&[account, "success"]),
+            failure: self.0.refreshes.with_label_values(&[account, "failure"]),
             failures,
-            duration: self.refresh_duration.with_label_values(&[account]),
-            expiry: self.token_expiry.with_label_values(&[account]),
-            last_success: self.last_success.with_label_values(&[account]),
-            valid: self.token_valid.with_label_values(&[account]),
+            duration: self.0.refresh_duration.with_label_values(&[account]),
+            expiry: self.0.token_expiry.with_label_values(&[account]),
+            last_success: self.0.last_success.with_label_values(&[account]),
+            valid: self.0.token_valid.with_label_values(&[account]),
         }
     }
 
     /// Drops an account's series (after a reload removed it).
     pub fn remove_account(&self, account: &str) {
-        let _ = self.refreshes.remove_label_values(&[account, "success"]);
-        let _ = self.refreshes.remove_label_values(&[account, "failure"]);
+        let _ = self.0.refreshes.remove_label_values(&[account, "success"]);
+        let _ = self.0.refreshes.remove_label_values(&[account, "failure"]);
         for r in Reason::ALL {
-            let _ = self.refresh_failures.remove_label_values(&[account, r.as_str()]);
-            let _ = self.last_failure.remove_label_values(&[account, r.as_str()]);
+            let _ = self.0.refresh_failures.remove_label_values(&[account, r.as_str()]);
+            let _ = self.0.last_failure.remove_label_values(&[account, r.as_str()]);
         }
-        let _ = self.refresh_duration.remove_label_values(&[account]);
-        let _ = self.token_expiry.remove_label_values(&[account]);
-        let _ = self.last_success.remove_label_values(&[account]);
-        let _ = self.token_valid.remove_label_values(&[account]);
+        let _ = self.0.refresh_duration.remove_label_values(&[account]);
+        let _ = self.0.token_expiry.remove_label_values(&[account]);
+        let _ = self.0.last_success.remove_label_values(&[account]);
+        let _ = self.0.token_valid.remove_label_values(&[account]);
     }
 
     /// The counter of tokens served to `consumer` from `account`, pre-set to 0.
     pub fn served(&self, account: &str, consumer: &str) -> IntCounter {
-        self.tokens_served.with_label_values(&[account, consumer])
+        self.0.tokens_served.with_label_values(&[account, consumer])
     }
 
     pub fn remove_served(&self, account: &str, consumer: &str) {
-        let _ = self.tokens_served.remove_label_values(&[account, consumer]);
+        let _ = self.0.tokens_served.remove_label_values(&[account, consumer]);
     }
 
     pub fn auth_failure(&self, reason: AuthFailure) {
-        self.auth_failures.with_label_values(&[reason.as_str()]).inc();
+        self.0.auth_failures.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    fn route(&self, route: &str) -> Option<&RouteMetrics> {
+        self.0.routes.iter().find(|r| r.route == route)
     }
 
     /// The in-flight gauge of a route.
     pub fn in_flight(&self, route: &str) -> IntGauge {
-        self.http_in_flight.with_label_values(&[route])
+        match self.route(route) {
+            Some(r) => r.in_flight.clone(),
+            None => self.0.http_in_flight.with_label_values(&[route]),
+        }
     }
 
     /// Records one answered request.
     pub fn http_request(&self, route: &str, status: u16, seconds: f64) {
-        self.http_requests
-            .with_label_values(&[route, &status.to_string()])
-            .inc();
-        self.http_duration.with_label_values(&[route]).observe(seconds);
+        let known = self.route(route);
+        match known.and_then(|r| r.by_status.iter().find(|(s, _)| *s == status)) {
+            Some((_, counter)) => counter.inc(),
+            None => self
+                .0
+                .http_requests
+                .with_label_values(&[route, &status.to_string()])
+                .inc(),
+        }
+        match known {
+            Some(r) => r.duration.observe(seconds),
+            None => self.0.http_duration.with_label_values(&[route]).observe(seconds),
+        }
     }
 }
 

@@ -49,18 +49,17 @@ struct Query {
 }
 
 fn parse_query(raw: Option<&str>, allow_min_ttl: bool) -> Result<Query, ApiError> {
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or(""))
-        .map_err(|_| ApiError::BadRequest("the query string is not valid form encoding".into()))?;
     let mut query = Query {
         account: None,
         min_ttl: None,
     };
-    for (key, value) in pairs {
-        match key.as_str() {
+    // Borrowing parser: no allocation unless a value needs decoding.
+    for (key, value) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+        match key.as_ref() {
             "account" if query.account.is_some() => {
                 return Err(ApiError::BadRequest("`account` is given more than once".into()));
             }
-            "account" => query.account = Some(value),
+            "account" => query.account = Some(value.into_owned()),
             "min_ttl" if allow_min_ttl && query.min_ttl.is_some() => {
                 return Err(ApiError::BadRequest("`min_ttl` is given more than once".into()));
             }

@@ -39,12 +39,25 @@ fn bearer(parts: &Parts) -> Result<&[u8], AuthFailure> {
     Ok(credential)
 }
 
+/// Whether two SHA-256 digests are equal, in constant time: every word is
+/// compared, with no early exit, and `subtle` makes the final decision.
+/// (`subtle`'s slice comparison works byte by byte; this is 8x fewer steps.)
+fn digest_eq(a: &[u8; 32], b: &[u8; 32]) -> subtle::Choice {
+    let mut diff = 0u64;
+    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        let x = u64::from_ne_bytes(x.try_into().expect("8-byte chunk"));
+        let y = u64::from_ne_bytes(y.try_into().expect("8-byte chunk"));
+        diff |= x ^ y;
+    }
+    diff.ct_eq(&0)
+}
+
 /// The consumer whose credential hashes to `hash`: every stored hash is
 /// compared, each in constant time.
 pub fn find_consumer(table: &ServeTable, hash: &[u8; 32]) -> Option<Arc<Consumer>> {
     let mut found = None;
     for consumer in &table.consumers {
-        if bool::from(consumer.credential_sha256.ct_eq(hash)) {
+        if bool::from(digest_eq(&consumer.credential_sha256, hash)) {
             found = Some(Arc::clone(consumer));
         }
     }
@@ -98,6 +111,17 @@ pub fn new_credential() -> (crate::secret::SecretString, [u8; 32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digest_eq_compares_every_byte() {
+        let a = [7u8; 32];
+        assert!(bool::from(digest_eq(&a, &a)));
+        for i in 0..32 {
+            let mut b = a;
+            b[i] ^= 1;
+            assert!(!bool::from(digest_eq(&a, &b)), "a difference in byte {i}");
+        }
+    }
 
     #[test]
     fn credentials_are_random_prefixed_and_hash_to_their_sha256() {

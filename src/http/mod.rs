@@ -20,15 +20,13 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use axum::Router;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::request::Parts;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 use prometheus::IntCounter;
 use tokio::time::Instant;
-use tower_http::timeout::TimeoutLayer;
 
 use crate::metrics::{self, Metrics};
 use crate::token::AccountHandle;
@@ -40,6 +38,9 @@ pub const MAX_BODY_BYTES: usize = 4 * 1024;
 /// ones get 431 as problem+json. The server's own, larger limit
 /// ([`server::ServerLimits::max_header_bytes`]) cuts off anything beyond.
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
+/// The longest a request body may take to arrive once its head is in: an
+/// invalidation report is ~100 bytes, so only a stalling client needs longer.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// One account a consumer may fetch.
 pub struct Grant {
@@ -92,32 +93,43 @@ pub fn route_label(path: &str) -> &'static str {
         .unwrap_or("unmatched")
 }
 
-/// Counts every answered request by route and status.
+/// Holds a route's in-flight gauge up for as long as a request is being
+/// answered, including a request whose client goes away mid-way.
+struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    fn enter(gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Counts every answered request by route and status (the admin API).
 async fn track(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = route_label(request.uri().path());
-    let in_flight = metrics.in_flight(route);
-    in_flight.inc();
+    let _in_flight = InFlight::enter(metrics.in_flight(route));
     let response = next.run(request).await;
-    in_flight.dec();
     metrics.http_request(route, response.status().as_u16(), started.elapsed().as_secs_f64());
     response
 }
 
-/// The longest a request body may take to arrive once its head is in: an
-/// invalidation report is ~100 bytes, so only a stalling client needs longer.
-pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Refuses request heads over [`MAX_HEAD_BYTES`] with 431, and bodies declared
-/// over [`MAX_BODY_BYTES`] with 413 before reading a byte of them.
-async fn limit_head(request: Request, next: Next) -> Response {
+/// Refuses request heads over [`MAX_HEAD_BYTES`] (431), and bodies declared
+/// over [`MAX_BODY_BYTES`] (413) before reading a byte of them.
+fn refuse_oversized(request: &Request) -> Option<problem::ApiError> {
     let declared = request
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-        return axum::response::IntoResponse::into_response(problem::ApiError::PayloadTooLarge);
+        return Some(problem::ApiError::PayloadTooLarge);
     }
     let head: usize = request.uri().path_and_query().map_or(0, |pq| pq.as_str().len())
         + request
@@ -125,10 +137,23 @@ async fn limit_head(request: Request, next: Next) -> Response {
             .iter()
             .map(|(name, value)| name.as_str().len() + value.len() + 4)
             .sum::<usize>();
-    if head > MAX_HEAD_BYTES {
-        return axum::response::IntoResponse::into_response(problem::ApiError::HeadTooLarge);
-    }
-    next.run(request).await
+    (head > MAX_HEAD_BYTES).then_some(problem::ApiError::HeadTooLarge)
+}
+
+/// Everything around a consumer API request, as one layer (one boxed future
+/// on the hot path rather than one per concern): size limits, the handler,
+/// `no-store` and problem+json on every answer, metrics.
+async fn around_api(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = route_label(request.uri().path());
+    let _in_flight = InFlight::enter(metrics.in_flight(route));
+    let response = match refuse_oversized(&request) {
+        Some(refusal) => axum::response::IntoResponse::into_response(refusal),
+        None => next.run(request).await,
+    };
+    let response = problem::finish(response);
+    metrics.http_request(route, response.status().as_u16(), started.elapsed().as_secs_f64());
+    response
 }
 
 async fn not_found() -> Response {
@@ -139,23 +164,17 @@ async fn not_found() -> Response {
 /// proto-docs/openapi.yaml documents them (a test holds the three together).
 pub const API_ROUTES: &[(&str, &str)] = &[("/v1/token", "GET"), ("/v1/token/invalidate", "POST")];
 
-/// The consumer API. `request_timeout` bounds each request, including one
-/// that waits for a refresh.
-pub fn router(state: AppState, request_timeout: Duration) -> Router {
+/// The consumer API. Every wait inside it is bounded where it happens (a
+/// refresh by the refresher's answer deadline, a body by
+/// [`BODY_READ_TIMEOUT`]), so no outer per-request timer is needed.
+pub fn router(state: AppState) -> Router {
     let metrics = state.metrics.clone();
     Router::new()
         .route("/v1/token", get(api::get_token))
         .route("/v1/token/invalidate", post(api::invalidate))
         .fallback(not_found)
         .with_state(state)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn(limit_head))
-        .layer(middleware::map_response(problem::finish))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            request_timeout,
-        ))
-        .layer(middleware::from_fn_with_state(metrics, track))
+        .layer(middleware::from_fn_with_state(metrics, around_api))
 }
 
 /// The admin API: health, readiness and metrics; never a token.

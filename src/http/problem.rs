@@ -141,7 +141,7 @@ impl IntoResponse for ApiError {
 /// Applied to every consumer API response: `Cache-Control: no-store`, and
 /// error responses not already problem+json rewritten as such, keeping their
 /// status and headers (`Allow`, `Retry-After`).
-pub async fn finish(response: Response) -> Response {
+pub fn finish(response: Response) -> Response {
     let (mut parts, body) = response.into_parts();
     parts
         .headers
@@ -208,18 +208,18 @@ mod tests {
     #[tokio::test]
     async fn finish_rewrites_bare_errors_and_marks_no_store() {
         let bare = (StatusCode::METHOD_NOT_ALLOWED, [(header::ALLOW, "GET,HEAD")], "").into_response();
-        let r = finish(bare).await;
+        let r = finish(bare);
         assert_eq!(r.status(), 405);
         assert_eq!(r.headers()[header::ALLOW], "GET,HEAD");
         assert_eq!(r.headers()[header::CACHE_CONTROL], "no-store");
         assert_eq!(r.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
         assert_eq!(json(r).await["status"], 405);
 
-        let ok = finish((StatusCode::OK, "fine").into_response()).await;
+        let ok = finish((StatusCode::OK, "fine").into_response());
         assert_eq!(ok.headers()[header::CACHE_CONTROL], "no-store");
         assert_eq!(to_bytes(ok.into_body(), 100).await.unwrap(), "fine");
 
-        let problem = finish(ApiError::Forbidden.into_response()).await;
+        let problem = finish(ApiError::Forbidden.into_response());
         assert_eq!(
             json(problem).await["type"],
             "tag:kraken-token-broker,2026:problem:forbidden"

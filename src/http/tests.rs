@@ -102,7 +102,7 @@ fn app() -> (Router, Metrics) {
         metrics: metrics.clone(),
         throttle: Arc::new(throttle::AuthThrottle::new()),
     };
-    (router(state, Duration::from_secs(10)), metrics)
+    (router(state), metrics)
 }
 
 fn get(uri: &str, credential: Option<&str>) -> Request<Body> {

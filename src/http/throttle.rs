@@ -36,26 +36,24 @@ impl AuthThrottle {
         Self::default()
     }
 
-    fn refill(bucket: &mut Bucket, now: Instant) {
+    fn refilled(bucket: &Bucket, now: Instant) -> f64 {
         let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * FAILURES_PER_SEC).min(FAILURE_BURST);
-        bucket.at = now;
+        (bucket.tokens + elapsed * FAILURES_PER_SEC).min(FAILURE_BURST)
     }
 
-    /// How long `peer` must wait, if it has used up its failures.
+    /// How long `peer` must wait, if it has used up its failures. On the
+    /// path of every request, so it takes no write lock: good consumers
+    /// (no failures, no bucket) pay one shared-lock lookup.
     pub fn blocked(&self, peer: Option<IpAddr>) -> Option<Duration> {
         let peer = peer?;
-        let mut bucket = self.buckets.get_mut(&peer)?;
-        let now = Instant::now();
-        Self::refill(&mut bucket, now);
-        if bucket.tokens >= 1.0 {
-            if bucket.tokens >= FAILURE_BURST {
-                drop(bucket);
-                self.buckets.remove(&peer);
-            }
+        let tokens = Self::refilled(&*self.buckets.get(&peer)?, Instant::now());
+        if tokens >= FAILURE_BURST {
+            // Fully refilled: forget the address.
+            self.buckets
+                .remove_if(&peer, |_, b| Self::refilled(b, Instant::now()) >= FAILURE_BURST);
             return None;
         }
-        Some(Duration::from_secs_f64((1.0 - bucket.tokens) / FAILURES_PER_SEC))
+        (tokens < 1.0).then(|| Duration::from_secs_f64((1.0 - tokens) / FAILURES_PER_SEC))
     }
 
     /// Counts one failed authentication from `peer`.
@@ -69,8 +67,8 @@ impl AuthThrottle {
             tokens: FAILURE_BURST,
             at: now,
         });
-        Self::refill(&mut bucket, now);
-        bucket.tokens = (bucket.tokens - 1.0).max(0.0);
+        bucket.tokens = (Self::refilled(&bucket, now) - 1.0).max(0.0);
+        bucket.at = now;
     }
 
     pub fn tracked(&self) -> usize {

@@ -1,0 +1,156 @@
+//! The broker's hot paths: signing a Kraken call, authenticating a consumer,
+//! and answering `GET /v1/token` from cache through the whole router (auth,
+//! query, metrics, problem handling, JSON), with no socket.
+//!
+//! `cargo bench --bench hot_path`; figures in proto-docs/performance.md.
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use axum::body::Body;
+use axum::http::{Request, header};
+use criterion::{Criterion, criterion_group, criterion_main};
+use kraken_token_broker::http::auth::find_consumer;
+use kraken_token_broker::http::throttle::AuthThrottle;
+use kraken_token_broker::http::{AppState, Consumer, Grant, ServeTable, router};
+use kraken_token_broker::kraken::{KrakenError, WS_TOKEN_PATH, WsToken, decode_secret, sign};
+use kraken_token_broker::metrics::Metrics;
+use kraken_token_broker::secret::SecretString;
+use kraken_token_broker::token::refresher::{self, FetchFuture};
+use kraken_token_broker::token::{AccountSetup, RefreshPolicy, TokenSource};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
+
+const SECRET: &str = "kQH5HW/8p1uGOVjbgWA7FunAmGO8lsSUXNsu3eow76sz84Q18fWxnyRzBHCd3pd5nE9qa99HAZtuZuj6F1huXg==";
+
+/// A token source that answers at once.
+struct Instant900;
+
+impl TokenSource for Instant900 {
+    fn fetch(&self) -> FetchFuture {
+        let answer: Result<WsToken, KrakenError> = Ok(WsToken {
+            token: SecretString::new("1Dwc4lzSwNWOAwkMdqhssNNFhs1ed606d1WcF3XfEMw"),
+            lifetime: Duration::from_secs(900),
+            lifetime_clamped: false,
+        });
+        Box::pin(async move { answer })
+    }
+
+    fn uses_totp(&self) -> bool {
+        false
+    }
+}
+
+fn sha(credential: &str) -> [u8; 32] {
+    Sha256::digest(credential.as_bytes()).into()
+}
+
+fn consumers(n: usize) -> Vec<Arc<Consumer>> {
+    (0..n)
+        .map(|i| {
+            Arc::new(Consumer {
+                name: format!("engine-{i}"),
+                credential_sha256: sha(&format!("ktb_credential-{i}")),
+                grants: Vec::new(),
+            })
+        })
+        .collect()
+}
+
+fn signing(c: &mut Criterion) {
+    let secret = decode_secret(SECRET).unwrap();
+    let body = "nonce=1795312345678901234";
+    c.bench_function("sign GetWebSocketsToken", |b| {
+        b.iter(|| {
+            sign(
+                black_box(&secret),
+                WS_TOKEN_PATH,
+                "1795312345678901234",
+                body.as_bytes(),
+            )
+        })
+    });
+}
+
+fn authentication(c: &mut Criterion) {
+    let table = ServeTable {
+        consumers: consumers(10),
+        accounts: BTreeMap::new(),
+        min_served_ttl: Duration::from_secs(60),
+        ws_url: String::new(),
+    };
+    c.bench_function("authenticate: SHA-256 + constant-time compare, 10 consumers", |b| {
+        b.iter(|| {
+            let hash = sha(black_box("ktb_credential-7"));
+            find_consumer(&table, &hash).expect("found")
+        })
+    });
+}
+
+fn cached_token(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let app = rt.block_on(async {
+        let metrics = Metrics::new();
+        let policy = RefreshPolicy {
+            refresh_before_expiry: Duration::from_secs(450),
+            min_served_ttl: Duration::from_secs(60),
+            jitter: Duration::from_secs(30),
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+        };
+        let setup = AccountSetup {
+            source: Arc::new(Instant900),
+            policy,
+            call_timeout: Duration::from_secs(5),
+        };
+        let (handle, _) = refresher::spawn("main", setup, metrics.account("main"), || 0.5, CancellationToken::new());
+        handle.want(Duration::from_secs(60)).await.unwrap();
+        let mut all = consumers(9);
+        all.push(Arc::new(Consumer {
+            name: "bench".into(),
+            credential_sha256: sha("ktb_bench"),
+            grants: vec![Grant {
+                account: "main".into(),
+                handle: handle.clone(),
+                served: metrics.served("main", "bench"),
+            }],
+        }));
+        let state = AppState {
+            table: Arc::new(ArcSwap::from_pointee(ServeTable {
+                consumers: all,
+                accounts: BTreeMap::from([("main".to_owned(), handle)]),
+                min_served_ttl: Duration::from_secs(60),
+                ws_url: "wss://ws-auth.kraken.com/v2".into(),
+            })),
+            metrics,
+            throttle: Arc::new(AuthThrottle::new()),
+        };
+        router(state)
+    });
+    c.bench_function("GET /v1/token from cache, whole router", |b| {
+        b.to_async(&rt).iter(|| {
+            let app = app.clone();
+            async move {
+                let request = Request::get("/v1/token?min_ttl=30")
+                    .header(header::AUTHORIZATION, "Bearer ktb_bench")
+                    .body(Body::empty())
+                    .unwrap();
+                let response = app.oneshot(request).await.unwrap();
+                assert_eq!(response.status(), 200);
+                axum::body::to_bytes(response.into_body(), 4096).await.unwrap()
+            }
+        })
+    });
+    let _ = SystemTime::now();
+}
+
+criterion_group!(benches, signing, authentication, cached_token);
+criterion_main!(benches);
