@@ -14,12 +14,9 @@ measures with wrk:
 usage: python bench/bench.py BROKER_BINARY OUT.json
 """
 
-import hashlib
 import json
 import os
 import re
-import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,14 +26,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "ci"))
+from ktb_harness import free_port, start_simulator, wait, write_broker_config  # noqa: E402
+
 DURATION = os.environ.get("BENCH_DURATION", "10s")
 SWEEP_DURATION = os.environ.get("BENCH_SWEEP_DURATION", "5s")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str, headers: dict | None = None) -> tuple[int, bytes]:
@@ -48,24 +42,6 @@ def get(url: str, headers: dict | None = None) -> tuple[int, bytes]:
         return e.code, e.read()
     except OSError:
         return 0, b""
-
-
-def wait(what: str, seconds: float, probe, every: float = 0.01):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(every)
-    raise RuntimeError(f"timed out waiting for {what}")
-
-
-def read_line(path: Path, prefix: str) -> str | None:
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line.startswith(prefix):
-            return line[len(prefix):].strip()
-    return None
 
 
 def to_ms(text: str) -> float:
@@ -126,35 +102,13 @@ def main() -> None:
     procs: list[subprocess.Popen] = []
     results: dict = {"machine": {"cpus": os.cpu_count(), "kernel": os.uname().release}}
     try:
-        # The simulator, with Kraken's 900 s tokens.
-        sim_out = tmp / "sim.out"
-        procs.append(subprocess.Popen([binary, "simulate", "--listen", "127.0.0.1:0", "--tier", "pro"],
-                                      stdout=sim_out.open("w"), stderr=subprocess.STDOUT))
-        addr = wait("the simulator", 10, lambda: read_line(sim_out, "Kraken simulator listening on"))
-        wait("its key", 5, lambda: read_line(sim_out, "API secret:"))
+        # The simulator, with Kraken's 900 s tokens, and a broker config.
+        sim_proc, addr = start_simulator(binary, tmp, "--tier", "pro")
+        procs.append(sim_proc)
         sim = f"http://{addr}"
-        (tmp / "api-key").write_text(read_line(sim_out, "API key:") + "\n")
-        (tmp / "api-secret").write_text(read_line(sim_out, "API secret:") + "\n")
-
-        credential = "ktb_" + secrets.token_urlsafe(32)
         api_port, admin_port = free_port(), free_port()
+        credential = write_broker_config(tmp, addr, f"[::]:{api_port}", f"127.0.0.1:{admin_port}")
         config = tmp / "broker.toml"
-        config.write_text(f"""
-[listen]
-api = "[::]:{api_port}"
-admin = "127.0.0.1:{admin_port}"
-[kraken]
-rest_url = "{sim}"
-ws_url = "ws://{addr}/v2"
-[[account]]
-name = "main"
-api_key = {{ file = "{tmp}/api-key" }}
-api_secret = {{ file = "{tmp}/api-secret" }}
-[[consumer]]
-name = "bench"
-credential_sha256 = "{hashlib.sha256(credential.encode()).hexdigest()}"
-accounts = ["main"]
-""")
         env = dict(os.environ, RUST_LOG="warn")
 
         # Cold start: from the simulator's answer to the first ready /readyz.

@@ -9,12 +9,9 @@ has a deadline.
 usage: python prometheus_e2e.py BROKER_BINARY
 """
 
-import hashlib
 import json
 import os
-import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,15 +19,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from ktb_harness import free_port, start_simulator, wait, write_broker_config
+
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "helm" / "kraken-token-broker" / "files" / "alert-rules.yaml"
 ALERT = "KrakenTokenBrokerKeyRejected"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(method: str, url: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, str]:
@@ -45,28 +38,6 @@ def http(method: str, url: str, body: dict | None = None, headers: dict | None =
         return e.code, e.read().decode()
 
 
-def wait(what: str, seconds: float, probe):
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            result = probe()
-        except OSError:
-            result = None
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-        time.sleep(0.25)
-
-
-def read_line(path: Path, prefix: str) -> str | None:
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line.startswith(prefix):
-            return line[len(prefix):].strip()
-    return None
-
-
 def alerts(prom: str) -> list[dict]:
     _, body = http("GET", f"{prom}/api/v1/alerts")
     return [a for a in json.loads(body)["data"]["alerts"] if a["labels"]["alertname"] == ALERT]
@@ -77,37 +48,14 @@ def main() -> None:
     procs: list[subprocess.Popen] = []
     tmp = Path(tempfile.mkdtemp(prefix="ktb-prom-"))
     try:
-        # The simulator, with its generated key.
-        sim_out = tmp / "sim.out"
-        procs.append(subprocess.Popen([binary, "simulate", "--listen", "127.0.0.1:0"],
-                                      stdout=sim_out.open("w"), stderr=subprocess.STDOUT))
-        addr = wait("the simulator", 20, lambda: read_line(sim_out, "Kraken simulator listening on"))
-        wait("the simulator's key", 5, lambda: read_line(sim_out, "API secret:"))
+        # The simulator, with its generated key, and a broker wired to it.
+        sim_proc, addr = start_simulator(binary, tmp)
+        procs.append(sim_proc)
         sim = f"http://{addr}"
-        (tmp / "api-key").write_text(read_line(sim_out, "API key:") + "\n")
-        (tmp / "api-secret").write_text(read_line(sim_out, "API secret:") + "\n")
-
-        # The broker, with one consumer whose credential only this script knows.
-        credential = "ktb_" + secrets.token_urlsafe(32)
         api_port, admin_port = free_port(), free_port()
+        credential = write_broker_config(tmp, addr, f"127.0.0.1:{api_port}", f"127.0.0.1:{admin_port}",
+                                         'timeout = "2s"')
         config = tmp / "broker.toml"
-        config.write_text(f"""
-[listen]
-api = "127.0.0.1:{api_port}"
-admin = "127.0.0.1:{admin_port}"
-[kraken]
-rest_url = "{sim}"
-ws_url = "ws://{addr}/v2"
-timeout = "2s"
-[[account]]
-name = "main"
-api_key = {{ file = "{tmp}/api-key" }}
-api_secret = {{ file = "{tmp}/api-secret" }}
-[[consumer]]
-name = "engine"
-credential_sha256 = "{hashlib.sha256(credential.encode()).hexdigest()}"
-accounts = ["main"]
-""")
         broker_log = tmp / "broker.log"
         broker = subprocess.Popen([binary, "serve", "--config", str(config)],
                                   stdout=subprocess.DEVNULL, stderr=broker_log.open("w"))
@@ -147,8 +95,12 @@ scrape_configs:
             return any(t["health"] == "up" for t in targets)
 
         wait("Prometheus to scrape the broker", 60, target_up)
-        wait("a first rule evaluation", 30, lambda: http("GET", f"{prom}/api/v1/rules")[0] == 200
-             and json.loads(http("GET", f"{prom}/api/v1/rules")[1])["data"]["groups"][0]["rules"][0].get("lastEvaluation", "").startswith("2"))
+        def evaluated():
+            status, body = http("GET", f"{prom}/api/v1/rules")
+            rules = json.loads(body)["data"]["groups"][0]["rules"] if status == 200 else []
+            return rules and rules[0].get("lastEvaluation", "").startswith("2")
+
+        wait("a first rule evaluation", 30, evaluated)
         assert alerts(prom) == [], f"{ALERT} is silent while the key works"
 
         # Break it: Kraken starts rejecting the key. An engine reports its token

@@ -273,6 +273,34 @@ impl<'s> Walker<'s> {
         }
     }
 
+    /// A table's `name`: present, `[a-z0-9_-]{1,64}`, and not seen before
+    /// among the `kind`s (`account`, `consumer`).
+    fn unique_name(
+        &mut self,
+        table: &DeTable<'_>,
+        prefix: &str,
+        at: usize,
+        kind: &str,
+        seen: &mut HashSet<String>,
+    ) -> Option<String> {
+        let key = format!("{prefix}.name");
+        let Some((name, name_at)) = self.string(table, prefix, "name") else {
+            if Self::get(table, "name").is_none() {
+                self.problem(Some(at), key, "missing");
+            }
+            return None;
+        };
+        if !valid_name(name) {
+            self.problem(Some(name_at), key, format!("`{name}` must match [a-z0-9_-]{{1,64}}"));
+            return None;
+        }
+        if !seen.insert(name.to_owned()) {
+            self.problem(Some(name_at), key, format!("{kind} `{name}` is defined twice"));
+            return None;
+        }
+        Some(name.to_owned())
+    }
+
     /// Reads a `{ file = "..." }` or `{ env = "..." }` secret.
     fn secret<R: SecretReader>(
         &mut self,
@@ -587,31 +615,7 @@ fn load_accounts<R: SecretReader>(w: &mut Walker<'_>, root: &DeTable<'_>, reader
     for (i, (at, t)) in tables.into_iter().enumerate() {
         let prefix = format!("account[{}]", i + 1);
         w.unknown_keys(t, &prefix, &["name", "api_key", "api_secret", "otp", "totp_secret"]);
-        let name = match w.string(t, &prefix, "name") {
-            Some((name, at)) if !valid_name(name) => {
-                w.problem(
-                    Some(at),
-                    format!("{prefix}.name"),
-                    format!("`{name}` must match [a-z0-9_-]{{1,64}}"),
-                );
-                None
-            }
-            Some((name, at)) if !seen.insert(name.to_owned()) => {
-                w.problem(
-                    Some(at),
-                    format!("{prefix}.name"),
-                    format!("account `{name}` is defined twice"),
-                );
-                None
-            }
-            Some((name, _)) => Some(name.to_owned()),
-            None => {
-                if Walker::get(t, "name").is_none() {
-                    w.problem(Some(at), format!("{prefix}.name"), "missing");
-                }
-                None
-            }
-        };
+        let name = w.unique_name(t, &prefix, at, "account", &mut seen);
         let prefix = name.as_ref().map_or(prefix, |n| format!("account `{n}`"));
         let mut sources = Vec::new();
         let mut require = |w: &mut Walker<'_>, key: &'static str| {
@@ -682,31 +686,7 @@ fn load_consumers(w: &mut Walker<'_>, root: &DeTable<'_>, accounts: &HashSet<&st
     for (i, (at, t)) in tables.into_iter().enumerate() {
         let prefix = format!("consumer[{}]", i + 1);
         w.unknown_keys(t, &prefix, &["name", "credential_sha256", "accounts"]);
-        let name = match w.string(t, &prefix, "name") {
-            Some((name, at)) if !valid_name(name) => {
-                w.problem(
-                    Some(at),
-                    format!("{prefix}.name"),
-                    format!("`{name}` must match [a-z0-9_-]{{1,64}}"),
-                );
-                None
-            }
-            Some((name, at)) if !names.insert(name.to_owned()) => {
-                w.problem(
-                    Some(at),
-                    format!("{prefix}.name"),
-                    format!("consumer `{name}` is defined twice"),
-                );
-                None
-            }
-            Some((name, _)) => Some(name.to_owned()),
-            None => {
-                if Walker::get(t, "name").is_none() {
-                    w.problem(Some(at), format!("{prefix}.name"), "missing");
-                }
-                None
-            }
-        };
+        let name = w.unique_name(t, &prefix, at, "consumer", &mut names);
         let prefix = name.as_ref().map_or(prefix, |n| format!("consumer `{n}`"));
         let hash = match w.string(t, &prefix, "credential_sha256") {
             Some((text, at)) => match parse_sha256(text) {

@@ -2,15 +2,24 @@
 //! SIGHUP ("reload").
 
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 
-/// Resolves on the first SIGTERM or SIGINT.
-pub async fn shutdown() {
+/// A token cancelled on the first SIGTERM or SIGINT. The handlers are
+/// installed before this returns, so a signal arriving during start-up is a
+/// clean stop rather than the default (abrupt) one.
+pub fn shutdown_token() -> CancellationToken {
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler cannot fail on Unix");
     let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler cannot fail on Unix");
-    tokio::select! {
-        _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
-        _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
-    }
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
+            _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
+        }
+        cancel.cancel();
+    });
+    token
 }
 
 /// A stream of SIGHUP events ("reload the config"). Bursts coalesce: a

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Broker, Served, policy, sim_with_key};
+use common::{Broker, Served, policy, rss_kib, sim_with_key};
 use kraken_token_broker::http::server::ServerLimits;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -159,16 +159,6 @@ fn idle_budget() -> usize {
         })
         .unwrap_or(1024);
     (limit / 3).min(2000)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

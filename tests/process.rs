@@ -192,23 +192,13 @@ async fn sighup_with_a_rotated_key_keeps_serving_and_a_broken_config_is_refused(
 
     // A consumer fetching throughout.
     let stop = Arc::new(AtomicBool::new(false));
-    let consumer = {
-        let (http, url, cred, stop) = (
-            served.http.clone(),
-            format!("{}/v1/token", served.api),
-            served.credential.clone(),
-            Arc::clone(&stop),
-        );
-        tokio::spawn(async move {
-            let mut statuses = Vec::new();
-            while !stop.load(Ordering::SeqCst) {
-                let r = http.get(&url).bearer_auth(&cred).send().await.unwrap();
-                statuses.push(r.status().as_u16());
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            statuses
-        })
-    };
+    let consumer = common::fetch_until(
+        served.http.clone(),
+        format!("{}/v1/token", served.api),
+        served.credential.clone(),
+        Arc::clone(&stop),
+        Duration::from_millis(20),
+    );
 
     write(served.dir.path(), "api-key", &format!("{}\n", new.api_key));
     write(served.dir.path(), "api-secret", &format!("{}\n", new.api_secret));
@@ -249,7 +239,7 @@ async fn sighup_with_a_rotated_key_keeps_serving_and_a_broken_config_is_refused(
     .await;
 
     stop.store(true, Ordering::SeqCst);
-    let statuses = consumer.await.unwrap();
+    let statuses: Vec<u16> = consumer.await.unwrap().iter().map(|f| f.status).collect();
     assert!(statuses.len() > 50, "the consumer kept fetching: {}", statuses.len());
     assert!(statuses.iter().all(|s| *s == 200), "no request failed: {statuses:?}");
     let calls = sim.state().calls();

@@ -40,28 +40,21 @@ async fn three_brokers(sim: &SimHandle, keys: [&SimKey; 3], run: Duration) -> (V
     let consumers: Vec<_> = brokers
         .iter()
         .map(|b| {
-            let (http, url, cred, stop) = (
+            let url = format!("{}/v1/token", b.api);
+            common::fetch_until(
                 b.http.clone(),
-                format!("{}/v1/token", b.api),
+                url,
                 b.credential.clone(),
                 Arc::clone(&stop),
-            );
-            tokio::spawn(async move {
-                let mut statuses = Vec::new();
-                while !stop.load(Ordering::SeqCst) {
-                    let r = http.get(&url).bearer_auth(&cred).send().await.unwrap();
-                    statuses.push(r.status().as_u16());
-                    tokio::time::sleep(Duration::from_millis(30)).await;
-                }
-                statuses
-            })
+                Duration::from_millis(30),
+            )
         })
         .collect();
     tokio::time::sleep(run).await;
     stop.store(true, Ordering::SeqCst);
     let mut statuses = Vec::new();
     for c in consumers {
-        statuses.extend(c.await.unwrap());
+        statuses.extend(c.await.unwrap().iter().map(|f| f.status));
     }
     let mut nonce_failures = 0.0;
     for b in &brokers {

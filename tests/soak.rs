@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Served, now_ms, sim_with_key};
+use common::{Served, now_ms, rss_kib, sim_with_key};
 use kraken_token_broker::sim::FaultSpec;
 use serde_json::json;
 
@@ -28,16 +28,6 @@ const MIN_LEFT_MS: u64 = 450;
 /// one call, and the token the broker must mint.
 const RECOVERY_GRACE_MS: u64 = 2500;
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_short_tokens_steady_load_and_faults() {
     let secs: u64 = std::env::var("KTB_SOAK_SECS")
@@ -52,34 +42,15 @@ async fn soak_short_tokens_steady_load_and_faults() {
     let stop = Arc::new(AtomicBool::new(false));
     let consumers: Vec<_> = (0..4)
         .map(|_| {
-            let (http, url, cred, stop) = (
+            let url = format!("{}/v1/token", served.api);
+            let cred = served.credential.clone();
+            common::fetch_until(
                 served.http.clone(),
-                format!("{}/v1/token", served.api),
-                served.credential.clone(),
+                url,
+                cred,
                 Arc::clone(&stop),
-            );
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                while !stop.load(Ordering::SeqCst) {
-                    let r = http
-                        .get(&url)
-                        .bearer_auth(&cred)
-                        .send()
-                        .await
-                        .expect("the broker answers");
-                    let status = r.status().as_u16();
-                    let has_retry_after = r.headers().contains_key("retry-after");
-                    let body: serde_json::Value = r.json().await.unwrap();
-                    seen.push((
-                        now_ms(),
-                        status,
-                        has_retry_after,
-                        body["token"].as_str().map(str::to_owned),
-                    ));
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                seen
-            })
+                Duration::from_millis(5),
+            )
         })
         .collect();
 
@@ -119,7 +90,13 @@ async fn soak_short_tokens_steady_load_and_faults() {
     let issued = sim.state().tokens();
     let mut served_ok = 0;
     let mut unavailable = 0;
-    for (at, status, has_retry_after, token) in &seen {
+    for common::Fetched {
+        at_ms: at,
+        status,
+        retry_after: has_retry_after,
+        token,
+    } in &seen
+    {
         match status {
             200 => {
                 let token = token.as_deref().unwrap();

@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Args;
-use tokio_util::sync::CancellationToken;
 
 use super::serve::bind;
 use crate::broker::{self, Listeners};
@@ -48,12 +47,7 @@ fn demo_policy(ttl: Duration) -> RefreshPolicy {
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        crate::signal::shutdown().await;
-        stop.cancel();
-    });
+    let shutdown = crate::signal::shutdown_token();
 
     let ttl = Duration::from_secs(args.token_ttl);
     let key = SimKey::generate();

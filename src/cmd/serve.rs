@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Args;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::broker::{self, Listeners, Reloads};
@@ -34,12 +33,7 @@ pub async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpL
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Signals first, so a SIGTERM during start-up is a clean stop.
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        crate::signal::shutdown().await;
-        stop.cancel();
-    });
+    let shutdown = crate::signal::shutdown_token();
     let reload_events = crate::signal::reloads();
     let config = Config::load(&args.config)?;
     let reload_events = match args.reload_poll.filter(|d| !d.is_zero()) {

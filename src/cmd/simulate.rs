@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use tokio_util::sync::CancellationToken;
 
 use crate::sim::{self, FaultSpec, SimConfig, SimKey, SimOtp, Tier};
 
@@ -121,7 +120,7 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let shutdown = CancellationToken::new();
+    let shutdown = crate::signal::shutdown_token();
     let handle = sim::start(config, listener, shutdown.clone())?;
     let base = handle.rest_url();
     println!("Kraken simulator listening on {}", handle.addr());
@@ -137,10 +136,7 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
         if key.otp.is_some() { ", 2FA required" } else { "" }
     );
     println!("Press Ctrl-C to stop.");
-    tokio::select! {
-        _ = crate::signal::shutdown() => {}
-        _ = shutdown.cancelled() => {}
-    }
+    shutdown.cancelled().await;
     handle.shutdown().await.context("the simulator stopped with an error")?;
     Ok(())
 }

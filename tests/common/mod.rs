@@ -47,8 +47,6 @@ where
     }
 }
 
-use std::net::SocketAddr;
-
 use kraken_token_broker::broker::{self, Listeners};
 use kraken_token_broker::config::{AccountConfig, Config, ConsumerConfig, KrakenConfig, ListenConfig};
 use kraken_token_broker::http::auth::new_credential;
@@ -113,14 +111,11 @@ impl Broker {
         limits: kraken_token_broker::http::server::ServerLimits,
     ) -> Broker {
         let (credential, credential_sha256) = new_credential();
-        let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (api_addr, admin_addr): (SocketAddr, SocketAddr) = (api.local_addr().unwrap(), admin.local_addr().unwrap());
         let names = accounts.iter().map(|a| a.name.clone()).collect();
         let config = Config {
             listen: ListenConfig {
-                api: api_addr,
-                admin: admin_addr,
+                api: "127.0.0.1:0".parse().unwrap(),
+                admin: "127.0.0.1:0".parse().unwrap(),
             },
             kraken: KrakenConfig {
                 rest_url: sim.rest_url(),
@@ -135,31 +130,7 @@ impl Broker {
                 accounts: names,
             }],
         };
-        let metrics = Metrics::new();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(broker::run(
-            config,
-            Listeners { api, admin },
-            None,
-            shutdown.clone(),
-            metrics.clone(),
-            || 0.5,
-            limits,
-        ));
-        Broker {
-            api: format!("http://{api_addr}"),
-            admin: format!("http://{admin_addr}"),
-            credential: credential.expose().to_owned(),
-            metrics,
-            shutdown,
-            task,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(20))
-                .build()
-                .unwrap(),
-            reload: None,
-            dir: None,
-        }
+        Self::launch(config, credential.expose().to_owned(), None, limits).await
     }
 
     /// One account `main` whose key and secret are in files, loaded through
@@ -175,25 +146,52 @@ impl Broker {
         let path = d.join("broker.toml");
         std::fs::write(&path, text).unwrap();
         let config = Config::load(&path).expect("a valid test config");
+        Self::launch(
+            config,
+            credential.expose().to_owned(),
+            Some((path, dir)),
+            Default::default(),
+        )
+        .await
+    }
+
+    /// Binds both listeners on 127.0.0.1:0 and runs the broker; with a
+    /// config file, reloads re-read it.
+    async fn launch(
+        mut config: Config,
+        credential: String,
+        files: Option<(PathBuf, tempfile::TempDir)>,
+        limits: kraken_token_broker::http::server::ServerLimits,
+    ) -> Broker {
         let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (api_addr, admin_addr) = (api.local_addr().unwrap(), admin.local_addr().unwrap());
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        config.listen = ListenConfig {
+            api: api.local_addr().unwrap(),
+            admin: admin.local_addr().unwrap(),
+        };
+        let (api_addr, admin_addr) = (config.listen.api, config.listen.admin);
+        let (reloads, reload, dir) = match files {
+            Some((path, dir)) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                (Some(broker::Reloads { path, events: rx }), Some(tx), Some(dir))
+            }
+            None => (None, None, None),
+        };
         let metrics = Metrics::new();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(broker::run(
             config,
             Listeners { api, admin },
-            Some(broker::Reloads { path, events: rx }),
+            reloads,
             shutdown.clone(),
             metrics.clone(),
             || 0.5,
-            Default::default(),
+            limits,
         ));
         Broker {
             api: format!("http://{api_addr}"),
             admin: format!("http://{admin_addr}"),
-            credential: credential.expose().to_owned(),
+            credential,
             metrics,
             shutdown,
             task,
@@ -201,8 +199,8 @@ impl Broker {
                 .timeout(Duration::from_secs(20))
                 .build()
                 .unwrap(),
-            reload: Some(tx),
-            dir: Some(dir),
+            reload,
+            dir,
         }
     }
 
@@ -480,4 +478,57 @@ pub fn run_bin(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String, Stri
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// One answer a consumer got.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub at_ms: u64,
+    pub status: u16,
+    pub retry_after: bool,
+    pub token: Option<String>,
+}
+
+/// A consumer fetching `url` until `stop` is set, pausing `pause` between
+/// fetches; the answers it got.
+pub fn fetch_until(
+    http: reqwest::Client,
+    url: String,
+    credential: String,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    pause: Duration,
+) -> tokio::task::JoinHandle<Vec<Fetched>> {
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let r = http
+                .get(&url)
+                .bearer_auth(&credential)
+                .send()
+                .await
+                .expect("the broker answers");
+            let status = r.status().as_u16();
+            let retry_after = r.headers().contains_key("retry-after");
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            seen.push(Fetched {
+                at_ms: now_ms(),
+                status,
+                retry_after,
+                token: body["token"].as_str().map(str::to_owned),
+            });
+            tokio::time::sleep(pause).await;
+        }
+        seen
+    })
+}
+
+/// The resident set of a process, in KiB (0 if it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
