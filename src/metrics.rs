@@ -343,32 +343,46 @@ impl Metrics {
         self.0.auth_failures.with_label_values(&[reason.as_str()]).inc();
     }
 
-    fn route(&self, route: &str) -> Option<&RouteMetrics> {
-        self.0.routes.iter().find(|r| r.route == route)
+    /// Where one request's metrics go, resolved once for the request.
+    pub fn request<'a>(&'a self, route: &'a str) -> RequestMetrics<'a> {
+        RequestMetrics {
+            metrics: self,
+            route,
+            known: self.0.routes.iter().find(|r| r.route == route),
+        }
     }
+}
 
-    /// The in-flight gauge of a route.
-    pub fn in_flight(&self, route: &str) -> IntGauge {
-        match self.route(route) {
+/// One request's metric handles: a route's pre-resolved series, or (for a
+/// route outside the closed set, which `route_label` never yields) a lookup.
+pub struct RequestMetrics<'a> {
+    metrics: &'a Metrics,
+    route: &'a str,
+    known: Option<&'a RouteMetrics>,
+}
+
+impl RequestMetrics<'_> {
+    /// The route's in-flight gauge.
+    pub fn in_flight(&self) -> IntGauge {
+        match self.known {
             Some(r) => r.in_flight.clone(),
-            None => self.0.http_in_flight.with_label_values(&[route]),
+            None => self.metrics.0.http_in_flight.with_label_values(&[self.route]),
         }
     }
 
-    /// Records one answered request.
-    pub fn http_request(&self, route: &str, status: u16, seconds: f64) {
-        let known = self.route(route);
-        match known.and_then(|r| r.by_status.iter().find(|(s, _)| *s == status)) {
+    /// Records the answer.
+    pub fn record(&self, status: u16, seconds: f64) {
+        let m = &self.metrics.0;
+        match self.known.and_then(|r| r.by_status.iter().find(|(s, _)| *s == status)) {
             Some((_, counter)) => counter.inc(),
-            None => self
-                .0
+            None => m
                 .http_requests
-                .with_label_values(&[route, &status.to_string()])
+                .with_label_values(&[self.route, &status.to_string()])
                 .inc(),
         }
-        match known {
+        match self.known {
             Some(r) => r.duration.observe(seconds),
-            None => self.0.http_duration.with_label_values(&[route]).observe(seconds),
+            None => m.http_duration.with_label_values(&[self.route]).observe(seconds),
         }
     }
 }

@@ -113,10 +113,10 @@ impl Drop for InFlight {
 /// Counts every answered request by route and status (the admin API).
 async fn track(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = route_label(request.uri().path());
-    let _in_flight = InFlight::enter(metrics.in_flight(route));
+    let recorder = metrics.request(route_label(request.uri().path()));
+    let _in_flight = InFlight::enter(recorder.in_flight());
     let response = next.run(request).await;
-    metrics.http_request(route, response.status().as_u16(), started.elapsed().as_secs_f64());
+    recorder.record(response.status().as_u16(), started.elapsed().as_secs_f64());
     response
 }
 
@@ -145,14 +145,14 @@ fn refuse_oversized(request: &Request) -> Option<problem::ApiError> {
 /// `no-store` and problem+json on every answer, metrics.
 async fn around_api(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = route_label(request.uri().path());
-    let _in_flight = InFlight::enter(metrics.in_flight(route));
+    let recorder = metrics.request(route_label(request.uri().path()));
+    let _in_flight = InFlight::enter(recorder.in_flight());
     let response = match refuse_oversized(&request) {
         Some(refusal) => axum::response::IntoResponse::into_response(refusal),
         None => next.run(request).await,
     };
     let response = problem::finish(response);
-    metrics.http_request(route, response.status().as_u16(), started.elapsed().as_secs_f64());
+    recorder.record(response.status().as_u16(), started.elapsed().as_secs_f64());
     response
 }
 
