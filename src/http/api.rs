@@ -16,7 +16,7 @@ use super::{AppState, Grant};
 use crate::token::{CachedToken, Cause, Unavailable, token_sha256};
 
 /// The largest `min_ttl` accepted: Kraken's documented token lifetime.
-const MAX_MIN_TTL_SECS: u64 = crate::kraken::MAX_TOKEN_LIFETIME.as_secs();
+const MAX_MIN_TTL_SECS: u64 = crate::token::MAX_TOKEN_LIFETIME.as_secs();
 
 /// The 200 body of both endpoints.
 #[derive(Serialize)]

@@ -6,6 +6,8 @@ pub mod cache;
 pub mod refresher;
 pub mod schedule;
 
+/// Kraken's documented token lifetime: the most any token held here can have.
+pub use crate::kraken::MAX_TOKEN_LIFETIME;
 pub use cache::{CachedToken, Health, Published, token_sha256};
 pub use refresher::{AccountHandle, AccountSetup, Answer, Cause, KrakenSource, TokenSource, Unavailable};
 pub use schedule::{RefreshPolicy, backoff_delay, next_refresh_at, retry_after_secs};
