@@ -112,24 +112,8 @@ async fn no_key_secret_otp_credential_or_token_reaches_logs_metrics_or_error_bod
             l["message"] == "token refreshed"
         })
         .await;
-    let metrics = served
-        .http
-        .get(format!("{}/metrics", served.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let readyz = served
-        .http
-        .get(format!("{}/readyz", served.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = served.admin_text("/metrics").await;
+    let readyz = served.admin_text("/readyz").await;
     served.signal("TERM");
     let mut served = served;
     assert!(served.exit(Duration::from_secs(10)).await.success());

@@ -12,8 +12,11 @@ use std::time::Duration;
 use common::{Served, metric_value, start_sim};
 use kraken_token_broker::sim::{FaultSpec, SimConfig, SimHandle, SimKey, Tier};
 
+/// 6-second tokens refreshed 3 s before use-by: after a failed refresh there
+/// are 2.5 s of retries before a token stops being servable, as a real
+/// deployment has minutes.
 const REFRESH: &str = r#"
-refresh_before_expiry = "1500ms"
+refresh_before_expiry = "3s"
 min_served_ttl = "500ms"
 jitter = "0s"
 retry_initial = "100ms"
@@ -30,7 +33,10 @@ fn network_jitter() -> FaultSpec {
 
 /// Starts three brokers (key per broker as given), fetches from each every
 /// 30 ms for `run`, and returns every status seen and each broker's
-/// `invalid_nonce` failure count.
+/// `invalid_nonce` failure count. Three times during the run, all three are
+/// made to refresh at once (a `min_ttl` only a fresh token meets: a forced
+/// refresh that never drops the token other consumers are served), so their
+/// calls race.
 async fn three_brokers(sim: &SimHandle, keys: [&SimKey; 3], run: Duration) -> (Vec<u16>, f64) {
     let mut brokers = Vec::new();
     for key in keys {
@@ -50,7 +56,27 @@ async fn three_brokers(sim: &SimHandle, keys: [&SimKey; 3], run: Duration) -> (V
             )
         })
         .collect();
-    tokio::time::sleep(run).await;
+    let started = std::time::Instant::now();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let forced: Vec<_> = brokers
+            .iter()
+            .map(|b| {
+                let request = b
+                    .http
+                    .get(format!("{}/v1/token?min_ttl=5", b.api))
+                    .bearer_auth(&b.credential);
+                tokio::spawn(async move { request.send().await.map(|r| r.status().as_u16()) })
+            })
+            .collect();
+        for f in forced {
+            // The forcing requests are the test's instrument, not consumers:
+            // their refresh may itself collide twice (503) and be retried.
+            let status = f.await.unwrap().unwrap();
+            assert!(status == 200 || status == 503, "{status}");
+        }
+    }
+    tokio::time::sleep(run.saturating_sub(started.elapsed())).await;
     stop.store(true, Ordering::SeqCst);
     let mut statuses = Vec::new();
     for c in consumers {
@@ -58,15 +84,7 @@ async fn three_brokers(sim: &SimHandle, keys: [&SimKey; 3], run: Duration) -> (V
     }
     let mut nonce_failures = 0.0;
     for b in &brokers {
-        let text = b
-            .http
-            .get(format!("{}/metrics", b.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = b.admin_text("/metrics").await;
         nonce_failures += metric_value(
             &text,
             "refresh_failures_total{account=\"main\",reason=\"invalid_nonce\"}",
@@ -92,7 +110,7 @@ async fn three_replicas_with_a_key_each_never_send_a_stale_nonce() {
     let keys = [SimKey::generate(), SimKey::generate(), SimKey::generate()];
     let sim = start_sim(SimConfig {
         keys: keys.to_vec(),
-        token_ttl: Duration::from_secs(3),
+        token_ttl: Duration::from_secs(6),
         tier: Tier::Pro,
         fault: Some(network_jitter()),
         ..SimConfig::default()
@@ -115,7 +133,7 @@ async fn three_replicas_sharing_a_key_collide_retry_and_consumers_never_notice()
     let key = SimKey::generate();
     let sim = start_sim(SimConfig {
         keys: vec![key.clone()],
-        token_ttl: Duration::from_secs(3),
+        token_ttl: Duration::from_secs(6),
         tier: Tier::Pro,
         fault: Some(network_jitter()),
         ..SimConfig::default()

@@ -442,6 +442,12 @@ impl Served {
         (response.status().as_u16(), response.text().await.unwrap())
     }
 
+    /// The text of an admin page (`/metrics`, `/readyz`).
+    pub async fn admin_text(&self, path: &str) -> String {
+        let response = self.http.get(format!("{}{path}", self.admin)).send().await.unwrap();
+        response.text().await.unwrap()
+    }
+
     /// Waits for the process to exit, at most `deadline`.
     pub async fn exit(&mut self, deadline: Duration) -> ExitStatus {
         let until = std::time::Instant::now() + deadline;
