@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "ci"))
-from ktb_harness import free_port, start_simulator, wait, write_broker_config  # noqa: E402
+from ktb_harness import free_port, start_simulator, stop_all, wait, write_broker_config  # noqa: E402
 
 DURATION = os.environ.get("BENCH_DURATION", "10s")
 SWEEP_DURATION = os.environ.get("BENCH_SWEEP_DURATION", "5s")
@@ -219,13 +219,7 @@ http {{
             float(line.split()[-1]) for line in metrics.decode().splitlines()
             if line.startswith("kraken_token_broker_refreshes_total{"))
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
         subprocess.run(["rm", "-rf", str(tmp)], check=False)
     out_path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out_path}")

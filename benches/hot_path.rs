@@ -40,8 +40,8 @@ impl TokenSource for Instant900 {
         Box::pin(async move { answer })
     }
 
-    fn uses_totp(&self) -> bool {
-        false
+    fn next_otp_code_in(&self) -> Option<Duration> {
+        None
     }
 }
 

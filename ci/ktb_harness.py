@@ -73,3 +73,15 @@ credential_sha256 = "{hashlib.sha256(credential.encode()).hexdigest()}"
 accounts = ["main"]
 """)
     return credential
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """Terminates the processes (last started first), killing any that linger."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()

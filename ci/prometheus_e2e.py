@@ -19,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from ktb_harness import free_port, start_simulator, wait, write_broker_config
+from ktb_harness import free_port, start_simulator, stop_all, wait, write_broker_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "helm" / "kraken-token-broker" / "files" / "alert-rules.yaml"
@@ -128,14 +128,7 @@ scrape_configs:
         wait(f"{ALERT} to resolve", 60, lambda: alerts(prom) == [])
         print(f"{ALERT} resolved {time.monotonic() - healed:.1f} s after the key was accepted again")
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
         if os.environ.get("KEEP_TMP") is None:
             subprocess.run(["rm", "-rf", str(tmp)], check=False)
 

@@ -120,10 +120,6 @@ impl Broker {
         }
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
     fn setup(&mut self, account: &AccountConfig, client: &KrakenClient, config: &Config) -> AccountSetup {
         let key_id: [u8; 32] = Sha256::digest(account.credentials.api_key.expose().as_bytes()).into();
         let lane = Arc::clone(self.lanes.entry(key_id).or_insert_with(|| Arc::new(KeyLane::new())));

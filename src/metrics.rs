@@ -280,10 +280,6 @@ impl Metrics {
         }))
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.0.registry
-    }
-
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut buf = Vec::new();

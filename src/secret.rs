@@ -28,20 +28,10 @@ impl SecretString {
         &self.0
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// The first 8 hex characters of the value's SHA-256: enough to tell
     /// tokens apart in logs, useless to an attacker.
     pub fn fingerprint(&self) -> String {
         fingerprint(self.expose().as_bytes())
-    }
-}
-
-impl From<String> for SecretString {
-    fn from(value: String) -> Self {
-        Self::new(value)
     }
 }
 

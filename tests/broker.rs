@@ -288,7 +288,6 @@ async fn oversized_heads_and_wrong_methods_over_a_real_socket() {
 #[tokio::test]
 async fn reload_adds_changes_and_removes_accounts() {
     use kraken_token_broker::broker::{Broker as Core, ReloadSummary};
-    use kraken_token_broker::config::{Config, ConsumerConfig, KrakenConfig, ListenConfig};
     use kraken_token_broker::metrics::Metrics;
 
     let (a, b, c) = (SimKey::generate(), SimKey::generate(), SimKey::generate());
@@ -297,27 +296,7 @@ async fn reload_adds_changes_and_removes_accounts() {
         ..SimConfig::default()
     })
     .await;
-    let config = |accounts: Vec<kraken_token_broker::config::AccountConfig>| {
-        let names: Vec<String> = accounts.iter().map(|a| a.name.clone()).collect();
-        Config {
-            listen: ListenConfig {
-                api: "127.0.0.1:0".parse().unwrap(),
-                admin: "127.0.0.1:0".parse().unwrap(),
-            },
-            kraken: KrakenConfig {
-                rest_url: sim.rest_url(),
-                ws_url: sim.ws_url(),
-                timeout: Duration::from_secs(2),
-            },
-            refresh: policy(450.0, 60.0, 30.0, (1.0, 60.0)),
-            accounts,
-            consumers: vec![ConsumerConfig {
-                name: "engine".into(),
-                credential_sha256: [7; 32],
-                accounts: names,
-            }],
-        }
-    };
+    let config = |accounts| common::test_config(&sim, accounts, policy(450.0, 60.0, 30.0, (1.0, 60.0)), [7; 32]);
     let metrics = Metrics::new();
     let mut core = Core::start(config(vec![common::account("one", &a)]), metrics.clone(), || 0.5).unwrap();
     let state = core.state();

@@ -3,16 +3,16 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{RawQuery, State};
+use axum::extract::RawQuery;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tracing::debug;
 
+use super::Grant;
 use super::auth::Authenticated;
 use super::problem::ApiError;
-use super::{AppState, Grant};
 use crate::token::{CachedToken, Cause, Unavailable, token_sha256};
 
 /// The largest `min_ttl` accepted: Kraken's documented token lifetime.
@@ -84,24 +84,6 @@ fn parse_query(raw: Option<&str>, allow_min_ttl: bool) -> Result<Query, ApiError
     Ok(query)
 }
 
-/// The grant of the account asked for, or the only one when none is named.
-fn resolve_grant<'a>(state: &AppState, auth: &'a Authenticated, account: Option<&str>) -> Result<&'a Grant, ApiError> {
-    let grants = &auth.consumer.grants;
-    let grant = match account {
-        Some(name) => grants.iter().find(|g| g.account == name),
-        None if grants.len() == 1 => grants.first(),
-        None => {
-            return Err(ApiError::BadRequest(
-                "this consumer is granted several accounts: name one with ?account=NAME".into(),
-            ));
-        }
-    };
-    grant.ok_or_else(|| {
-        state.metrics.auth_failure(crate::metrics::AuthFailure::Forbidden);
-        ApiError::Forbidden
-    })
-}
-
 fn unavailable(u: Unavailable, account: &str) -> ApiError {
     let detail = match u.cause {
         Cause::Unsatisfiable { lifetime } => {
@@ -133,13 +115,9 @@ fn served(grant: &Grant, consumer: &str, token: &CachedToken) {
 }
 
 /// `GET /v1/token?account=NAME&min_ttl=SECONDS`
-pub async fn get_token(
-    State(state): State<AppState>,
-    auth: Authenticated,
-    RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
+pub async fn get_token(auth: Authenticated, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     let query = parse_query(raw.as_deref(), true)?;
-    let grant = resolve_grant(&state, &auth, query.account.as_deref())?;
+    let grant = auth.grant(query.account.as_deref())?;
     let table = &auth.table;
     let need = Duration::from_secs(query.min_ttl.unwrap_or(0)).max(table.min_served_ttl);
     let now = Instant::now();
@@ -165,14 +143,13 @@ struct InvalidateBody {
 
 /// `POST /v1/token/invalidate?account=NAME` with `{"token": "..."}`.
 pub async fn invalidate(
-    State(state): State<AppState>,
     auth: Authenticated,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let query = parse_query(raw.as_deref(), false)?;
-    let grant = resolve_grant(&state, &auth, query.account.as_deref())?;
+    let grant = auth.grant(query.account.as_deref())?;
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

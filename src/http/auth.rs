@@ -13,8 +13,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::problem::ApiError;
-use super::{AppState, Consumer, ServeTable};
-use crate::metrics::AuthFailure;
+use super::{AppState, Consumer, Grant, ServeTable};
+use crate::metrics::{AuthFailure, Metrics};
 
 /// A request whose bearer credential matched a consumer.
 pub struct Authenticated {
@@ -22,6 +22,30 @@ pub struct Authenticated {
     /// The serving table the consumer was found in, so the request sees one
     /// consistent configuration even if a reload lands meanwhile.
     pub table: Arc<ServeTable>,
+    /// To count a refused account; so handlers need not take the whole state.
+    metrics: Metrics,
+}
+
+impl Authenticated {
+    /// The grant of the account asked for, or the only one when none is
+    /// named. An account not granted is refused the same way whether or not
+    /// it exists.
+    pub fn grant(&self, account: Option<&str>) -> Result<&Grant, ApiError> {
+        let grants = &self.consumer.grants;
+        let grant = match account {
+            Some(name) => grants.iter().find(|g| g.account == name),
+            None if grants.len() == 1 => grants.first(),
+            None => {
+                return Err(ApiError::BadRequest(
+                    "this consumer is granted several accounts: name one with ?account=NAME".into(),
+                ));
+            }
+        };
+        grant.ok_or_else(|| {
+            self.metrics.auth_failure(AuthFailure::Forbidden);
+            ApiError::Forbidden
+        })
+    }
 }
 
 /// The credential of an `Authorization: Bearer <credential>` header.
@@ -77,7 +101,13 @@ impl FromRequestParts<AppState> for Authenticated {
             Ok(credential) => {
                 let hash: [u8; 32] = Sha256::digest(credential).into();
                 match find_consumer(&table, &hash) {
-                    Some(consumer) => return Ok(Self { consumer, table }),
+                    Some(consumer) => {
+                        return Ok(Self {
+                            consumer,
+                            table,
+                            metrics: state.metrics.clone(),
+                        });
+                    }
                     None => AuthFailure::Invalid,
                 }
             }

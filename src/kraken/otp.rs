@@ -75,10 +75,6 @@ impl Otp {
         }
     }
 
-    pub fn is_totp(&self) -> bool {
-        matches!(self, Otp::Totp(_))
-    }
-
     /// The code to send at `unix_secs`.
     pub fn code_at(&self, unix_secs: u64) -> SecretString {
         match self {

@@ -275,7 +275,9 @@ pub enum Reply {
     Hang,
 }
 
-/// The reply, and how long to wait before giving it.
+/// The reply, and how long to wait before giving it (for tests: the REST
+/// layer takes the fault, waits, then asks for the answer).
+#[cfg(test)]
 pub struct Decision {
     pub delay: Duration,
     pub reply: Reply,
@@ -477,6 +479,7 @@ impl SimState {
     }
 
     /// Decides the answer to a private REST call at once (no delay applied).
+    #[cfg(test)]
     pub fn private_call(&self, call: &PrivateCall<'_>) -> Decision {
         let (fault, delay) = self.take_fault();
         Decision {

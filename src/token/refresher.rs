@@ -40,8 +40,6 @@ pub const FORCED_REFRESH_EVERY: Duration = Duration::from_secs(10);
 /// The longest an `EService:Throttled` timestamp is obeyed, in case Kraken's
 /// clock and ours disagree wildly.
 const MAX_THROTTLE_WAIT: Duration = Duration::from_secs(3600);
-/// TOTP codes change every 30 s; a retry after a rejected code waits for the next.
-const TOTP_STEP_SECS: u64 = 30;
 
 /// A future yielding one `GetWebSocketsToken` answer.
 pub type FetchFuture = Pin<Box<dyn Future<Output = Result<WsToken, KrakenError>> + Send>>;
@@ -49,9 +47,9 @@ pub type FetchFuture = Pin<Box<dyn Future<Output = Result<WsToken, KrakenError>>
 /// Where tokens come from: Kraken in production, a script in unit tests.
 pub trait TokenSource: Send + Sync + 'static {
     fn fetch(&self) -> FetchFuture;
-    /// Whether the key's 2FA is a TOTP seed (a rejected code may be retried
-    /// once with the next code).
-    fn uses_totp(&self) -> bool;
+    /// With a TOTP seed as 2FA, how long until it yields a different code (a
+    /// rejected code is retried once, with the next one); `None` otherwise.
+    fn next_otp_code_in(&self) -> Option<Duration>;
 }
 
 /// The Kraken-backed source of one account.
@@ -72,8 +70,11 @@ impl TokenSource for KrakenSource {
         Box::pin(async move { client.get_websockets_token(&credentials, &lane).await })
     }
 
-    fn uses_totp(&self) -> bool {
-        self.credentials.otp.as_ref().is_some_and(|o| o.is_totp())
+    fn next_otp_code_in(&self) -> Option<Duration> {
+        let otp = self.credentials.otp.as_ref()?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
+        let next = Duration::from_secs(otp.next_code_at(now.as_secs())?);
+        Some(next.saturating_sub(now))
     }
 }
 
@@ -678,13 +679,15 @@ impl Refresher {
         };
         let mut permanent = false;
         let mut circuit = false;
+        // A rejected signature with a TOTP seed: the code may have been the
+        // problem; retry once, when the next code is out.
+        let next_code = (reason == Reason::InvalidSignature && !self.totp_retry_used)
+            .then(|| self.setup.source.next_otp_code_in())
+            .flatten();
         let delay = match action {
-            Action::Alert { .. }
-                if reason == Reason::InvalidSignature && self.setup.source.uses_totp() && !self.totp_retry_used =>
-            {
+            Action::Alert { .. } if next_code.is_some() => {
                 self.totp_retry_used = true;
-                let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-                let wait = Duration::from_secs(TOTP_STEP_SECS - unix % TOTP_STEP_SECS) + Duration::from_millis(100);
+                let wait = next_code.unwrap_or_default() + Duration::from_millis(100);
                 warn!(
                     account = %self.name, outcome = "failure", reason = %reason, %error, duration_ms,
                     retry_in = ?wait,
@@ -816,8 +819,8 @@ mod tests {
             })
         }
 
-        fn uses_totp(&self) -> bool {
-            self.totp
+        fn next_otp_code_in(&self) -> Option<Duration> {
+            self.totp.then_some(Duration::from_secs(30))
         }
     }
 

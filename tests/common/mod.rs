@@ -66,6 +66,35 @@ pub fn policy(before_expiry: f64, min_served: f64, jitter: f64, retry: (f64, f64
     }
 }
 
+/// A config on 127.0.0.1:0 for `accounts` against `sim`, with one consumer
+/// `engine` granted all of them.
+pub fn test_config(
+    sim: &SimHandle,
+    accounts: Vec<AccountConfig>,
+    policy: RefreshPolicy,
+    credential_sha256: [u8; 32],
+) -> Config {
+    let names = accounts.iter().map(|a| a.name.clone()).collect();
+    Config {
+        listen: ListenConfig {
+            api: "127.0.0.1:0".parse().unwrap(),
+            admin: "127.0.0.1:0".parse().unwrap(),
+        },
+        kraken: KrakenConfig {
+            rest_url: sim.rest_url(),
+            ws_url: sim.ws_url(),
+            timeout: Duration::from_secs(2),
+        },
+        refresh: policy,
+        accounts,
+        consumers: vec![ConsumerConfig {
+            name: "engine".into(),
+            credential_sha256,
+            accounts: names,
+        }],
+    }
+}
+
 /// A broker running in this process against a simulator.
 pub struct Broker {
     pub api: String,
@@ -111,25 +140,7 @@ impl Broker {
         limits: kraken_token_broker::http::server::ServerLimits,
     ) -> Broker {
         let (credential, credential_sha256) = new_credential();
-        let names = accounts.iter().map(|a| a.name.clone()).collect();
-        let config = Config {
-            listen: ListenConfig {
-                api: "127.0.0.1:0".parse().unwrap(),
-                admin: "127.0.0.1:0".parse().unwrap(),
-            },
-            kraken: KrakenConfig {
-                rest_url: sim.rest_url(),
-                ws_url: sim.ws_url(),
-                timeout: Duration::from_secs(2),
-            },
-            refresh: policy,
-            accounts,
-            consumers: vec![ConsumerConfig {
-                name: "engine".into(),
-                credential_sha256,
-                accounts: names,
-            }],
-        };
+        let config = test_config(sim, accounts, policy, credential_sha256);
         Self::launch(config, credential.expose().to_owned(), None, limits).await
     }
 
