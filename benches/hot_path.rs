@@ -16,34 +16,15 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use kraken_token_broker::http::auth::find_consumer;
 use kraken_token_broker::http::throttle::AuthThrottle;
 use kraken_token_broker::http::{AppState, Consumer, Grant, ServeTable, router};
-use kraken_token_broker::kraken::{KrakenError, WS_TOKEN_PATH, WsToken, decode_secret, sign};
+use kraken_token_broker::kraken::{WS_TOKEN_PATH, decode_secret, sign};
 use kraken_token_broker::metrics::Metrics;
-use kraken_token_broker::secret::SecretString;
-use kraken_token_broker::token::refresher::{self, FetchFuture};
-use kraken_token_broker::token::{AccountSetup, RefreshPolicy, TokenSource};
+use kraken_token_broker::token::refresher::{self, Ambient};
+use kraken_token_broker::token::{AccountSetup, RefreshPolicy, ScriptedSource};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
 const SECRET: &str = "kQH5HW/8p1uGOVjbgWA7FunAmGO8lsSUXNsu3eow76sz84Q18fWxnyRzBHCd3pd5nE9qa99HAZtuZuj6F1huXg==";
-
-/// A token source that answers at once.
-struct Instant900;
-
-impl TokenSource for Instant900 {
-    fn fetch(&self) -> FetchFuture {
-        let answer: Result<WsToken, KrakenError> = Ok(WsToken {
-            token: SecretString::new("1Dwc4lzSwNWOAwkMdqhssNNFhs1ed606d1WcF3XfEMw"),
-            lifetime: Duration::from_secs(900),
-            lifetime_clamped: false,
-        });
-        Box::pin(async move { answer })
-    }
-
-    fn next_otp_code_in(&self) -> Option<Duration> {
-        None
-    }
-}
 
 fn sha(credential: &str) -> [u8; 32] {
     Sha256::digest(credential.as_bytes()).into()
@@ -80,7 +61,6 @@ fn authentication(c: &mut Criterion) {
     let table = ServeTable {
         consumers: consumers(10),
         accounts: BTreeMap::new(),
-        min_served_ttl: Duration::from_secs(60),
         ws_url: String::new(),
     };
     c.bench_function("authenticate: SHA-256 + constant-time compare, 10 consumers", |b| {
@@ -99,19 +79,22 @@ fn cached_token(c: &mut Criterion) {
         .unwrap();
     let app = rt.block_on(async {
         let metrics = Metrics::new();
-        let policy = RefreshPolicy {
-            refresh_before_expiry: Duration::from_secs(450),
-            min_served_ttl: Duration::from_secs(60),
-            jitter: Duration::from_secs(30),
-            retry_initial: Duration::from_secs(1),
-            retry_max: Duration::from_secs(60),
-        };
+        let policy = RefreshPolicy::default();
+        // Answers at once with a token shaped like Kraken's.
+        let source =
+            ScriptedSource::new(Duration::from_secs(900)).prefix("1Dwc4lzSwNWOAwkMdqhssNNFhs1ed606d1WcF3XfEMw");
         let setup = AccountSetup {
-            source: Arc::new(Instant900),
+            source: Arc::new(source),
             policy,
             call_timeout: Duration::from_secs(5),
         };
-        let (handle, _) = refresher::spawn("main", setup, metrics.account("main"), || 0.5, CancellationToken::new());
+        let (handle, _) = refresher::spawn(
+            "main",
+            setup,
+            metrics.account("main"),
+            Ambient::default(),
+            CancellationToken::new(),
+        );
         handle.want(Duration::from_secs(60)).await.unwrap();
         let mut all = consumers(9);
         all.push(Arc::new(Consumer {
@@ -127,7 +110,6 @@ fn cached_token(c: &mut Criterion) {
             table: Arc::new(ArcSwap::from_pointee(ServeTable {
                 consumers: all,
                 accounts: BTreeMap::from([("main".to_owned(), handle)]),
-                min_served_ttl: Duration::from_secs(60),
                 ws_url: "wss://ws-auth.kraken.com/v2".into(),
             })),
             metrics,

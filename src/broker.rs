@@ -1,37 +1,90 @@
 //! The broker assembled: one refresher per account, the serving table the
-//! HTTP layer reads, the two listeners, reloads on SIGHUP, supervision of the
+//! HTTP layer reads, the two listeners, reloads, supervision of the
 //! refreshers, and an orderly shutdown.
 //!
 //! [`run`] takes already-bound listeners and a shutdown token, so tests bind
 //! port 0 and stop it at will.
+//!
+//! Reloads: the control loop never reads a file. A reload request starts a
+//! read of the config and its secrets on the blocking pool, with a deadline;
+//! its result comes back to the loop, which applies it at once (sending each
+//! refresher its change on an ordered channel) and answers the request once
+//! every refresher has acknowledged. One read at a time: requests that come
+//! in meanwhile are served by the next read, so none is answered with a
+//! config older than itself.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context as _, anyhow};
 use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{AccountConfig, Config};
+use crate::clock::WallClock;
+use crate::config::{AccountConfig, Config, ConfigError};
 use crate::http::server::{ServerLimits, serve};
 use crate::http::throttle::AuthThrottle;
 use crate::http::{self, AppState, Consumer, Grant, ServeTable};
 use crate::kraken::{KeyLane, KrakenClient};
 use crate::metrics::Metrics;
-use crate::token::refresher::{self, Jitter};
-use crate::token::{AccountHandle, AccountSetup, KrakenSource};
+use crate::telemetry::list;
+use crate::token::refresher::{self, Ambient, Jitter};
+use crate::token::{AccountHandle, AccountSetup, Applied, KrakenSource};
 
 /// How long a request may wait for a refresh: a Kraken call, its nonce
 /// retry, and slack. Requests, and the shutdown drain, are bounded by it.
 pub fn request_timeout(kraken_timeout: Duration) -> Duration {
     kraken_timeout * 2 + Duration::from_secs(5)
+}
+
+/// Why the broker stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot build the HTTP client for Kraken: {0}")]
+    KrakenClient(#[source] reqwest::Error),
+    #[error(transparent)]
+    RefresherDied(#[from] RefresherDeath),
+    #[error("the {which} server {end}")]
+    ServerEnded { which: &'static str, end: ServerEnd },
+    #[error("a listener has no local address: {0}")]
+    Listener(#[source] std::io::Error),
+}
+
+/// How a refresher ended without being asked to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeathCause {
+    #[error("it panicked")]
+    Panicked,
+    #[error("it returned")]
+    Returned,
+    #[error("it was aborted")]
+    Aborted,
+}
+
+/// A refresher that ended without being asked to: the process must exit
+/// so that it is restarted, rather than live on without tokens.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the refresher of account `{account}` died: {cause}")]
+pub struct RefresherDeath {
+    pub account: String,
+    pub cause: DeathCause,
+}
+
+/// How a listener's server ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerEnd {
+    #[error("stopped unexpectedly")]
+    Stopped,
+    #[error("failed: {0}")]
+    Failed(#[source] std::io::Error),
+    #[error("task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 /// The two listeners, bound by the caller.
@@ -40,11 +93,44 @@ pub struct Listeners {
     pub admin: TcpListener,
 }
 
+/// What a reload ended in: what changed, once every refresher has taken its
+/// change, or why the running config stays in force.
+pub type ReloadOutcome = Result<ReloadSummary, Arc<ConfigError>>;
+
+/// "Reload now" (SIGHUP, the poller, a test), with an optional place for
+/// the outcome.
+#[derive(Debug, Default)]
+pub struct ReloadRequest {
+    pub reply: Option<oneshot::Sender<ReloadOutcome>>,
+}
+
 /// Where reloads come from: the config file to re-read and a stream of
-/// "reload now" events (SIGHUP in production).
+/// requests.
 pub struct Reloads {
     pub path: PathBuf,
-    pub events: mpsc::Receiver<()>,
+    pub requests: mpsc::Receiver<ReloadRequest>,
+}
+
+/// What the broker reads from the world besides its config: metrics, the
+/// randomness of jitter, the wall clock and listener limits. Parameters, so
+/// tests are exact; the default is production's.
+#[derive(Clone)]
+pub struct Options {
+    pub metrics: Metrics,
+    pub jitter: Jitter,
+    pub clock: WallClock,
+    pub limits: ServerLimits,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            metrics: Metrics::new(),
+            jitter: refresher::random_jitter,
+            clock: WallClock::system(),
+            limits: ServerLimits::default(),
+        }
+    }
 }
 
 struct RunningAccount {
@@ -58,16 +144,15 @@ struct RunningAccount {
 
 /// The refreshers and the serving table.
 pub struct Broker {
-    metrics: Metrics,
+    options: Options,
     table: Arc<ArcSwap<ServeTable>>,
     throttle: Arc<AuthThrottle>,
     accounts: BTreeMap<String, RunningAccount>,
     /// One nonce lane per API key, shared by accounts using the same key.
     lanes: HashMap<[u8; 32], Arc<KeyLane>>,
-    jitter: Jitter,
     /// Reports of refreshers that ended without being asked to.
-    deaths_tx: mpsc::UnboundedSender<String>,
-    deaths_rx: mpsc::UnboundedReceiver<String>,
+    deaths_tx: mpsc::UnboundedSender<RefresherDeath>,
+    deaths_rx: mpsc::UnboundedReceiver<RefresherDeath>,
     config: Config,
 }
 
@@ -89,21 +174,19 @@ fn setup_digest(account: &AccountConfig, config: &Config) -> [u8; 32] {
 
 impl Broker {
     /// Starts a refresher per account.
-    pub fn start(config: Config, metrics: Metrics, jitter: Jitter) -> anyhow::Result<Self> {
+    pub fn start(config: Config, options: Options) -> Result<Self, Error> {
         let (deaths_tx, deaths_rx) = mpsc::unbounded_channel();
         let empty = ServeTable {
             consumers: Vec::new(),
             accounts: BTreeMap::new(),
-            min_served_ttl: config.refresh.min_served_ttl,
             ws_url: config.kraken.ws_url.clone(),
         };
         let mut broker = Self {
-            metrics,
+            options,
             table: Arc::new(ArcSwap::from_pointee(empty)),
             throttle: Arc::new(AuthThrottle::new()),
             accounts: BTreeMap::new(),
             lanes: HashMap::new(),
-            jitter,
             deaths_tx,
             deaths_rx,
             config: config.clone(),
@@ -115,14 +198,19 @@ impl Broker {
     pub fn state(&self) -> AppState {
         AppState {
             table: Arc::clone(&self.table),
-            metrics: self.metrics.clone(),
+            metrics: self.options.metrics.clone(),
             throttle: Arc::clone(&self.throttle),
         }
     }
 
     fn setup(&mut self, account: &AccountConfig, client: &KrakenClient, config: &Config) -> AccountSetup {
         let key_id: [u8; 32] = Sha256::digest(account.credentials.api_key.expose().as_bytes()).into();
-        let lane = Arc::clone(self.lanes.entry(key_id).or_insert_with(|| Arc::new(KeyLane::new())));
+        let clock = &self.options.clock;
+        let lane = Arc::clone(
+            self.lanes
+                .entry(key_id)
+                .or_insert_with(|| Arc::new(KeyLane::with_clock(clock.clone()))),
+        );
         AccountSetup {
             source: Arc::new(KrakenSource {
                 client: client.clone(),
@@ -136,10 +224,12 @@ impl Broker {
 
     /// Brings refreshers and the serving table in line with `config`:
     /// starts new accounts, reconfigures changed ones, stops removed ones.
-    fn apply(&mut self, config: Config) -> anyhow::Result<ReloadSummary> {
-        let client = KrakenClient::new(&config.kraken.rest_url, config.kraken.timeout)
-            .context("cannot build the HTTP client for Kraken")?;
+    /// Never waits: each change is sent to its refresher in order, and the
+    /// returned [`Applied`]s resolve once they are in force.
+    fn apply(&mut self, config: Config) -> Result<(ReloadSummary, Vec<Applied>), Error> {
+        let client = KrakenClient::new(&config.kraken.rest_url, config.kraken.timeout).map_err(Error::KrakenClient)?;
         let mut summary = ReloadSummary::default();
+        let mut applied = Vec::new();
         let wanted: Vec<&str> = config.accounts.iter().map(|a| a.name.as_str()).collect();
         let removed: Vec<String> = self
             .accounts
@@ -150,7 +240,7 @@ impl Broker {
         for name in removed {
             if let Some(running) = self.accounts.remove(&name) {
                 running.cancel.cancel();
-                self.metrics.remove_account(&name);
+                self.options.metrics.remove_account(&name);
                 summary.removed.push(name);
             }
         }
@@ -161,23 +251,24 @@ impl Broker {
                 Some(running) if running.setup_digest == digest => {
                     // Unchanged: a reload still means "retry now" for an
                     // account stuck on a rejection an operator has fixed.
-                    let handle = running.handle.clone();
-                    tokio::spawn(async move { handle.retry_now().await });
+                    applied.push(running.handle.retry_now());
                 }
                 Some(running) => {
                     running.setup_digest = digest;
-                    let handle = running.handle.clone();
-                    // The refresher takes it at its next command; no request waits on this.
-                    tokio::spawn(async move { handle.reconfigure(setup).await });
+                    applied.push(running.handle.reconfigure(setup));
                     summary.changed.push(account.name.clone());
                 }
                 None => {
                     let cancel = CancellationToken::new();
+                    let ambient = Ambient {
+                        jitter: self.options.jitter,
+                        clock: self.options.clock.clone(),
+                    };
                     let (handle, task) = refresher::spawn(
                         &account.name,
                         setup,
-                        self.metrics.account(&account.name),
-                        self.jitter,
+                        self.options.metrics.account(&account.name),
+                        ambient,
                         cancel.clone(),
                     );
                     let watch = watch_refresher(&account.name, &cancel, task, self.deaths_tx.clone());
@@ -196,10 +287,11 @@ impl Broker {
         }
         self.install_table(&config);
         self.config = config;
-        Ok(summary)
+        Ok((summary, applied))
     }
 
     fn install_table(&self, config: &Config) {
+        let metrics = &self.options.metrics;
         let old = self.table.load();
         let mut consumers = Vec::new();
         for c in &config.consumers {
@@ -211,7 +303,7 @@ impl Broker {
                     Some(Grant {
                         account: name.clone(),
                         handle: running.handle.clone(),
-                        served: self.metrics.served(name, &c.name),
+                        served: metrics.served(name, &c.name),
                     })
                 })
                 .collect();
@@ -229,7 +321,7 @@ impl Broker {
                     .iter()
                     .any(|c| c.name == old_consumer.name && c.accounts.contains(&grant.account));
                 if !kept {
-                    self.metrics.remove_served(&grant.account, &old_consumer.name);
+                    metrics.remove_served(&grant.account, &old_consumer.name);
                 }
             }
         }
@@ -241,13 +333,13 @@ impl Broker {
         self.table.store(Arc::new(ServeTable {
             consumers,
             accounts,
-            min_served_ttl: config.refresh.min_served_ttl,
             ws_url: config.kraken.ws_url.clone(),
         }));
     }
 
-    /// Applies a reloaded configuration.
-    pub fn reload(&mut self, config: Config) -> anyhow::Result<ReloadSummary> {
+    /// Applies a reloaded configuration; the [`Applied`]s resolve once every
+    /// refresher has taken its change.
+    pub fn reload(&mut self, config: Config) -> Result<(ReloadSummary, Vec<Applied>), Error> {
         if config.listen != self.config.listen {
             warn!(
                 api = %config.listen.api,
@@ -259,7 +351,7 @@ impl Broker {
     }
 
     /// Resolves when a refresher ended without being asked to.
-    pub async fn refresher_died(&mut self) -> String {
+    pub async fn refresher_died(&mut self) -> RefresherDeath {
         match self.deaths_rx.recv().await {
             Some(report) => report,
             None => std::future::pending().await,
@@ -283,28 +375,116 @@ fn watch_refresher(
     name: &str,
     cancel: &CancellationToken,
     task: JoinHandle<()>,
-    deaths: mpsc::UnboundedSender<String>,
+    deaths: mpsc::UnboundedSender<RefresherDeath>,
 ) -> JoinHandle<()> {
     let (name, cancel) = (name.to_owned(), cancel.clone());
     tokio::spawn(async move {
         let outcome = task.await;
         if !cancel.is_cancelled() {
-            let why = match outcome {
-                Err(e) if e.is_panic() => "it panicked".to_owned(),
-                Err(e) => format!("it was aborted: {e}"),
-                Ok(()) => "it returned".to_owned(),
+            let cause = match outcome {
+                Err(e) if e.is_panic() => DeathCause::Panicked,
+                Err(_) => DeathCause::Aborted,
+                Ok(()) => DeathCause::Returned,
             };
-            let _ = deaths.send(format!("the refresher of account `{name}` died: {why}"));
+            let _ = deaths.send(RefresherDeath { account: name, cause });
         }
     })
 }
 
 /// What a reload changed.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ReloadSummary {
     pub added: Vec<String>,
     pub changed: Vec<String>,
     pub removed: Vec<String>,
+}
+
+/// The reload under way, and the requests waiting for the next one.
+#[derive(Default)]
+struct ReloadQueue {
+    reading: Option<JoinHandle<Result<Config, ConfigError>>>,
+    /// Answered by the read under way.
+    current: Vec<oneshot::Sender<ReloadOutcome>>,
+    /// Came in during the read under way: answered by the next one.
+    next: Vec<oneshot::Sender<ReloadOutcome>>,
+    again: bool,
+}
+
+impl ReloadQueue {
+    fn request(&mut self, request: ReloadRequest, path: &std::path::Path) {
+        if self.reading.is_none() {
+            self.current.extend(request.reply);
+            self.start(path);
+        } else {
+            self.next.extend(request.reply);
+            self.again = true;
+        }
+    }
+
+    fn start(&mut self, path: &std::path::Path) {
+        let path = path.to_owned();
+        self.reading = Some(tokio::spawn(async move { Config::load_off_runtime(&path).await }));
+    }
+
+    /// The read under way finished: the requests it answers, and whether to
+    /// start the next one.
+    fn finished(&mut self, path: &std::path::Path) -> Vec<oneshot::Sender<ReloadOutcome>> {
+        self.reading = None;
+        let answered = std::mem::take(&mut self.current);
+        if std::mem::take(&mut self.again) {
+            self.current = std::mem::take(&mut self.next);
+            self.start(path);
+        }
+        answered
+    }
+}
+
+/// Applies a freshly read config, logs the outcome once it is in force, and
+/// answers whoever asked.
+fn finish_reload(
+    broker: &mut Broker,
+    read: Result<Result<Config, ConfigError>, tokio::task::JoinError>,
+    replies: Vec<oneshot::Sender<ReloadOutcome>>,
+) {
+    let config = match read {
+        Ok(Ok(config)) => config,
+        Ok(Err(problems)) => {
+            error!(error = %problems, "config reload refused; the running config stays in force");
+            let problems = Arc::new(problems);
+            for reply in replies {
+                let _ = reply.send(Err(Arc::clone(&problems)));
+            }
+            return;
+        }
+        Err(join) => {
+            error!(error = %join, "config reload failed; the running config stays in force");
+            return;
+        }
+    };
+    for warning in &config.warnings {
+        warn!(warning = %warning, "config warning");
+    }
+    match broker.reload(config) {
+        Ok((summary, applied)) => {
+            tokio::spawn(async move {
+                for change in applied {
+                    change.wait().await;
+                }
+                info!(
+                    added = list(&summary.added),
+                    changed = list(&summary.changed),
+                    removed = list(&summary.removed),
+                    "config reloaded"
+                );
+                for reply in replies {
+                    let _ = reply.send(Ok(summary.clone()));
+                }
+            });
+        }
+        Err(error) => {
+            error!(%error, "config reload failed; the running config stays in force");
+        }
+    }
 }
 
 /// Runs the broker on bound listeners until `shutdown` is cancelled.
@@ -313,27 +493,24 @@ pub struct ReloadSummary {
 /// listener fails. On shutdown: stop accepting, let in-flight requests finish
 /// (they may be waiting on a refresh, so refreshers stop last), stop refreshers.
 ///
-/// `limits` bound the listeners; their drain time is set from the config.
-#[allow(clippy::too_many_arguments)]
+/// The listeners' drain time is set from the config.
 pub async fn run(
     config: Config,
     listeners: Listeners,
     mut reloads: Option<Reloads>,
     shutdown: CancellationToken,
-    metrics: Metrics,
-    jitter: Jitter,
-    limits: ServerLimits,
-) -> anyhow::Result<()> {
+    options: Options,
+) -> Result<(), Error> {
     let timeout = request_timeout(config.kraken.timeout);
     let limits = ServerLimits {
         drain_timeout: timeout,
-        ..limits
+        ..options.limits
     };
-    let mut broker = Broker::start(config, metrics, jitter)?;
+    let mut broker = Broker::start(config, options)?;
     let state = broker.state();
     let stop_serving = CancellationToken::new();
-    let api_addr = listeners.api.local_addr()?;
-    let admin_addr = listeners.admin.local_addr()?;
+    let api_addr = listeners.api.local_addr().map_err(Error::Listener)?;
+    let admin_addr = listeners.admin.local_addr().map_err(Error::Listener)?;
     let mut api = tokio::spawn(serve(
         listeners.api,
         http::router(state.clone()),
@@ -348,28 +525,30 @@ pub async fn run(
     ));
     info!(api = %api_addr, admin = %admin_addr, accounts = broker.accounts.len(), "broker serving");
 
+    let mut queue = ReloadQueue::default();
+    let path = reloads.as_ref().map(|r| r.path.clone()).unwrap_or_default();
     let (mut api_done, mut admin_done) = (false, false);
-    let outcome: anyhow::Result<()> = loop {
+    let outcome: Result<(), Error> = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
-            Some(()) = async {
+            Some(request) = async {
                 match reloads.as_mut() {
-                    Some(r) => r.events.recv().await,
+                    Some(r) => r.requests.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => queue.request(request, &path),
+            read = async {
+                match queue.reading.as_mut() {
+                    Some(task) => task.await,
                     None => std::future::pending().await,
                 }
             } => {
-                let path = reloads.as_ref().map(|r| r.path.clone()).expect("events come with a path");
-                match Config::load(&path) {
-                    Ok(config) => match broker.reload(config) {
-                        Ok(s) => info!(added = ?s.added, changed = ?s.changed, removed = ?s.removed, "config reloaded"),
-                        Err(error) => error!(error = %format!("{error:#}"), "config reload failed; the running config stays in force"),
-                    },
-                    Err(error) => error!(%error, "config reload refused; the running config stays in force"),
-                }
+                let replies = queue.finished(&path);
+                finish_reload(&mut broker, read, replies);
             }
             death = broker.refresher_died() => {
                 error!(error = %death, "a refresher died; exiting so the broker is restarted");
-                break Err(anyhow!(death));
+                break Err(death.into());
             }
             result = &mut api, if !api_done => {
                 api_done = true;
@@ -381,6 +560,9 @@ pub async fn run(
             }
         }
     };
+    if let Some(reading) = queue.reading.take() {
+        reading.abort();
+    }
     stop_serving.cancel();
     let _ = tokio::time::timeout(timeout + Duration::from_secs(1), async {
         if !api_done {
@@ -396,12 +578,13 @@ pub async fn run(
     outcome
 }
 
-fn server_ended(which: &str, result: Result<std::io::Result<()>, tokio::task::JoinError>) -> anyhow::Error {
-    match result {
-        Ok(Ok(())) => anyhow!("the {which} server stopped unexpectedly"),
-        Ok(Err(e)) => anyhow!("the {which} server failed: {e}"),
-        Err(e) => anyhow!("the {which} server task failed: {e}"),
-    }
+fn server_ended(which: &'static str, result: Result<std::io::Result<()>, tokio::task::JoinError>) -> Error {
+    let end = match result {
+        Ok(Ok(())) => ServerEnd::Stopped,
+        Ok(Err(e)) => ServerEnd::Failed(e),
+        Err(e) => ServerEnd::Task(e),
+    };
+    Error::ServerEnded { which, end }
 }
 
 #[cfg(test)]
@@ -415,11 +598,18 @@ mod tests {
         let dies = tokio::spawn(async { panic!("a bug in a refresher") });
         watch_refresher("main", &running, dies, tx.clone()).await.unwrap();
         let report = rx.recv().await.unwrap();
-        assert_eq!(report, "the refresher of account `main` died: it panicked");
+        assert_eq!(report.to_string(), "the refresher of account `main` died: it panicked");
+        assert_eq!(report.cause, DeathCause::Panicked);
 
         let returns = tokio::spawn(async {});
         watch_refresher("quiet", &running, returns, tx.clone()).await.unwrap();
-        assert!(rx.recv().await.unwrap().contains("`quiet` died: it returned"));
+        assert!(
+            rx.recv()
+                .await
+                .unwrap()
+                .to_string()
+                .contains("`quiet` died: it returned")
+        );
 
         let stopped = CancellationToken::new();
         stopped.cancel();

@@ -1,10 +1,14 @@
 //! The broker's TOML configuration, typed at load.
 //!
-//! [`Config::load`] reads the file, walks it with spans so that every problem
-//! is reported at once with its line and key (unknown keys included), reads
-//! each secret from its file or environment variable and wraps it at once in
-//! a redacting type. A `Config` in hand is valid: addresses parse, durations
-//! are sane, secrets decode, and every consumer names existing accounts.
+//! Loading goes in two steps. First the file is read into serde types, one
+//! per section (`deny_unknown_fields`, every value [`Spanned`] so it keeps
+//! its place in the file); a section that does not fit its type is reported
+//! key by key, and the rest of it is still read. Then one validation pass
+//! turns those into a [`Config`], reading each secret from its file or
+//! environment variable and wrapping it at once in a redacting type. Every
+//! problem is reported at once, each with its line; a `Config` in hand is
+//! valid: addresses parse, durations are sane, secrets decode, and every
+//! consumer names existing accounts.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -12,9 +16,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::Deserialize;
+use serde::de::{DeserializeOwned, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use toml::Spanned;
-use toml::de::{DeTable, DeValue};
+use toml::de::{DeTable, DeValue, ValueDeserializer};
 
+use crate::files::{FileError, FileText, MAX_CONFIG_BYTES, MAX_SECRET_BYTES, read_regular};
 use crate::kraken::{ApiCredentials, Otp, decode_secret};
 use crate::secret::SecretString;
 use crate::token::RefreshPolicy;
@@ -24,17 +31,11 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9090";
 pub const DEFAULT_REST_URL: &str = "https://api.kraken.com";
 pub const DEFAULT_WS_URL: &str = "wss://ws-auth.kraken.com/v2";
 pub const DEFAULT_KRAKEN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Half of Kraken's 900 s lifetime, as Kraken's own SDK refreshes.
-pub const DEFAULT_REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(450);
-pub const DEFAULT_MIN_SERVED_TTL: Duration = Duration::from_secs(60);
-pub const DEFAULT_JITTER: Duration = Duration::from_secs(30);
-pub const DEFAULT_RETRY_INITIAL: Duration = Duration::from_secs(1);
-pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// The longest Kraken call timeout accepted: longer only delays failover.
 const MAX_KRAKEN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Kraken's token lifetime, which refresh settings must fit inside.
-const TOKEN_LIFETIME: Duration = Duration::from_secs(900);
+const TOKEN_LIFETIME: Duration = crate::token::MAX_TOKEN_LIFETIME;
 /// The longest back-off accepted between retries.
 const MAX_RETRY: Duration = Duration::from_secs(3600);
 
@@ -93,6 +94,8 @@ pub struct Config {
     pub refresh: RefreshPolicy,
     pub accounts: Vec<AccountConfig>,
     pub consumers: Vec<ConsumerConfig>,
+    /// What is allowed but unwise (a secret file anyone may read).
+    pub warnings: Vec<Problem>,
 }
 
 /// One problem found in a config file.
@@ -117,7 +120,7 @@ impl fmt::Display for Problem {
 }
 
 /// Every problem found in a config file, in file order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigError {
     pub path: PathBuf,
     pub problems: Vec<Problem>,
@@ -139,15 +142,14 @@ impl fmt::Display for ConfigError {
     }
 }
 
-impl std::error::Error for ConfigError {}
-
 /// Reads secrets; a parameter so tests need not touch the process environment.
 pub trait SecretReader {
     fn env(&self, var: &str) -> Option<String>;
-    fn file(&self, path: &Path) -> std::io::Result<String>;
+    fn file(&self, path: &Path) -> Result<FileText, FileError>;
 }
 
-/// Reads from the real environment and filesystem.
+/// Reads from the real environment and filesystem: regular files only, of a
+/// bounded size ([`read_regular`]).
 pub struct SystemSecrets;
 
 impl SecretReader for SystemSecrets {
@@ -155,8 +157,8 @@ impl SecretReader for SystemSecrets {
         std::env::var(var).ok()
     }
 
-    fn file(&self, path: &Path) -> std::io::Result<String> {
-        std::fs::read_to_string(path)
+    fn file(&self, path: &Path) -> Result<FileText, FileError> {
+        read_regular(path, MAX_SECRET_BYTES)
     }
 }
 
@@ -171,196 +173,6 @@ pub fn valid_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-}
-
-/// Walks the spanned TOML tree, collecting problems.
-struct Walker<'s> {
-    source: &'s str,
-    problems: Vec<Problem>,
-}
-
-impl<'s> Walker<'s> {
-    fn line(&self, offset: usize) -> usize {
-        self.source[..offset.min(self.source.len())].matches('\n').count() + 1
-    }
-
-    fn problem(&mut self, at: Option<usize>, key: impl Into<String>, message: impl Into<String>) {
-        let line = at.map(|o| self.line(o));
-        self.problems.push(Problem {
-            line,
-            key: key.into(),
-            message: message.into(),
-        });
-    }
-
-    /// Reports keys of `table` not in `allowed`.
-    fn unknown_keys(&mut self, table: &DeTable<'_>, prefix: &str, allowed: &[&str]) {
-        for (key, _) in table.iter() {
-            if !allowed.contains(&key.get_ref().as_ref()) {
-                let path = join(prefix, key.get_ref());
-                let hint = format!("unknown key (expected one of: {})", allowed.join(", "));
-                self.problem(Some(key.span().start), path, hint);
-            }
-        }
-    }
-
-    fn get<'t, 'i>(table: &'t DeTable<'i>, key: &str) -> Option<&'t Spanned<DeValue<'i>>> {
-        table.iter().find(|(k, _)| k.get_ref() == key).map(|(_, v)| v)
-    }
-
-    fn string<'t>(&mut self, table: &'t DeTable<'_>, prefix: &str, key: &str) -> Option<(&'t str, usize)> {
-        let value = Self::get(table, key)?;
-        match value.get_ref() {
-            DeValue::String(s) => Some((s.as_ref(), value.span().start)),
-            other => {
-                let msg = format!("expected a string, found {}", other.type_str());
-                self.problem(Some(value.span().start), join(prefix, key), msg);
-                None
-            }
-        }
-    }
-
-    fn table<'t, 'i>(&mut self, root: &'t DeTable<'i>, key: &str) -> Option<&'t DeTable<'i>> {
-        let value = Self::get(root, key)?;
-        match value.get_ref() {
-            DeValue::Table(t) => Some(t),
-            other => {
-                let msg = format!("expected a table, found {}", other.type_str());
-                self.problem(Some(value.span().start), key, msg);
-                None
-            }
-        }
-    }
-
-    fn duration(&mut self, table: Option<&DeTable<'_>>, prefix: &str, key: &str, default: Duration) -> Duration {
-        let Some(table) = table else { return default };
-        match self.string(table, prefix, key) {
-            None => default,
-            Some((text, at)) => parse_duration(text).unwrap_or_else(|e| {
-                self.problem(Some(at), join(prefix, key), e);
-                default
-            }),
-        }
-    }
-
-    fn socket_addr(&mut self, table: Option<&DeTable<'_>>, key: &str, default: &str) -> SocketAddr {
-        let fallback = || default.parse().expect("default addresses parse");
-        let Some(table) = table else { return fallback() };
-        match self.string(table, "listen", key) {
-            None => fallback(),
-            Some((text, at)) => text.parse().unwrap_or_else(|_| {
-                let msg = format!("`{text}` is not an address like 0.0.0.0:8080");
-                self.problem(Some(at), join("listen", key), msg);
-                fallback()
-            }),
-        }
-    }
-
-    fn url(&mut self, table: Option<&DeTable<'_>>, key: &str, default: &str, schemes: &[&str]) -> String {
-        let Some(table) = table else { return default.to_owned() };
-        let Some((text, at)) = self.string(table, "kraken", key) else {
-            return default.to_owned();
-        };
-        match reqwest::Url::parse(text) {
-            Ok(url) if schemes.contains(&url.scheme()) && url.host_str().is_some() => {
-                text.trim_end_matches('/').to_owned()
-            }
-            _ => {
-                let msg = format!("`{text}` is not a {} URL", schemes.join(" or "));
-                self.problem(Some(at), join("kraken", key), msg);
-                default.to_owned()
-            }
-        }
-    }
-
-    /// A table's `name`: present, `[a-z0-9_-]{1,64}`, and not seen before
-    /// among the `kind`s (`account`, `consumer`).
-    fn unique_name(
-        &mut self,
-        table: &DeTable<'_>,
-        prefix: &str,
-        at: usize,
-        kind: &str,
-        seen: &mut HashSet<String>,
-    ) -> Option<String> {
-        let key = format!("{prefix}.name");
-        let Some((name, name_at)) = self.string(table, prefix, "name") else {
-            if Self::get(table, "name").is_none() {
-                self.problem(Some(at), key, "missing");
-            }
-            return None;
-        };
-        if !valid_name(name) {
-            self.problem(Some(name_at), key, format!("`{name}` must match [a-z0-9_-]{{1,64}}"));
-            return None;
-        }
-        if !seen.insert(name.to_owned()) {
-            self.problem(Some(name_at), key, format!("{kind} `{name}` is defined twice"));
-            return None;
-        }
-        Some(name.to_owned())
-    }
-
-    /// Reads a `{ file = "..." }` or `{ env = "..." }` secret.
-    fn secret<R: SecretReader>(
-        &mut self,
-        reader: &R,
-        table: &DeTable<'_>,
-        prefix: &str,
-        key: &str,
-    ) -> Option<(SecretString, SecretSource)> {
-        let value = Self::get(table, key)?;
-        let at = Some(value.span().start);
-        let path = join(prefix, key);
-        let DeValue::Table(source) = value.get_ref() else {
-            self.problem(
-                at,
-                path,
-                "secrets never live in the config file: use { file = \"/path\" } or { env = \"VAR\" }",
-            );
-            return None;
-        };
-        self.unknown_keys(source, &path, &["file", "env"]);
-        let file = self.string(source, &path, "file");
-        let env = self.string(source, &path, "env");
-        let (raw, origin) = match (file, env) {
-            (Some((file, _)), None) => {
-                let file = match expand_env(file, reader) {
-                    Ok(expanded) => PathBuf::from(expanded),
-                    Err(var) => {
-                        let msg = format!("environment variable {var} (in the file path) is not set");
-                        self.problem(at, path, msg);
-                        return None;
-                    }
-                };
-                match reader.file(&file) {
-                    Ok(text) => (text, SecretSource::File(file)),
-                    Err(e) => {
-                        let msg = format!("cannot read secret file {}: {e}", file.display());
-                        self.problem(at, path, msg);
-                        return None;
-                    }
-                }
-            }
-            (None, Some((var, _))) => match reader.env(var) {
-                Some(text) => (text, SecretSource::Env(var.to_owned())),
-                None => {
-                    self.problem(at, path, format!("environment variable {var} is not set"));
-                    return None;
-                }
-            },
-            _ => {
-                self.problem(at, path, "give exactly one of file = \"/path\" or env = \"VAR\"");
-                return None;
-            }
-        };
-        let value = raw.trim_end_matches(['\n', '\r']).to_owned();
-        if value.trim().is_empty() {
-            self.problem(at, path, format!("the secret from {origin} is empty"));
-            return None;
-        }
-        Some((SecretString::new(value), origin))
-    }
 }
 
 /// Replaces each `${NAME}` in `text` with the environment variable NAME, so
@@ -384,6 +196,144 @@ pub fn expand_env<R: SecretReader>(text: &str, reader: &R) -> Result<String, Str
     Ok(out)
 }
 
+/// 64 hex characters (either case) into 32 bytes.
+pub fn parse_sha256(text: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut out).ok()?;
+    Some(out)
+}
+
+// ---- the file as written: one serde type per section ------------------------
+
+type Text = Spanned<String>;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenSection {
+    api: Option<Text>,
+    admin: Option<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KrakenSection {
+    rest_url: Option<Text>,
+    ws_url: Option<Text>,
+    timeout: Option<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefreshSection {
+    refresh_before_expiry: Option<Text>,
+    min_served_ttl: Option<Text>,
+    jitter: Option<Text>,
+    retry_initial: Option<Text>,
+    retry_max: Option<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccountSection {
+    name: Option<Text>,
+    api_key: Option<Spanned<SecretRef>>,
+    api_secret: Option<Spanned<SecretRef>>,
+    otp: Option<Spanned<SecretRef>>,
+    totp_secret: Option<Spanned<SecretRef>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsumerSection {
+    name: Option<Text>,
+    credential_sha256: Option<Text>,
+    accounts: Option<Spanned<Vec<Text>>>,
+}
+
+/// Where a secret is, as written: `{ file = "..." }` or `{ env = "..." }`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretPlace {
+    file: Option<Text>,
+    env: Option<Text>,
+}
+
+/// A secret field as written: a place, or (refused, and never echoed) a
+/// value written into the config file itself.
+#[derive(Debug)]
+enum SecretRef {
+    Inline,
+    Place(SecretPlace),
+}
+
+impl<'de> Deserialize<'de> for SecretRef {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Refs;
+        impl<'de> Visitor<'de> for Refs {
+            type Value = SecretRef;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("{ file = \"/path\" } or { env = \"VAR\" }")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<SecretRef, A::Error> {
+                SecretPlace::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(SecretRef::Place)
+            }
+            // Anything else is a value written inline: accepted here so that
+            // no error message can ever quote it; validation refuses it.
+            fn visit_str<E>(self, _: &str) -> Result<SecretRef, E> {
+                Ok(SecretRef::Inline)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<SecretRef, E> {
+                Ok(SecretRef::Inline)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<SecretRef, E> {
+                Ok(SecretRef::Inline)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<SecretRef, E> {
+                Ok(SecretRef::Inline)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<SecretRef, E> {
+                Ok(SecretRef::Inline)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<SecretRef, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(SecretRef::Inline)
+            }
+        }
+        deserializer.deserialize_any(Refs)
+    }
+}
+
+/// The whole file as written, section by section. Entries keep the offset
+/// of their table and the name they go by in messages.
+#[derive(Default)]
+struct Sections {
+    listen: ListenSection,
+    kraken: KrakenSection,
+    refresh: RefreshSection,
+    accounts: Vec<Entry<AccountSection>>,
+    consumers: Vec<Entry<ConsumerSection>>,
+    has_accounts_key: bool,
+    has_consumers_key: bool,
+}
+
+struct Entry<T> {
+    at: usize,
+    /// `account[2]` (by position) until the name is known to be good.
+    position: String,
+    section: T,
+}
+
+// ---- problems and their places -----------------------------------------------
+
+/// Collects problems (and warnings) with lines computed from offsets.
+struct Findings<'s> {
+    source: &'s str,
+    problems: Vec<Problem>,
+    warnings: Vec<Problem>,
+    /// Keys already reported as malformed: not also reported as missing.
+    malformed: HashSet<String>,
+}
+
 fn join(prefix: &str, key: &str) -> String {
     if prefix.is_empty() {
         key.to_owned()
@@ -392,137 +342,599 @@ fn join(prefix: &str, key: &str) -> String {
     }
 }
 
-/// Array-of-tables entries under `key` (`[[account]]`), with their spans.
-fn entries<'t, 'i>(walker: &mut Walker<'_>, root: &'t DeTable<'i>, key: &str) -> Vec<(usize, &'t DeTable<'i>)> {
-    let Some(value) = Walker::get(root, key) else {
-        return Vec::new();
+fn at<T>(value: &Spanned<T>) -> Option<usize> {
+    Some(value.span().start)
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" in the broker's words.
+fn reword(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_owned();
     };
+    let expected = rest
+        .split_once(", expected ")
+        .map(|(_, list)| list.trim_start_matches("one of ").replace('`', ""));
+    match expected {
+        Some(list) => format!("unknown key (expected one of: {list})"),
+        None => "unknown key".to_owned(),
+    }
+}
+
+impl<'s> Findings<'s> {
+    fn new(source: &'s str) -> Self {
+        Self {
+            source,
+            problems: Vec::new(),
+            warnings: Vec::new(),
+            malformed: HashSet::new(),
+        }
+    }
+
+    fn line(&self, offset: usize) -> usize {
+        self.source[..offset.min(self.source.len())].matches('\n').count() + 1
+    }
+
+    fn place(&self, offset: Option<usize>, key: impl Into<String>, message: impl Into<String>) -> Problem {
+        Problem {
+            line: offset.map(|o| self.line(o)),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn problem(&mut self, offset: Option<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let p = self.place(offset, key, message);
+        self.problems.push(p);
+    }
+
+    fn warning(&mut self, offset: Option<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let p = self.place(offset, key, message);
+        self.warnings.push(p);
+    }
+
+    /// Reports `key` as missing, unless it was there and malformed.
+    fn missing(&mut self, offset: usize, key: String) {
+        if !self.malformed.contains(&key) {
+            self.problem(Some(offset), key, "missing");
+        }
+    }
+
+    /// Reads one table into its section type. A key that does not fit (an
+    /// unknown key, a wrong type) is reported and left out, and the rest of
+    /// the table is read again, so every such key is reported at once.
+    fn section<T: DeserializeOwned + Default>(&mut self, value: &Spanned<DeValue<'_>>, prefix: &str) -> T {
+        let DeValue::Table(table) = value.get_ref() else {
+            let msg = format!("expected a table, found {}", value.get_ref().type_str());
+            self.problem(at(value), prefix, msg);
+            return T::default();
+        };
+        let mut table = table.clone();
+        // Each round removes one key: it ends.
+        for _ in 0..=table.len() {
+            let attempt = Spanned::new(value.span(), DeValue::Table(table.clone()));
+            let error = match T::deserialize(ValueDeserializer::from(attempt)) {
+                Ok(section) => return section,
+                Err(error) => error,
+            };
+            let span = error.span().unwrap_or(value.span());
+            let inside = |s: std::ops::Range<usize>| s.start <= span.start && span.start < s.end.max(s.start + 1);
+            let culprit = table
+                .iter()
+                .find(|(k, v)| inside(k.span()) || inside(v.span()))
+                .map(|(k, v)| (k.clone(), inside(v.span()) && !inside(k.span())));
+            let message = reword(error.message());
+            let Some((key, within_value)) = culprit else {
+                self.problem(Some(span.start), prefix, message);
+                return T::default();
+            };
+            let path = join(prefix, key.get_ref());
+            // A key nested in the culprit's value (`api_key = { bogus = 1 }`):
+            // name it in the path.
+            let shown = match error.message().strip_prefix("unknown field `") {
+                Some(rest) if within_value => join(&path, rest.split('`').next().unwrap_or("")),
+                _ => path.clone(),
+            };
+            self.problem(Some(span.start), shown, message);
+            self.malformed.insert(path);
+            table.remove(&key);
+        }
+        T::default()
+    }
+}
+
+/// Splits the root table into its sections.
+fn read_sections(f: &mut Findings<'_>, root: &DeTable<'_>) -> Sections {
+    let mut sections = Sections::default();
+    for (key, value) in root.iter() {
+        match key.get_ref().as_ref() {
+            "listen" => sections.listen = f.section(value, "listen"),
+            "kraken" => sections.kraken = f.section(value, "kraken"),
+            "refresh" => sections.refresh = f.section(value, "refresh"),
+            "account" => {
+                sections.has_accounts_key = true;
+                sections.accounts = entries(f, value, "account");
+            }
+            "consumer" => {
+                sections.has_consumers_key = true;
+                sections.consumers = entries(f, value, "consumer");
+            }
+            other => f.problem(
+                Some(key.span().start),
+                other,
+                "unknown key (expected one of: listen, kraken, refresh, account, consumer)",
+            ),
+        }
+    }
+    sections
+}
+
+/// The `[[kind]]` tables, each read into its section type.
+fn entries<T: DeserializeOwned + Default>(
+    f: &mut Findings<'_>,
+    value: &Spanned<DeValue<'_>>,
+    kind: &str,
+) -> Vec<Entry<T>> {
     let DeValue::Array(items) = value.get_ref() else {
-        walker.problem(Some(value.span().start), key, format!("expected [[{key}]] tables"));
+        f.problem(at(value), kind, format!("expected [[{kind}]] tables"));
         return Vec::new();
     };
     let mut out = Vec::new();
     for (i, item) in items.iter().enumerate() {
-        match item.get_ref() {
-            DeValue::Table(t) => out.push((item.span().start, t)),
-            _ => walker.problem(Some(item.span().start), format!("{key}[{}]", i + 1), "expected a table"),
-        }
+        let position = format!("{kind}[{}]", i + 1);
+        // Messages name a table by its name once it is a good one.
+        let named = match item.get_ref() {
+            DeValue::Table(t) => t
+                .get("name")
+                .and_then(|n| n.get_ref().as_str())
+                .filter(|n| valid_name(n))
+                .map(|n| format!("{kind} `{n}`")),
+            _ => None,
+        };
+        let section = f.section(item, named.as_deref().unwrap_or(&position));
+        out.push(Entry {
+            at: item.span().start,
+            position,
+            section,
+        });
     }
     out
 }
 
+// ---- the validation pass ------------------------------------------------------
+
+fn duration(f: &mut Findings<'_>, value: &Option<Text>, key: &str, default: Duration) -> Duration {
+    let Some(text) = value else { return default };
+    parse_duration(text.get_ref()).unwrap_or_else(|e| {
+        f.problem(at(text), key, e);
+        default
+    })
+}
+
+fn socket_addr(f: &mut Findings<'_>, value: &Option<Text>, key: &str, default: &str) -> SocketAddr {
+    let fallback = || default.parse().expect("default addresses parse");
+    let Some(text) = value else { return fallback() };
+    text.get_ref().parse().unwrap_or_else(|_| {
+        let msg = format!("`{}` is not an address like 0.0.0.0:8080", text.get_ref());
+        f.problem(at(text), key, msg);
+        fallback()
+    })
+}
+
+fn url(f: &mut Findings<'_>, value: &Option<Text>, key: &str, default: &str, schemes: &[&str]) -> String {
+    let Some(text) = value else { return default.to_owned() };
+    match reqwest::Url::parse(text.get_ref()) {
+        Ok(url) if schemes.contains(&url.scheme()) && url.host_str().is_some() => {
+            text.get_ref().trim_end_matches('/').to_owned()
+        }
+        _ => {
+            let msg = format!("`{}` is not a {} URL", text.get_ref(), schemes.join(" or "));
+            f.problem(at(text), key, msg);
+            default.to_owned()
+        }
+    }
+}
+
+fn offset(value: &Option<Text>) -> Option<usize> {
+    value.as_ref().and_then(at)
+}
+
+fn validate_listen(f: &mut Findings<'_>, s: &ListenSection) -> ListenConfig {
+    let listen = ListenConfig {
+        api: socket_addr(f, &s.api, "listen.api", DEFAULT_API_LISTEN),
+        admin: socket_addr(f, &s.admin, "listen.admin", DEFAULT_ADMIN_LISTEN),
+    };
+    if listen.api == listen.admin && listen.api.port() != 0 {
+        let place = offset(&s.admin).or(offset(&s.api));
+        f.problem(place, "listen", "api and admin must listen on different addresses");
+    }
+    listen
+}
+
+fn validate_kraken(f: &mut Findings<'_>, s: &KrakenSection) -> KrakenConfig {
+    let kraken = KrakenConfig {
+        rest_url: url(f, &s.rest_url, "kraken.rest_url", DEFAULT_REST_URL, &["https", "http"]),
+        ws_url: url(f, &s.ws_url, "kraken.ws_url", DEFAULT_WS_URL, &["wss", "ws"]),
+        timeout: duration(f, &s.timeout, "kraken.timeout", DEFAULT_KRAKEN_TIMEOUT),
+    };
+    if kraken.timeout.is_zero() || kraken.timeout > MAX_KRAKEN_TIMEOUT {
+        let msg = format!("must be between 1s and {}s", MAX_KRAKEN_TIMEOUT.as_secs());
+        f.problem(offset(&s.timeout), "kraken.timeout", msg);
+    }
+    kraken
+}
+
+fn validate_refresh(f: &mut Findings<'_>, s: &RefreshSection) -> RefreshPolicy {
+    let d = RefreshPolicy::DEFAULT;
+    let r = RefreshPolicy {
+        refresh_before_expiry: duration(
+            f,
+            &s.refresh_before_expiry,
+            "refresh.refresh_before_expiry",
+            d.refresh_before_expiry,
+        ),
+        min_served_ttl: duration(f, &s.min_served_ttl, "refresh.min_served_ttl", d.min_served_ttl),
+        jitter: duration(f, &s.jitter, "refresh.jitter", d.jitter),
+        retry_initial: duration(f, &s.retry_initial, "refresh.retry_initial", d.retry_initial),
+        retry_max: duration(f, &s.retry_max, "refresh.retry_max", d.retry_max),
+    };
+    let secs = |d: Duration| humantime::format_duration(d).to_string();
+    if r.min_served_ttl.is_zero() {
+        f.problem(offset(&s.min_served_ttl), "refresh.min_served_ttl", "must be positive");
+    }
+    let before_expiry_at = offset(&s.refresh_before_expiry).or(offset(&s.min_served_ttl));
+    if r.refresh_before_expiry <= r.min_served_ttl {
+        f.problem(
+            before_expiry_at,
+            "refresh.refresh_before_expiry",
+            format!(
+                "must exceed min_served_ttl ({}), or tokens stop being servable before a refresh starts",
+                secs(r.min_served_ttl)
+            ),
+        );
+    }
+    if r.refresh_before_expiry + r.jitter >= TOKEN_LIFETIME {
+        f.problem(
+            before_expiry_at.or(offset(&s.jitter)),
+            "refresh.refresh_before_expiry",
+            format!(
+                "with jitter it must stay below Kraken's {} token lifetime",
+                secs(TOKEN_LIFETIME)
+            ),
+        );
+    }
+    if r.retry_initial.is_zero() {
+        f.problem(offset(&s.retry_initial), "refresh.retry_initial", "must be positive");
+    }
+    if r.retry_initial > r.retry_max {
+        let place = offset(&s.retry_initial).or(offset(&s.retry_max));
+        f.problem(place, "refresh.retry_initial", "must not exceed retry_max");
+    }
+    if r.retry_max > MAX_RETRY {
+        let msg = format!("must be at most {}", secs(MAX_RETRY));
+        f.problem(offset(&s.retry_max), "refresh.retry_max", msg);
+    }
+    r
+}
+
+/// A `[[kind]]` table's `name`: present, `[a-z0-9_-]{1,64}`, and not seen
+/// before among the `kind`s. Returns the prefix messages use, and the name.
+fn unique_name(
+    f: &mut Findings<'_>,
+    name: &Option<Text>,
+    position: &str,
+    table_at: usize,
+    kind: &str,
+    seen: &mut HashSet<String>,
+) -> (String, Option<String>) {
+    let key = format!("{position}.name");
+    let Some(name) = name else {
+        f.missing(table_at, key);
+        return (position.to_owned(), None);
+    };
+    let text = name.get_ref();
+    if !valid_name(text) {
+        f.problem(at(name), key, format!("`{text}` must match [a-z0-9_-]{{1,64}}"));
+        return (position.to_owned(), None);
+    }
+    let prefix = format!("{kind} `{text}`");
+    if !seen.insert(text.clone()) {
+        f.problem(
+            at(name),
+            format!("{prefix}.name"),
+            format!("{kind} `{text}` is defined twice"),
+        );
+        return (prefix, None);
+    }
+    (prefix, Some(text.clone()))
+}
+
+/// Reads a secret from its place, wrapping it at once.
+fn secret<R: SecretReader>(
+    f: &mut Findings<'_>,
+    reader: &R,
+    value: &Spanned<SecretRef>,
+    path: &str,
+) -> Option<(SecretString, SecretSource)> {
+    let place = at(value);
+    let SecretRef::Place(source) = value.get_ref() else {
+        f.problem(
+            place,
+            path,
+            "secrets never live in the config file: use { file = \"/path\" } or { env = \"VAR\" }",
+        );
+        return None;
+    };
+    let (raw, origin) = match (&source.file, &source.env) {
+        (Some(file), None) => {
+            let file = match expand_env(file.get_ref(), reader) {
+                Ok(expanded) => PathBuf::from(expanded),
+                Err(var) => {
+                    f.problem(
+                        place,
+                        path,
+                        format!("environment variable {var} (in the file path) is not set"),
+                    );
+                    return None;
+                }
+            };
+            match reader.file(&file) {
+                Ok(read) => {
+                    if read.world_readable {
+                        f.warning(
+                            place,
+                            path,
+                            format!(
+                                "secret file {} is readable by every user on the machine: make it 0600 or 0640 (in Kubernetes, the Secret volume's defaultMode)",
+                                file.display()
+                            ),
+                        );
+                    }
+                    (read.text, SecretSource::File(file))
+                }
+                Err(e) => {
+                    f.problem(place, path, format!("cannot read secret file {}: {e}", file.display()));
+                    return None;
+                }
+            }
+        }
+        (None, Some(var)) => match reader.env(var.get_ref()) {
+            Some(text) => (text, SecretSource::Env(var.get_ref().clone())),
+            None => {
+                f.problem(
+                    place,
+                    path,
+                    format!("environment variable {} is not set", var.get_ref()),
+                );
+                return None;
+            }
+        },
+        _ => {
+            f.problem(place, path, "give exactly one of file = \"/path\" or env = \"VAR\"");
+            return None;
+        }
+    };
+    let value = raw.trim_end_matches(['\n', '\r']).to_owned();
+    if value.trim().is_empty() {
+        f.problem(place, path, format!("the secret from {origin} is empty"));
+        return None;
+    }
+    Some((SecretString::new(value), origin))
+}
+
+/// Validates the accounts; also returns every well-named account, valid or
+/// not, so a consumer naming a broken account is not blamed for it too.
+fn validate_accounts<R: SecretReader>(
+    f: &mut Findings<'_>,
+    entries: &[Entry<AccountSection>],
+    present: bool,
+    reader: &R,
+) -> (Vec<AccountConfig>, HashSet<String>) {
+    let mut accounts = Vec::new();
+    let mut seen = HashSet::new();
+    if entries.is_empty() && !present {
+        f.problem(
+            None,
+            "account",
+            "no [[account]]: the broker needs at least one Kraken account",
+        );
+    }
+    for entry in entries {
+        let a = &entry.section;
+        let (prefix, name) = unique_name(f, &a.name, &entry.position, entry.at, "account", &mut seen);
+        let mut sources = Vec::new();
+        let mut require = |f: &mut Findings<'_>, key: &'static str, value: &Option<Spanned<SecretRef>>| {
+            let path = format!("{prefix}.{key}");
+            let Some(value) = value else {
+                f.missing(entry.at, path);
+                return None;
+            };
+            let (secret, source) = secret(f, reader, value, &path)?;
+            sources.push((key, source));
+            Some((secret, at(value)))
+        };
+        let api_key = require(f, "api_key", &a.api_key);
+        let api_secret = require(f, "api_secret", &a.api_secret);
+        if let Some((key, place)) = &api_key
+            && key.expose().chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            f.problem(*place, format!("{prefix}.api_key"), "the API key holds whitespace");
+        }
+        let api_secret = api_secret.and_then(|(s, place)| match decode_secret(s.expose()) {
+            Ok(bytes) => Some(bytes),
+            Err(e) => {
+                f.problem(place, format!("{prefix}.api_secret"), e.to_string());
+                None
+            }
+        });
+        let otp = match (&a.otp, &a.totp_secret) {
+            (Some(otp), Some(_)) => {
+                f.problem(at(otp), prefix.clone(), "give otp or totp_secret, not both");
+                None
+            }
+            (Some(value), None) => {
+                let path = format!("{prefix}.otp");
+                secret(f, reader, value, &path).and_then(|(v, src)| {
+                    sources.push(("otp", src));
+                    Otp::static_password(v)
+                        .map_err(|e| f.problem(at(value), path, e.to_string()))
+                        .ok()
+                })
+            }
+            (None, Some(value)) => {
+                let path = format!("{prefix}.totp_secret");
+                secret(f, reader, value, &path).and_then(|(v, src)| {
+                    sources.push(("totp_secret", src));
+                    Otp::totp_from_base32(&v)
+                        .map_err(|e| f.problem(at(value), path, e.to_string()))
+                        .ok()
+                })
+            }
+            (None, None) => None,
+        };
+        if let (Some(name), Some((api_key, _)), Some(api_secret)) = (name, api_key, api_secret) {
+            accounts.push(AccountConfig {
+                name,
+                credentials: ApiCredentials {
+                    api_key,
+                    api_secret,
+                    otp,
+                },
+                sources,
+            });
+        }
+    }
+    (accounts, seen)
+}
+
+fn validate_consumers(
+    f: &mut Findings<'_>,
+    entries: &[Entry<ConsumerSection>],
+    present: bool,
+    accounts: &HashSet<String>,
+) -> Vec<ConsumerConfig> {
+    let mut consumers = Vec::new();
+    let mut names = HashSet::new();
+    let mut hashes: BTreeMap<[u8; 32], String> = BTreeMap::new();
+    if entries.is_empty() && !present {
+        f.problem(None, "consumer", "no [[consumer]]: nobody could fetch a token");
+    }
+    for entry in entries {
+        let c = &entry.section;
+        let (prefix, name) = unique_name(f, &c.name, &entry.position, entry.at, "consumer", &mut names);
+        let hash_key = format!("{prefix}.credential_sha256");
+        let hash = match &c.credential_sha256 {
+            Some(text) => match parse_sha256(text.get_ref()) {
+                Some(hash) => {
+                    if let Some(other) = hashes.insert(hash, prefix.clone()) {
+                        let msg = format!("the same credential as {other}: give each consumer its own");
+                        f.problem(at(text), hash_key, msg);
+                    }
+                    Some(hash)
+                }
+                None => {
+                    f.problem(
+                        at(text),
+                        hash_key,
+                        "must be 64 hex characters (`kraken-token-broker credential new NAME` prints one)",
+                    );
+                    None
+                }
+            },
+            None => {
+                f.missing(entry.at, hash_key);
+                None
+            }
+        };
+        let accounts_key = format!("{prefix}.accounts");
+        let granted = match &c.accounts {
+            None => {
+                f.missing(entry.at, accounts_key);
+                None
+            }
+            Some(list) if list.get_ref().is_empty() => {
+                f.problem(at(list), accounts_key, "expected a non-empty list of account names");
+                None
+            }
+            Some(list) => {
+                let mut granted: Vec<String> = Vec::new();
+                for item in list.get_ref() {
+                    let a = item.get_ref();
+                    if !accounts.contains(a) {
+                        f.problem(at(item), accounts_key.clone(), format!("no [[account]] is named `{a}`"));
+                    } else if !granted.contains(a) {
+                        granted.push(a.clone());
+                    }
+                }
+                Some(granted)
+            }
+        };
+        if let (Some(name), Some(credential_sha256), Some(accounts)) = (name, hash, granted) {
+            consumers.push(ConsumerConfig {
+                name,
+                credential_sha256,
+                accounts,
+            });
+        }
+    }
+    consumers
+}
+
 impl Config {
-    /// Loads and validates `path`, reading secrets from the real environment.
+    /// Loads and validates `path`, reading secrets from the real environment
+    /// and filesystem. Blocking: see [`Config::load_off_runtime`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         Self::load_with(path, &SystemSecrets)
     }
 
+    /// [`Config::load`] on tokio's blocking pool within
+    /// [`crate::files::READ_TIMEOUT`], so a stalled file never blocks the
+    /// runtime, a signal handler or a control loop.
+    pub async fn load_off_runtime(path: &Path) -> Result<Config, ConfigError> {
+        let owned = path.to_owned();
+        crate::files::read_off_runtime(crate::files::READ_TIMEOUT, move || Self::load(&owned))
+            .await
+            .unwrap_or_else(|timed_out| Err(ConfigError::whole(path, timed_out.to_string())))
+    }
+
     pub fn load_with<R: SecretReader>(path: &Path, reader: &R) -> Result<Config, ConfigError> {
-        let fail = |message: String| ConfigError {
-            path: path.to_owned(),
-            problems: vec![Problem {
-                line: None,
-                key: String::new(),
-                message,
-            }],
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read the config file: {e}")))?;
+        let text = read_regular(path, MAX_CONFIG_BYTES)
+            .map_err(|e| ConfigError::whole(path, format!("cannot read the config file: {e}")))?
+            .text;
         Self::parse(&text, reader).map_err(|problems| ConfigError {
             path: path.to_owned(),
             problems,
         })
     }
 
-    /// Parses config text; every problem is returned at once.
+    /// Parses config text; every problem is returned at once, in file order.
     pub fn parse<R: SecretReader>(text: &str, reader: &R) -> Result<Config, Vec<Problem>> {
-        let mut w = Walker {
-            source: text,
-            problems: Vec::new(),
-        };
+        let mut f = Findings::new(text);
         let root = match DeTable::parse(text) {
             Ok(root) => root,
             Err(e) => {
-                let at = e.span().map(|s| s.start);
                 let message = format!("not valid TOML: {}", e.message().trim());
-                w.problem(at, "", message);
-                return Err(w.problems);
+                f.problem(e.span().map(|s| s.start), "", message);
+                return Err(f.problems);
             }
         };
-        let root = root.get_ref();
-        w.unknown_keys(root, "", &["listen", "kraken", "refresh", "account", "consumer"]);
-
-        let listen_t = w.table(root, "listen");
-        if let Some(t) = listen_t {
-            w.unknown_keys(t, "listen", &["api", "admin"]);
-        }
-        let listen = ListenConfig {
-            api: w.socket_addr(listen_t, "api", DEFAULT_API_LISTEN),
-            admin: w.socket_addr(listen_t, "admin", DEFAULT_ADMIN_LISTEN),
-        };
-        if listen.api == listen.admin && listen.api.port() != 0 {
-            w.problem(None, "listen", "api and admin must listen on different addresses");
-        }
-
-        let kraken_t = w.table(root, "kraken");
-        if let Some(t) = kraken_t {
-            w.unknown_keys(t, "kraken", &["rest_url", "ws_url", "timeout"]);
-        }
-        let kraken = KrakenConfig {
-            rest_url: w.url(kraken_t, "rest_url", DEFAULT_REST_URL, &["https", "http"]),
-            ws_url: w.url(kraken_t, "ws_url", DEFAULT_WS_URL, &["wss", "ws"]),
-            timeout: w.duration(kraken_t, "kraken", "timeout", DEFAULT_KRAKEN_TIMEOUT),
-        };
-        if kraken.timeout.is_zero() || kraken.timeout > MAX_KRAKEN_TIMEOUT {
-            w.problem(
-                None,
-                "kraken.timeout",
-                format!("must be between 1s and {}s", MAX_KRAKEN_TIMEOUT.as_secs()),
-            );
-        }
-
-        let refresh_t = w.table(root, "refresh");
-        if let Some(t) = refresh_t {
-            w.unknown_keys(
-                t,
-                "refresh",
-                &[
-                    "refresh_before_expiry",
-                    "min_served_ttl",
-                    "jitter",
-                    "retry_initial",
-                    "retry_max",
-                ],
-            );
-        }
-        let refresh = RefreshPolicy {
-            refresh_before_expiry: w.duration(
-                refresh_t,
-                "refresh",
-                "refresh_before_expiry",
-                DEFAULT_REFRESH_BEFORE_EXPIRY,
-            ),
-            min_served_ttl: w.duration(refresh_t, "refresh", "min_served_ttl", DEFAULT_MIN_SERVED_TTL),
-            jitter: w.duration(refresh_t, "refresh", "jitter", DEFAULT_JITTER),
-            retry_initial: w.duration(refresh_t, "refresh", "retry_initial", DEFAULT_RETRY_INITIAL),
-            retry_max: w.duration(refresh_t, "refresh", "retry_max", DEFAULT_RETRY_MAX),
-        };
-        check_refresh(&mut w, &refresh);
-
-        let accounts = load_accounts(&mut w, root, reader);
-        let account_names: HashSet<&str> = accounts.iter().map(|a| a.name.as_str()).collect();
-        let consumers = load_consumers(&mut w, root, &account_names);
-
-        if w.problems.is_empty() {
+        let sections = read_sections(&mut f, root.get_ref());
+        let listen = validate_listen(&mut f, &sections.listen);
+        let kraken = validate_kraken(&mut f, &sections.kraken);
+        let refresh = validate_refresh(&mut f, &sections.refresh);
+        let (accounts, named) = validate_accounts(&mut f, &sections.accounts, sections.has_accounts_key, reader);
+        let consumers = validate_consumers(&mut f, &sections.consumers, sections.has_consumers_key, &named);
+        if f.problems.is_empty() {
             Ok(Config {
                 listen,
                 kraken,
                 refresh,
                 accounts,
                 consumers,
+                warnings: f.warnings,
             })
         } else {
-            w.problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
-            Err(w.problems)
+            f.problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+            Err(f.problems)
         }
     }
 
@@ -561,216 +973,18 @@ impl Config {
     }
 }
 
-fn check_refresh(w: &mut Walker<'_>, r: &RefreshPolicy) {
-    let secs = |d: Duration| humantime::format_duration(d).to_string();
-    if r.min_served_ttl.is_zero() {
-        w.problem(None, "refresh.min_served_ttl", "must be positive");
-    }
-    if r.refresh_before_expiry <= r.min_served_ttl {
-        w.problem(
-            None,
-            "refresh.refresh_before_expiry",
-            format!(
-                "must exceed min_served_ttl ({}), or tokens stop being servable before a refresh starts",
-                secs(r.min_served_ttl)
-            ),
-        );
-    }
-    if r.refresh_before_expiry + r.jitter >= TOKEN_LIFETIME {
-        w.problem(
-            None,
-            "refresh.refresh_before_expiry",
-            format!(
-                "with jitter it must stay below Kraken's {} token lifetime",
-                secs(TOKEN_LIFETIME)
-            ),
-        );
-    }
-    if r.retry_initial.is_zero() {
-        w.problem(None, "refresh.retry_initial", "must be positive");
-    }
-    if r.retry_initial > r.retry_max {
-        w.problem(None, "refresh.retry_initial", "must not exceed retry_max");
-    }
-    if r.retry_max > MAX_RETRY {
-        w.problem(
-            None,
-            "refresh.retry_max",
-            format!("must be at most {}", secs(MAX_RETRY)),
-        );
-    }
-}
-
-fn load_accounts<R: SecretReader>(w: &mut Walker<'_>, root: &DeTable<'_>, reader: &R) -> Vec<AccountConfig> {
-    let mut accounts = Vec::new();
-    let mut seen = HashSet::new();
-    let tables = entries(w, root, "account");
-    if tables.is_empty() && Walker::get(root, "account").is_none() {
-        w.problem(
-            None,
-            "account",
-            "no [[account]]: the broker needs at least one Kraken account",
-        );
-    }
-    for (i, (at, t)) in tables.into_iter().enumerate() {
-        let prefix = format!("account[{}]", i + 1);
-        w.unknown_keys(t, &prefix, &["name", "api_key", "api_secret", "otp", "totp_secret"]);
-        let name = w.unique_name(t, &prefix, at, "account", &mut seen);
-        let prefix = name.as_ref().map_or(prefix, |n| format!("account `{n}`"));
-        let mut sources = Vec::new();
-        let mut require = |w: &mut Walker<'_>, key: &'static str| {
-            if Walker::get(t, key).is_none() {
-                w.problem(Some(at), format!("{prefix}.{key}"), "missing");
-                return None;
-            }
-            let (value, source) = w.secret(reader, t, &prefix, key)?;
-            sources.push((key, source));
-            Some(value)
-        };
-        let api_key = require(w, "api_key");
-        let api_secret = require(w, "api_secret");
-        if let Some(key) = &api_key
-            && key.expose().chars().any(|c| c.is_whitespace() || c.is_control())
-        {
-            w.problem(Some(at), format!("{prefix}.api_key"), "the API key holds whitespace");
-        }
-        let api_secret = api_secret.and_then(|s| match decode_secret(s.expose()) {
-            Ok(bytes) => Some(bytes),
-            Err(e) => {
-                w.problem(Some(at), format!("{prefix}.api_secret"), e.to_string());
-                None
-            }
-        });
-        let otp = match (Walker::get(t, "otp").is_some(), Walker::get(t, "totp_secret").is_some()) {
-            (true, true) => {
-                w.problem(Some(at), prefix.clone(), "give otp or totp_secret, not both");
-                None
-            }
-            (true, false) => w.secret(reader, t, &prefix, "otp").and_then(|(v, src)| {
-                sources.push(("otp", src));
-                Otp::static_password(v)
-                    .map_err(|e| w.problem(Some(at), format!("{prefix}.otp"), e.to_string()))
-                    .ok()
-            }),
-            (false, true) => w.secret(reader, t, &prefix, "totp_secret").and_then(|(v, src)| {
-                sources.push(("totp_secret", src));
-                Otp::totp_from_base32(&v)
-                    .map_err(|e| w.problem(Some(at), format!("{prefix}.totp_secret"), e.to_string()))
-                    .ok()
-            }),
-            (false, false) => None,
-        };
-        if let (Some(name), Some(api_key), Some(api_secret)) = (name, api_key, api_secret) {
-            accounts.push(AccountConfig {
-                name,
-                credentials: ApiCredentials {
-                    api_key,
-                    api_secret,
-                    otp,
-                },
-                sources,
-            });
+impl ConfigError {
+    /// A problem with the file as a whole (unreadable, too slow).
+    pub fn whole(path: &Path, message: String) -> Self {
+        Self {
+            path: path.to_owned(),
+            problems: vec![Problem {
+                line: None,
+                key: String::new(),
+                message,
+            }],
         }
     }
-    accounts
-}
-
-fn load_consumers(w: &mut Walker<'_>, root: &DeTable<'_>, accounts: &HashSet<&str>) -> Vec<ConsumerConfig> {
-    let mut consumers = Vec::new();
-    let mut names = HashSet::new();
-    let mut hashes: BTreeMap<[u8; 32], String> = BTreeMap::new();
-    let tables = entries(w, root, "consumer");
-    if tables.is_empty() && Walker::get(root, "consumer").is_none() {
-        w.problem(None, "consumer", "no [[consumer]]: nobody could fetch a token");
-    }
-    for (i, (at, t)) in tables.into_iter().enumerate() {
-        let prefix = format!("consumer[{}]", i + 1);
-        w.unknown_keys(t, &prefix, &["name", "credential_sha256", "accounts"]);
-        let name = w.unique_name(t, &prefix, at, "consumer", &mut names);
-        let prefix = name.as_ref().map_or(prefix, |n| format!("consumer `{n}`"));
-        let hash = match w.string(t, &prefix, "credential_sha256") {
-            Some((text, at)) => match parse_sha256(text) {
-                Some(hash) => {
-                    if let Some(other) = hashes.insert(hash, prefix.clone()) {
-                        w.problem(
-                            Some(at),
-                            format!("{prefix}.credential_sha256"),
-                            format!("the same credential as {other}: give each consumer its own"),
-                        );
-                    }
-                    Some(hash)
-                }
-                None => {
-                    w.problem(
-                        Some(at),
-                        format!("{prefix}.credential_sha256"),
-                        "must be 64 hex characters (`kraken-token-broker credential new NAME` prints one)",
-                    );
-                    None
-                }
-            },
-            None => {
-                if Walker::get(t, "credential_sha256").is_none() {
-                    w.problem(Some(at), format!("{prefix}.credential_sha256"), "missing");
-                }
-                None
-            }
-        };
-        let granted = match Walker::get(t, "accounts") {
-            None => {
-                w.problem(Some(at), format!("{prefix}.accounts"), "missing");
-                None
-            }
-            Some(value) => match value.get_ref() {
-                DeValue::Array(items) if !items.is_empty() => {
-                    let mut list = Vec::new();
-                    for item in items.iter() {
-                        match item.get_ref().as_str() {
-                            Some(a) if accounts.contains(a) => {
-                                if !list.iter().any(|x: &String| x == a) {
-                                    list.push(a.to_owned());
-                                }
-                            }
-                            Some(a) => w.problem(
-                                Some(item.span().start),
-                                format!("{prefix}.accounts"),
-                                format!("no [[account]] is named `{a}`"),
-                            ),
-                            None => w.problem(
-                                Some(item.span().start),
-                                format!("{prefix}.accounts"),
-                                "expected account names (strings)",
-                            ),
-                        }
-                    }
-                    Some(list)
-                }
-                _ => {
-                    w.problem(
-                        Some(value.span().start),
-                        format!("{prefix}.accounts"),
-                        "expected a non-empty list of account names",
-                    );
-                    None
-                }
-            },
-        };
-        if let (Some(name), Some(credential_sha256), Some(accounts)) = (name, hash, granted) {
-            consumers.push(ConsumerConfig {
-                name,
-                credential_sha256,
-                accounts,
-            });
-        }
-    }
-    consumers
-}
-
-/// 64 hex characters (either case) into 32 bytes.
-pub fn parse_sha256(text: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(text.trim(), &mut out).ok()?;
-    Some(out)
 }
 
 #[cfg(test)]
@@ -790,11 +1004,17 @@ mod tests {
             self.env.get(var).cloned()
         }
 
-        fn file(&self, path: &Path) -> std::io::Result<String> {
-            self.files
-                .get(path)
-                .cloned()
-                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory"))
+        fn file(&self, path: &Path) -> Result<FileText, FileError> {
+            let text = self.files.get(path).cloned().ok_or_else(|| {
+                FileError::Io(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "No such file or directory",
+                ))
+            })?;
+            Ok(FileText {
+                text,
+                world_readable: false,
+            })
         }
     }
 

@@ -22,18 +22,22 @@
 //! | [`token`] | one refresher task per account (the single writer of its token), the refresh schedule and back-off (pure functions), the published state readers load lock-free |
 //! | [`http`] | the consumer API (`router`), the admin API (`admin_router`), the bearer-credential extractor, the per-address throttle, problem+json errors, the server loop and its limits |
 //! | [`broker`] | assembly: builds refreshers and the serving table from a [`config::Config`], reloads, supervises refreshers, shuts down in order |
+//! | [`files`] | reading config and secret files: regular files only, bounded, off the runtime with a deadline |
 //! | [`config`] | the TOML configuration, typed and validated at load, every problem reported at once, secrets read and wrapped at once |
 //! | [`metrics`] | the Prometheus registry and the contract's metric names |
 //! | [`secret`] | secret types whose `Debug`/`Display` print a redaction |
 //! | [`reload`] | reloading when the config or its secret files change |
 //! | [`sim`] | the Kraken simulator (REST, WebSocket v2, faults, control API) |
 //! | [`cmd`] | the binary's commands: `serve`, `demo`, `simulate`, `fetch`, `credential new`, `check-config` |
+//! | [`clock`] | the injected wall clock and the Unix-time helpers |
 //! | [`signal`], [`telemetry`] | process signals, logging |
 #![forbid(unsafe_code)]
 
 pub mod broker;
+pub mod clock;
 pub mod cmd;
 pub mod config;
+pub mod files;
 pub mod http;
 pub mod kraken;
 pub mod metrics;

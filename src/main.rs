@@ -60,7 +60,7 @@ fn main() -> ExitCode {
             Command::Simulate(args) => cmd::simulate::run(args).await,
             Command::Fetch(args) => cmd::fetch::run(args).await,
             Command::Credential(command) => cmd::credential::run(command),
-            Command::CheckConfig(args) => cmd::check_config::run(args),
+            Command::CheckConfig(args) => cmd::check_config::run(args).await,
         }
     });
     // Background tasks (a hung upstream call, an idle connection) must not
@@ -69,7 +69,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            // anyhow only here, at the edge: the error and its causes, one line.
+            eprintln!("error: {:#}", anyhow::Error::from(error));
             ExitCode::FAILURE
         }
     }

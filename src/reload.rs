@@ -1,6 +1,8 @@
 //! Reload triggers besides SIGHUP: polling the config file and the secret
 //! files it names, so a rotated Kubernetes Secret (whose mounted files the
 //! kubelet swaps in place) takes effect without a restart or a signal.
+//! Every read is off the runtime, bounded and with a deadline
+//! ([`crate::files`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,15 +10,17 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+use crate::broker::ReloadRequest;
 use crate::config::{Config, SecretSource};
+use crate::files::{MAX_CONFIG_BYTES, MAX_SECRET_BYTES, READ_TIMEOUT, read_off_runtime, read_regular};
 
 /// A digest of the config file and every secret file it names. A config
 /// that does not load still has a digest (of its bytes and the error), so a
-/// fix to it is noticed too.
+/// fix to it is noticed too. Blocking: call it off the runtime.
 pub fn sources_digest(path: &Path) -> [u8; 32] {
     let mut h = Sha256::new();
-    match std::fs::read(path) {
-        Ok(bytes) => h.update(&bytes),
+    match read_regular(path, MAX_CONFIG_BYTES) {
+        Ok(read) => h.update(read.text.as_bytes()),
         Err(e) => h.update(e.to_string().as_bytes()),
     }
     match Config::load(path) {
@@ -25,7 +29,10 @@ pub fn sources_digest(path: &Path) -> [u8; 32] {
                 for (_, source) in &account.sources {
                     if let SecretSource::File(file) = source {
                         h.update(file.as_os_str().as_encoded_bytes());
-                        h.update(std::fs::read(file).unwrap_or_default());
+                        match read_regular(file, MAX_SECRET_BYTES) {
+                            Ok(read) => h.update(read.text.as_bytes()),
+                            Err(e) => h.update(e.to_string().as_bytes()),
+                        }
                     }
                 }
             }
@@ -35,26 +42,33 @@ pub fn sources_digest(path: &Path) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// [`sources_digest`] on the blocking pool within [`READ_TIMEOUT`]; `None`
+/// when the read stalled.
+async fn digest_off_runtime(path: &Path) -> Option<[u8; 32]> {
+    let path = path.to_owned();
+    read_off_runtime(READ_TIMEOUT, move || sources_digest(&path)).await.ok()
+}
+
 /// Every `interval`, checks whether the config or its secret files changed
-/// and, if so, asks for a reload on `events`. Ends when `events` closes.
+/// and, if so, asks for a reload on `requests`. Ends when `requests` closes.
 /// The baseline is taken before this returns, so no change made after the
 /// call is missed.
-pub fn poll_sources(path: PathBuf, interval: Duration, events: mpsc::Sender<()>) {
-    let mut seen = sources_digest(&path);
+pub async fn poll_sources(path: PathBuf, interval: Duration, requests: mpsc::Sender<ReloadRequest>) {
+    let mut seen = digest_off_runtime(&path).await;
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
             tick.tick().await;
-            let p = path.clone();
-            let Ok(now) = tokio::task::spawn_blocking(move || sources_digest(&p)).await else {
+            let Some(now) = digest_off_runtime(&path).await else {
+                tracing::warn!(config = %path.display(), "reading the config or its secret files stalled; will look again");
                 continue;
             };
-            if now != seen {
-                seen = now;
+            if seen != Some(now) {
+                seen = Some(now);
                 tracing::info!(config = %path.display(), "config or secret files changed; reloading");
-                if events.send(()).await.is_err() {
+                if requests.send(ReloadRequest::default()).await.is_err() {
                     return;
                 }
             }
@@ -87,7 +101,7 @@ mod tests {
         assert_eq!(before, sources_digest(&config), "stable while nothing changes");
 
         let (tx, mut rx) = mpsc::channel(1);
-        poll_sources(config.clone(), Duration::from_millis(20), tx);
+        poll_sources(config.clone(), Duration::from_millis(20), tx).await;
         std::fs::write(d.join("key"), "KEY-2").unwrap();
         tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await

@@ -31,3 +31,19 @@ pub fn init(format: LogFormat, default_directive: &str) {
         LogFormat::Text => builder.try_init(),
     };
 }
+
+/// A list of names as a log field: a JSON array in JSON logs (through
+/// `valuable`, enabled by `.cargo/config.toml`), a comma-joined string
+/// where that is not compiled in.
+#[cfg(tracing_unstable)]
+#[allow(clippy::ptr_arg)] // `valuable` takes a sized value
+pub fn list(items: &Vec<String>) -> impl tracing::Value + '_ {
+    tracing::field::valuable(items)
+}
+
+/// A list of names as a log field (see the `tracing_unstable` version).
+#[cfg(not(tracing_unstable))]
+#[allow(clippy::ptr_arg)]
+pub fn list(items: &Vec<String>) -> impl tracing::Value + '_ {
+    tracing::field::display(items.join(","))
+}

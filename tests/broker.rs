@@ -287,7 +287,7 @@ async fn oversized_heads_and_wrong_methods_over_a_real_socket() {
 
 #[tokio::test]
 async fn reload_adds_changes_and_removes_accounts() {
-    use kraken_token_broker::broker::{Broker as Core, ReloadSummary};
+    use kraken_token_broker::broker::{Broker as Core, Options, ReloadSummary};
     use kraken_token_broker::metrics::Metrics;
 
     let (a, b, c) = (SimKey::generate(), SimKey::generate(), SimKey::generate());
@@ -298,14 +298,22 @@ async fn reload_adds_changes_and_removes_accounts() {
     .await;
     let config = |accounts| common::test_config(&sim, accounts, policy(450.0, 60.0, 30.0, (1.0, 60.0)), [7; 32]);
     let metrics = Metrics::new();
-    let mut core = Core::start(config(vec![common::account("one", &a)]), metrics.clone(), || 0.5).unwrap();
+    let options = Options {
+        metrics: metrics.clone(),
+        jitter: || 0.5,
+        ..Options::default()
+    };
+    let mut core = Core::start(config(vec![common::account("one", &a)]), options).unwrap();
     let state = core.state();
     let one = state.table.load().accounts["one"].clone();
     one.want(Duration::from_secs(60)).await.unwrap();
 
-    let summary = core
+    let (summary, applied) = core
         .reload(config(vec![common::account("one", &b), common::account("two", &c)]))
         .unwrap();
+    for change in applied {
+        change.wait().await;
+    }
     assert_eq!(
         summary,
         ReloadSummary {
@@ -319,18 +327,15 @@ async fn reload_adds_changes_and_removes_accounts() {
     table.accounts["two"].want(Duration::from_secs(60)).await.unwrap();
     // "one" now signs with key b at its next refresh; force one.
     let current = table.accounts["one"].published().token.clone().unwrap();
-    table.accounts["one"]
-        .invalidate(current.sha256, Duration::from_secs(60), "test")
-        .await
-        .unwrap();
+    table.accounts["one"].invalidate(current.sha256, "test").await.unwrap();
     let calls = sim.state().calls();
     assert_eq!(calls.last().unwrap().api_key.as_deref(), Some(b.api_key.as_str()));
 
-    let same = core
+    let (same, _) = core
         .reload(config(vec![common::account("one", &b), common::account("two", &c)]))
         .unwrap();
     assert_eq!(same, ReloadSummary::default(), "an unchanged config changes nothing");
-    let removed = core.reload(config(vec![common::account("one", &b)])).unwrap();
+    let (removed, _) = core.reload(config(vec![common::account("one", &b)])).unwrap();
     assert_eq!(removed.removed, vec!["two".to_owned()]);
     assert!(!state.table.load().accounts.contains_key("two"));
     let text = metrics.encode();
@@ -339,5 +344,43 @@ async fn reload_adds_changes_and_removes_accounts() {
         "a removed account's series are dropped"
     );
     assert!(text.contains("account=\"one\""));
+    core.stop().await;
+}
+
+#[tokio::test]
+async fn reloads_made_back_to_back_apply_in_order_and_the_last_one_wins() {
+    use kraken_token_broker::broker::{Broker as Core, Options};
+
+    // 18 rotations with no wait between them, as an operator's script might
+    // do: the refresher must end on the last key, whatever the scheduling.
+    let keys: Vec<SimKey> = (0..18).map(|_| SimKey::generate()).collect();
+    let sim = start_sim(SimConfig {
+        keys: keys.clone(),
+        ..SimConfig::default()
+    })
+    .await;
+    let config = |key: &SimKey| {
+        common::test_config(
+            &sim,
+            vec![common::account("main", key)],
+            policy(450.0, 60.0, 30.0, (1.0, 60.0)),
+            [7; 32],
+        )
+    };
+    let mut core = Core::start(config(&keys[0]), Options::default()).unwrap();
+    let main = core.state().table.load().accounts["main"].clone();
+    main.want(Duration::ZERO).await.unwrap();
+    let mut last = None;
+    for key in &keys[1..] {
+        let (summary, mut applied) = core.reload(config(key)).unwrap();
+        assert_eq!(summary.changed, vec!["main".to_owned()]);
+        last = applied.pop();
+    }
+    last.expect("a change for main").wait().await;
+    let current = main.published().token.clone().unwrap();
+    main.invalidate(current.sha256, "test").await.unwrap();
+    let calls = sim.state().calls();
+    let final_key = keys.last().unwrap().api_key.as_str();
+    assert_eq!(calls.last().unwrap().api_key.as_deref(), Some(final_key));
     core.stop().await;
 }

@@ -12,6 +12,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Broker, now_ms, sim_with_key, start_sim};
+use kraken_token_broker::clock::WallClock;
 use kraken_token_broker::kraken::{ApiCredentials, KeyLane, KrakenClient, decode_secret};
 use kraken_token_broker::secret::SecretString;
 use kraken_token_broker::sim::{FaultSpec, SimConfig, SimHandle, SimKey};
@@ -704,16 +705,6 @@ async fn the_same_token_again_is_served_and_refreshing_goes_on_normally() {
 
 #[tokio::test]
 async fn a_wall_clock_step_back_never_produces_a_rejected_nonce() {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static CALL: AtomicU64 = AtomicU64::new(0);
-    /// Real time for two calls, then an hour in the past, then real time again.
-    fn stepping() -> u64 {
-        let now = kraken_token_broker::kraken::nonce::system_nanos();
-        match CALL.fetch_add(1, Ordering::SeqCst) {
-            2..=4 => now - 3_600_000_000_000,
-            _ => now,
-        }
-    }
     let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
     let creds = ApiCredentials {
         api_key: SecretString::new(key.api_key.clone()),
@@ -721,8 +712,16 @@ async fn a_wall_clock_step_back_never_produces_a_rejected_nonce() {
         otp: None,
     };
     let client = KrakenClient::new(&sim.rest_url(), Duration::from_secs(5)).unwrap();
-    let lane = KeyLane::with_clock(stepping);
-    for _ in 0..7 {
+    // Real time for two calls, then an hour in the past, then real time again.
+    let clock = WallClock::system();
+    let lane = KeyLane::with_clock(clock.clone());
+    const HOUR_NANOS: i64 = 3_600_000_000_000;
+    for call in 0..7 {
+        match call {
+            2 => clock.step(-HOUR_NANOS),
+            5 => clock.step(HOUR_NANOS),
+            _ => {}
+        }
         client
             .get_websockets_token(&creds, &lane)
             .await

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -189,7 +191,8 @@ async fn sighup_with_a_rotated_key_keeps_serving_and_a_broken_config_is_refused(
     served.signal("HUP");
     served
         .wait_log("the reload", Duration::from_secs(5), |l| {
-            l["message"] == "config reloaded" && l["changed"].as_str().is_some_and(|c| c.contains("main"))
+            // Lists are JSON arrays in JSON logs.
+            l["message"] == "config reloaded" && l["changed"].as_array().is_some_and(|c| c.contains(&"main".into()))
         })
         .await;
     let state = sim.state().clone();
@@ -470,4 +473,102 @@ async fn fetch_prints_a_token_or_a_clear_error() {
         .unwrap();
     assert_eq!(status.code(), Some(1));
     assert!(stderr.contains("set KTB_CONSUMER_CREDENTIAL"), "{stderr}");
+}
+
+/// A config naming `secret` as the API secret, with a good key beside it.
+fn config_with_secret_at(d: &std::path::Path, secret: &std::path::Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let key = write(d, "key", "KEY\n");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    write(
+        d,
+        "special.toml",
+        &format!(
+            "[[account]]\nname = \"main\"\napi_key = {{ file = \"{0}/key\" }}\napi_secret = {{ file = \"{1}\" }}\n\
+             [[consumer]]\nname = \"c\"\ncredential_sha256 = \"{2}\"\naccounts = [\"main\"]\n",
+            d.display(),
+            secret.display(),
+            "0".repeat(64)
+        ),
+    )
+}
+
+#[test]
+fn secret_files_that_are_not_regular_files_are_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fifo = d.join("fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let zero = d.join("zero");
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    for (special, kind) in [(&fifo, "FIFO"), (&zero, "character device")] {
+        let config = config_with_secret_at(d, special);
+        let path = config.to_str().unwrap();
+        for command in ["check-config", "serve"] {
+            // No writer ever opens the FIFO: a blocking read would hang here.
+            let started = std::time::Instant::now();
+            let (status, _, stderr) = run_bin(&[command, "--config", path], &[]);
+            assert_eq!(status.code(), Some(1), "{command}: {stderr}");
+            assert!(
+                stderr.contains(&format!("it is a {kind}, not a regular file")),
+                "{command}: {stderr}"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{command} took {:?}",
+                started.elapsed()
+            );
+        }
+    }
+    let big = write(d, "big", &"A".repeat(100_000));
+    let (status, _, stderr) = run_bin(
+        &[
+            "check-config",
+            "--config",
+            config_with_secret_at(d, &big).to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(status.code(), Some(1));
+    assert!(stderr.contains("larger than 65536 bytes"), "{stderr}");
+}
+
+#[test]
+fn a_secret_file_anyone_may_read_earns_a_warning() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let secret = write(d, "secret", "AAECAw==\n");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = config_with_secret_at(d, &secret);
+    let (status, stdout, stderr) = run_bin(&["check-config", "--config", config.to_str().unwrap()], &[]);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stdout.contains("warning:") && stdout.contains("readable by every user"),
+        "{stdout}"
+    );
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (_, stdout, _) = run_bin(&["check-config", "--config", config.to_str().unwrap()], &[]);
+    assert!(!stdout.contains("warning:"), "{stdout}");
+}
+
+#[tokio::test]
+async fn a_fifo_swapped_in_for_a_secret_never_freezes_the_broker() {
+    let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+    let mut served = Served::start(&sim, &key, FAST, &[]).await;
+    let secret = served.dir.path().join("api-secret");
+    std::fs::remove_file(&secret).unwrap();
+    assert!(Command::new("mkfifo").arg(&secret).status().unwrap().success());
+    served.signal("HUP");
+    let refused = served
+        .wait_log("the refusal", Duration::from_secs(10), |l| {
+            l["message"].as_str().is_some_and(|m| m.contains("reload refused"))
+        })
+        .await;
+    assert!(refused["error"].as_str().unwrap().contains("FIFO"), "{refused}");
+    // Still serving, and a SIGTERM still stops it at once.
+    let (status, _) = served.get("/v1/token", Some(&served.credential.clone())).await;
+    assert_eq!(status, 200);
+    served.signal("TERM");
+    assert_eq!(served.exit(Duration::from_secs(10)).await.code(), Some(0));
 }

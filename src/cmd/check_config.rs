@@ -14,9 +14,12 @@ pub struct CheckConfigArgs {
     pub config: PathBuf,
 }
 
-pub fn run(args: CheckConfigArgs) -> anyhow::Result<()> {
-    let config = Config::load(&args.config)?;
+pub async fn run(args: CheckConfigArgs) -> Result<(), super::Error> {
+    let config = Config::load_off_runtime(&args.config).await?;
     print!("{}", config.summary());
+    for warning in &config.warnings {
+        println!("warning: {}: {warning}", args.config.display());
+    }
     println!("{}: OK", args.config.display());
     Ok(())
 }

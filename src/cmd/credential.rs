@@ -21,15 +21,18 @@ pub struct NewArgs {
     pub accounts: Vec<String>,
 }
 
-pub fn run(command: CredentialCommand) -> anyhow::Result<()> {
+pub fn run(command: CredentialCommand) -> Result<(), super::Error> {
     let CredentialCommand::New(args) = command;
-    anyhow::ensure!(
-        valid_name(&args.name),
-        "the consumer name `{}` must match [a-z0-9_-]{{1,64}}",
-        args.name
-    );
+    if !valid_name(&args.name) {
+        return Err(super::Error::Usage(format!(
+            "the consumer name `{}` must match [a-z0-9_-]{{1,64}}",
+            args.name
+        )));
+    }
     if let Some(bad) = args.accounts.iter().find(|a| !valid_name(a)) {
-        anyhow::bail!("the account name `{bad}` must match [a-z0-9_-]{{1,64}}");
+        return Err(super::Error::Usage(format!(
+            "the account name `{bad}` must match [a-z0-9_-]{{1,64}}"
+        )));
     }
     let (credential, hash) = new_credential();
     let accounts = if args.accounts.is_empty() {

@@ -7,16 +7,14 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::serve::bind;
-use crate::broker::{self, Listeners};
+use super::{Error, bind};
+use crate::broker::{self, Listeners, Options};
 use crate::config::{AccountConfig, Config, ConsumerConfig, KrakenConfig, ListenConfig};
 use crate::http::auth::new_credential;
 use crate::kraken::{ApiCredentials, decode_secret};
-use crate::metrics::Metrics;
 use crate::secret::SecretString;
 use crate::sim::{self, SimConfig, SimKey};
 use crate::token::RefreshPolicy;
-use crate::token::refresher::random_jitter;
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -46,7 +44,7 @@ fn demo_policy(ttl: Duration) -> RefreshPolicy {
     }
 }
 
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+pub async fn run(args: DemoArgs) -> Result<(), Error> {
     let shutdown = crate::signal::shutdown_token();
 
     let ttl = Duration::from_secs(args.token_ttl);
@@ -67,8 +65,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let (credential, credential_sha256) = new_credential();
     let config = Config {
         listen: ListenConfig {
-            api: api.local_addr()?,
-            admin: admin.local_addr()?,
+            api: api.local_addr().map_err(Error::Listener)?,
+            admin: admin.local_addr().map_err(Error::Listener)?,
         },
         kraken: KrakenConfig {
             rest_url: sim.rest_url(),
@@ -80,7 +78,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             name: "demo".into(),
             credentials: ApiCredentials {
                 api_key: SecretString::new(key.api_key.clone()),
-                api_secret: decode_secret(&key.api_secret)?,
+                api_secret: decode_secret(&key.api_secret).map_err(Error::SimulatorKey)?,
                 otp: None,
             },
             sources: Vec::new(),
@@ -90,22 +88,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             credential_sha256,
             accounts: vec!["demo".into()],
         }],
+        warnings: Vec::new(),
     };
     print_banner(&config, credential.expose(), &sim.rest_url(), args.token_ttl);
     let listeners = Listeners { api, admin };
-    let result = broker::run(
-        config,
-        listeners,
-        None,
-        shutdown.clone(),
-        Metrics::new(),
-        random_jitter,
-        Default::default(),
-    )
-    .await;
+    let result = broker::run(config, listeners, None, shutdown.clone(), Options::default()).await;
     shutdown.cancel();
     let _ = sim.wait().await;
-    result
+    Ok(result?)
 }
 
 fn print_banner(config: &Config, credential: &str, sim_url: &str, ttl: u64) {

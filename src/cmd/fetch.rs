@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
-use anyhow::{Context as _, anyhow};
 use clap::Args;
+
+use super::Error;
 
 use crate::secret::SecretString;
 
@@ -29,20 +30,20 @@ pub struct FetchArgs {
 }
 
 /// The full token URL for a base URL (or a URL already ending in /v1/token).
-pub fn token_url(base: &str) -> anyhow::Result<reqwest::Url> {
+pub fn token_url(base: &str) -> Result<reqwest::Url, Error> {
     let base = base.trim_end_matches('/');
     let full = if base.ends_with("/v1/token") {
         base.to_owned()
     } else {
         format!("{base}/v1/token")
     };
-    reqwest::Url::parse(&full).with_context(|| format!("`{base}` is not a URL"))
+    reqwest::Url::parse(&full).map_err(|e| Error::Usage(format!("`{base}` is not a URL: {e}")))
 }
 
-pub async fn run(args: FetchArgs) -> anyhow::Result<()> {
+pub async fn run(args: FetchArgs) -> Result<(), Error> {
     let credential = std::env::var(CREDENTIAL_ENV)
         .map(SecretString::new)
-        .map_err(|_| anyhow!("set {CREDENTIAL_ENV} to the consumer credential"))?;
+        .map_err(|_| Error::Usage(format!("set {CREDENTIAL_ENV} to the consumer credential")))?;
     let mut url = token_url(&args.url)?;
     {
         let mut query = url.query_pairs_mut();
@@ -56,20 +57,27 @@ pub async fn run(args: FetchArgs) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(args.timeout))
         .user_agent(crate::kraken::USER_AGENT)
-        .build()?;
+        .build()
+        .map_err(|e| Error::Fetch(format!("cannot set up an HTTP client: {e}")))?;
     let response = client
         .get(url.clone())
         .bearer_auth(credential.expose())
         .send()
         .await
-        .with_context(|| format!("cannot reach the broker at {}", url.origin().ascii_serialization()))?;
+        .map_err(|e| {
+            let origin = url.origin().ascii_serialization();
+            Error::Fetch(format!("cannot reach the broker at {origin}: {}", error_chain(&e)))
+        })?;
     let status = response.status();
     let retry_after = response
         .headers()
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let body = response.text().await.context("the broker's answer was cut off")?;
+    let body = response
+        .text()
+        .await
+        .map_err(|e| Error::Fetch(format!("the broker's answer was cut off: {e}")))?;
     if status.is_success() {
         println!("{body}");
         return Ok(());
@@ -79,7 +87,19 @@ pub async fn run(args: FetchArgs) -> anyhow::Result<()> {
         .and_then(|v| v.get("detail").and_then(|d| d.as_str()).map(str::to_owned))
         .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_owned());
     let retry = retry_after.map(|s| format!(" (retry after {s} s)")).unwrap_or_default();
-    Err(anyhow!("HTTP {}: {detail}{retry}", status.as_u16()))
+    Err(Error::Fetch(format!("HTTP {}: {detail}{retry}", status.as_u16())))
+}
+
+/// An error and its causes, one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -2,15 +2,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context as _;
 use clap::Args;
-use tokio::net::TcpListener;
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::broker::{self, Listeners, Reloads};
+use super::{Error, bind};
+use crate::broker::{self, Listeners, Options, ReloadRequest, Reloads};
 use crate::config::Config;
-use crate::metrics::Metrics;
-use crate::token::refresher::random_jitter;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -24,36 +21,36 @@ pub struct ServeArgs {
     pub reload_poll: Option<std::time::Duration>,
 }
 
-/// Binds `addr`, naming the config key in the error.
-pub async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} ({what})"))
-}
-
-pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+pub async fn run(args: ServeArgs) -> Result<(), Error> {
     // Signals first, so a SIGTERM during start-up is a clean stop.
     let shutdown = crate::signal::shutdown_token();
-    let reload_events = crate::signal::reloads();
-    let config = Config::load(&args.config)?;
-    let reload_events = match args.reload_poll.filter(|d| !d.is_zero()) {
-        Some(interval) => {
-            // Both SIGHUP and the poller feed one channel.
-            let (tx, rx) = tokio::sync::mpsc::channel(1);
-            let mut hup = reload_events;
-            let forward = tx.clone();
-            tokio::spawn(async move {
-                while hup.recv().await.is_some() {
-                    if forward.send(()).await.is_err() {
-                        break;
-                    }
-                }
-            });
-            crate::reload::poll_sources(args.config.clone(), interval, tx);
-            rx
+    let mut hup = crate::signal::reloads();
+    // The config is read off the runtime, with a deadline, while SIGTERM
+    // still stops the process.
+    let config = tokio::select! {
+        loaded = Config::load_off_runtime(&args.config) => loaded?,
+        _ = shutdown.cancelled() => {
+            info!("stopped during start-up");
+            return Ok(());
         }
-        None => reload_events,
     };
+    for warning in &config.warnings {
+        warn!(warning = %warning, "config warning");
+    }
+    // SIGHUP and the poller feed one channel; a pending request absorbs the
+    // next one.
+    let (requests, reload_requests) = tokio::sync::mpsc::channel(1);
+    let forward = requests.clone();
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            if forward.try_send(ReloadRequest::default()).is_err() && forward.is_closed() {
+                break;
+            }
+        }
+    });
+    if let Some(interval) = args.reload_poll.filter(|d| !d.is_zero()) {
+        crate::reload::poll_sources(args.config.clone(), interval, requests).await;
+    }
     let listeners = Listeners {
         api: bind(config.listen.api, "listen.api").await?,
         admin: bind(config.listen.admin, "listen.admin").await?,
@@ -61,16 +58,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     info!(config = %args.config.display(), summary = %config.summary(), "config loaded");
     let reloads = Reloads {
         path: args.config,
-        events: reload_events,
+        requests: reload_requests,
     };
-    broker::run(
-        config,
-        listeners,
-        Some(reloads),
-        shutdown,
-        Metrics::new(),
-        random_jitter,
-        Default::default(),
-    )
-    .await
+    broker::run(config, listeners, Some(reloads), shutdown, Options::default()).await?;
+    Ok(())
 }

@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::Args;
 
 use crate::sim::{self, FaultSpec, SimConfig, SimKey, SimOtp, Tier};
@@ -114,12 +113,10 @@ impl SimulateArgs {
 }
 
 /// Runs the simulator until SIGINT or SIGTERM.
-pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
+pub async fn run(args: SimulateArgs) -> Result<(), super::Error> {
     let config = args.config();
     let key = config.keys[0].clone();
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = super::bind(args.listen, "--listen").await?;
     let shutdown = crate::signal::shutdown_token();
     let handle = sim::start(config, listener, shutdown.clone())?;
     let base = handle.rest_url();
@@ -137,6 +134,6 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
     );
     println!("Press Ctrl-C to stop.");
     shutdown.cancelled().await;
-    handle.shutdown().await.context("the simulator stopped with an error")?;
+    handle.shutdown().await.map_err(super::Error::SimulatorEnded)?;
     Ok(())
 }

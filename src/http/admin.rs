@@ -2,6 +2,7 @@
 //! `/healthz`, `/readyz`, `/metrics`.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -73,7 +74,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     let mut accounts = BTreeMap::new();
     for (name, handle) in &table.accounts {
         let published = handle.published();
-        let readiness = match published.token_with(table.min_served_ttl, now) {
+        let readiness = match published.servable(Duration::ZERO, now) {
             Some(token) => AccountReadiness {
                 ready: true,
                 expires_in: Some(token.remaining(now).as_secs()),

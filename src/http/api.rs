@@ -109,7 +109,8 @@ fn unavailable(u: Unavailable, account: &str) -> ApiError {
     }
 }
 
-fn served(grant: &Grant, consumer: &str, token: &CachedToken) {
+/// Counts a token handed out (and names it at debug level, by fingerprint).
+fn count_served(grant: &Grant, consumer: &str, token: &CachedToken) {
     grant.served.inc();
     debug!(consumer, account = %grant.account, token = %token.fingerprint, "token served");
 }
@@ -119,19 +120,19 @@ pub async fn get_token(auth: Authenticated, RawQuery(raw): RawQuery) -> Result<R
     let query = parse_query(raw.as_deref(), true)?;
     let grant = auth.grant(query.account.as_deref())?;
     let table = &auth.table;
-    let need = Duration::from_secs(query.min_ttl.unwrap_or(0)).max(table.min_served_ttl);
+    let min_ttl = Duration::from_secs(query.min_ttl.unwrap_or(0));
     let now = Instant::now();
     // The hot path: a cached token good enough, no task hop, no lock.
-    if let Some(token) = grant.handle.published().token_with(need, now) {
-        served(grant, &auth.consumer.name, token);
+    if let Some(token) = grant.handle.published().servable(min_ttl, now) {
+        count_served(grant, &auth.consumer.name, token);
         return Ok(token_response(token, &grant.account, &table.ws_url, now));
     }
     let token = grant
         .handle
-        .want(need)
+        .want(min_ttl)
         .await
         .map_err(|u| unavailable(u, &grant.account))?;
-    served(grant, &auth.consumer.name, &token);
+    count_served(grant, &auth.consumer.name, &token);
     Ok(token_response(&token, &grant.account, &table.ws_url, Instant::now()))
 }
 
@@ -182,10 +183,10 @@ pub async fn invalidate(
     let table = &auth.table;
     let token = grant
         .handle
-        .invalidate(token_sha256(&reported.token), table.min_served_ttl, &auth.consumer.name)
+        .invalidate(token_sha256(&reported.token), &auth.consumer.name)
         .await
         .map_err(|u| unavailable(u, &grant.account))?;
-    served(grant, &auth.consumer.name, &token);
+    count_served(grant, &auth.consumer.name, &token);
     Ok(token_response(&token, &grant.account, &table.ws_url, Instant::now()))
 }
 

@@ -62,7 +62,6 @@ pub struct Consumer {
 pub struct ServeTable {
     pub consumers: Vec<Arc<Consumer>>,
     pub accounts: BTreeMap<String, AccountHandle>,
-    pub min_served_ttl: Duration,
     pub ws_url: String,
 }
 
@@ -143,7 +142,7 @@ fn refuse_oversized(request: &Request) -> Option<problem::ApiError> {
 /// Everything around a consumer API request, as one layer (one boxed future
 /// on the hot path rather than one per concern): size limits, the handler,
 /// `no-store` and problem+json on every answer, metrics.
-async fn around_api(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
+async fn api_layer(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let recorder = metrics.request(route_label(request.uri().path()));
     let _in_flight = InFlight::enter(recorder.in_flight());
@@ -174,7 +173,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/token/invalidate", post(api::invalidate))
         .fallback(not_found)
         .with_state(state)
-        .layer(middleware::from_fn_with_state(metrics, around_api))
+        .layer(middleware::from_fn_with_state(metrics, api_layer))
 }
 
 /// The admin API: health, readiness and metrics; never a token.

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -16,32 +15,14 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
 use super::*;
-use crate::kraken::{KrakenError, WsToken};
 use crate::metrics::Metrics;
-use crate::secret::SecretString;
-use crate::token::refresher::{self, FetchFuture};
-use crate::token::{AccountSetup, RefreshPolicy, TokenSource};
+use crate::token::refresher::{self, Ambient};
+use crate::token::{AccountSetup, RefreshPolicy, ScriptedSource};
 
-/// Mints `tok-<account>-<n>` tokens of a fixed lifetime, instantly.
-struct Minting {
-    prefix: &'static str,
-    lifetime: Duration,
-    calls: AtomicUsize,
-}
-
-impl TokenSource for Minting {
-    fn fetch(&self) -> FetchFuture {
-        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        let answer: Result<WsToken, KrakenError> = Ok(WsToken {
-            token: SecretString::new(format!("tok-{}-{n}", self.prefix)),
-            lifetime: self.lifetime,
-            lifetime_clamped: false,
-        });
-        Box::pin(async move { answer })
-    }
-
-    fn next_otp_code_in(&self) -> Option<Duration> {
-        None
+fn ambient() -> Ambient {
+    Ambient {
+        jitter: || 0.5,
+        ..Ambient::default()
     }
 }
 
@@ -53,26 +34,17 @@ fn sha(credential: &str) -> [u8; 32] {
 
 fn app() -> (Router, Metrics) {
     let metrics = Metrics::new();
-    let policy = RefreshPolicy {
-        refresh_before_expiry: Duration::from_secs(450),
-        min_served_ttl: Duration::from_secs(60),
-        jitter: Duration::from_secs(30),
-        retry_initial: Duration::from_secs(1),
-        retry_max: Duration::from_secs(60),
-    };
+    let policy = RefreshPolicy::default();
     let cancel = CancellationToken::new();
     let mut handles = BTreeMap::new();
     for (name, prefix) in [("main", "main"), ("other", "other"), ("hidden", "hidden")] {
         let setup = AccountSetup {
-            source: Arc::new(Minting {
-                prefix,
-                lifetime: Duration::from_secs(900),
-                calls: AtomicUsize::new(0),
-            }),
+            // Mints `tok-<account>-<n>` tokens of 900 s, instantly.
+            source: Arc::new(ScriptedSource::new(Duration::from_secs(900)).prefix(&format!("tok-{prefix}"))),
             policy,
             call_timeout: Duration::from_secs(5),
         };
-        let (handle, _) = refresher::spawn(name, setup, metrics.account(name), || 0.5, cancel.clone());
+        let (handle, _) = refresher::spawn(name, setup, metrics.account(name), ambient(), cancel.clone());
         handles.insert(name.to_owned(), handle);
     }
     let grant = |account: &str, consumer: &str| Grant {
@@ -96,7 +68,6 @@ fn app() -> (Router, Metrics) {
         table: Arc::new(ArcSwap::from_pointee(ServeTable {
             consumers,
             accounts: handles,
-            min_served_ttl: policy.min_served_ttl,
             ws_url: WS_URL.into(),
         })),
         metrics: metrics.clone(),

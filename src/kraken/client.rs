@@ -7,7 +7,7 @@
 //! endpoint or nowhere.
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 
@@ -16,6 +16,7 @@ use super::nonce::NonceSource;
 use super::otp::Otp;
 use super::sign::{WS_TOKEN_PATH, sign};
 use super::wire::{WsToken, parse_ws_token_response};
+use crate::clock::WallClock;
 use crate::secret::{REDACTED, SecretBytes, SecretString};
 
 /// The User-Agent Kraken requires, naming the project and version.
@@ -57,8 +58,13 @@ impl KeyLane {
         Self::default()
     }
 
-    /// A lane whose nonces follow `clock` (tests step the clock).
-    pub fn with_clock(clock: super::nonce::NanoClock) -> Self {
+    /// The wall clock this key's nonces and TOTP codes follow.
+    pub fn clock(&self) -> &WallClock {
+        self.nonces.clock()
+    }
+
+    /// A lane whose nonces and TOTP codes follow `clock` (tests step it).
+    pub fn with_clock(clock: WallClock) -> Self {
         Self {
             nonces: NonceSource::with_clock(clock),
             turn: tokio::sync::Mutex::new(()),
@@ -113,7 +119,10 @@ impl KrakenClient {
     pub async fn get_websockets_token(&self, creds: &ApiCredentials, lane: &KeyLane) -> Result<WsToken, KrakenError> {
         let _turn = lane.turn.lock().await;
         let nonce = lane.nonces.next();
-        let otp = creds.otp.as_ref().map(|otp| otp.code_at(unix_secs()));
+        let otp = creds
+            .otp
+            .as_ref()
+            .map(|otp| otp.code_at(lane.nonces.clock().unix_secs()));
         let body = ws_token_body(nonce, otp.as_ref());
         let signature = sign(
             &creds.api_secret,
@@ -191,10 +200,6 @@ async fn read_bounded(mut response: reqwest::Response) -> Result<Vec<u8>, BodyEr
 fn parse_retry_after(value: Option<&HeaderValue>) -> Option<Duration> {
     let secs: u64 = value?.to_str().ok()?.trim().parse().ok()?;
     Some(Duration::from_secs(secs.min(3600)))
-}
-
-fn unix_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

@@ -92,9 +92,10 @@ pub enum Action {
     /// Retry with capped exponential back-off and jitter, never sooner than
     /// `at_least`.
     Backoff { at_least: Duration },
-    /// Do not call before this absolute time (`EService:Throttled: <ts>`,
-    /// or an edge `Retry-After`).
+    /// Do not call before this absolute time (`EService:Throttled: <ts>`).
     WaitUntil(SystemTime),
+    /// Do not call for this long (an edge's `Retry-After`).
+    WaitFor(Duration),
     /// Do not call at all for this long (temporary lockout).
     OpenCircuit(Duration),
     /// Stop, alert an operator, retry only slowly so the key is never pushed
@@ -155,7 +156,7 @@ impl KrakenError {
             KrakenError::HttpStatus {
                 retry_after: Some(after),
                 ..
-            } => Action::WaitUntil(SystemTime::now() + *after),
+            } => Action::WaitFor(*after),
             _ => Action::Backoff {
                 at_least: Duration::ZERO,
             },
@@ -465,7 +466,7 @@ mod tests {
             status: 429,
             retry_after: Some(Duration::from_secs(30)),
         };
-        assert!(matches!(edge.action(), Action::WaitUntil(_)));
+        assert_eq!(edge.action(), Action::WaitFor(Duration::from_secs(30)));
     }
 
     #[test]

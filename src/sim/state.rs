@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
@@ -16,6 +16,7 @@ use rand::RngExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::clock::{unix_millis, unix_secs};
 use crate::kraken::{Otp, WS_TOKEN_PATH, decode_secret, verify};
 use crate::secret::{SecretBytes, SecretString, fingerprint};
 
@@ -283,11 +284,6 @@ pub struct Decision {
     pub reply: Reply,
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 fn kraken_error(code: &str) -> Reply {
     Reply::Json(json!({ "error": [code] }))
 }
@@ -454,7 +450,7 @@ impl SimState {
 
     /// Whether `token` may open a private subscription now.
     pub fn token_is_valid(&self, token: &str) -> bool {
-        let now = unix_ms(SystemTime::now());
+        let now = unix_millis(SystemTime::now());
         self.lock()
             .tokens
             .get(token)
@@ -591,7 +587,7 @@ impl Inner {
         self.next_seq += 1;
         self.calls.push_back(CallRecord {
             seq,
-            at_unix_ms: unix_ms(SystemTime::now()),
+            at_unix_ms: unix_millis(SystemTime::now()),
             http_method: http_method.to_owned(),
             path: path.to_owned(),
             api_key,
@@ -665,7 +661,7 @@ impl Inner {
             return (kraken_error("EAPI:Invalid signature"), Some(nonce), None);
         }
         if let Some(expected) = &key.otp {
-            let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let unix = unix_secs(SystemTime::now());
             if !otp.as_deref().is_some_and(|code| expected.accepts(code, unix)) {
                 self.strike(presented, now);
                 return (kraken_error("EAPI:Invalid signature"), Some(nonce), None);
@@ -701,8 +697,8 @@ impl Inner {
             IssuedToken {
                 token: token.clone(),
                 api_key,
-                issued_at_unix_ms: unix_ms(issued),
-                expires_at_unix_ms: unix_ms(issued + ttl),
+                issued_at_unix_ms: unix_millis(issued),
+                expires_at_unix_ms: unix_millis(issued + ttl),
                 revoked: false,
             },
         );
@@ -892,7 +888,7 @@ mod tests {
         t.otp = Some(SimOtp::TotpSecret("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ".into()));
         let s = state(vec![t.clone()]);
         let seed = Otp::totp_from_base32(&SecretString::new("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ")).unwrap();
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let now = unix_secs(SystemTime::now());
         let code = seed.code_at(now);
         assert_eq!(error_of(&call(&s, &t, 1, Some(code.expose()))), None);
         let wrong = if code.expose() == "000000" { "111111" } else { "000000" };

@@ -1,13 +1,26 @@
 //! The token cache and its refreshers: one single-writer task per account
 //! publishes that account's token; readers load it lock-free. Knows Kraken
 //! only through [`refresher::TokenSource`] and knows no HTTP.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`published`] | what readers see: the token, the health, the serving rule |
+//! | [`refresher`] | the task that calls, caches and answers on-demand requests |
+//! | [`schedule`] | when to refresh and how long to back off (pure) |
+//! | [`policy`] | what to do after a failed call (pure) |
+//! | [`scripted`] | a scripted token source for tests and benchmarks |
 
-pub mod cache;
+pub mod policy;
+pub mod published;
 pub mod refresher;
 pub mod schedule;
+pub mod scripted;
 
 /// Kraken's documented token lifetime: the most any token held here can have.
 pub use crate::kraken::MAX_TOKEN_LIFETIME;
-pub use cache::{CachedToken, Health, Published, token_sha256};
-pub use refresher::{AccountHandle, AccountSetup, Answer, Cause, KrakenSource, TokenSource, Unavailable};
+pub use published::{CachedToken, Health, Published, ServingRule, token_sha256};
+pub use refresher::{
+    AccountHandle, AccountSetup, Ambient, Answer, Applied, Cause, KrakenSource, TokenSource, Unavailable,
+};
 pub use schedule::{RefreshPolicy, backoff_delay, next_refresh_at, retry_after_secs};
+pub use scripted::ScriptedSource;

@@ -4,16 +4,20 @@
 //! [`next_refresh_at`], and takes every on-demand request (a consumer needing
 //! more time left, a token reported rejected) through the same task, so a
 //! single upstream call serves any number of waiting consumers by
-//! construction. On failure it keeps serving the last good token while it has
-//! `min_served_ttl` left and decides the next attempt from the error's
-//! [`Action`]: retry once with a fresh nonce, back off with jitter, wait out a
-//! throttle, open a circuit on a lockout, or retry slowly and alert on a key
-//! that can never work.
+//! construction. On failure it keeps serving the last good token while the
+//! serving rule allows, and carries out the step [`after_failure`] decides:
+//! retry once with a fresh nonce, back off with jitter, wait out a throttle,
+//! open a circuit on a lockout, or retry slowly and alert on a key that can
+//! never work.
+//!
+//! Reloads reach it on their own channel ([`AccountHandle::reconfigure`]):
+//! sent without waiting, taken in the order sent, each acknowledged once in
+//! force, so two quick reloads can never land out of order.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot};
@@ -22,9 +26,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::cache::{CachedToken, Health, Published};
-use super::schedule::{RefreshPolicy, backoff_delay, next_refresh_at};
-use crate::kraken::{Action, ApiCredentials, KeyLane, KrakenClient, KrakenError, MAX_TOKEN_LIFETIME, Reason, WsToken};
+use super::policy::{Context, Decision, Next, Streak, after_failure};
+use super::published::{CachedToken, Health, Published, ServingRule};
+use super::schedule::{RefreshPolicy, next_refresh_at};
+use crate::clock::{WallClock, unix_secs_f64};
+use crate::kraken::{ApiCredentials, KeyLane, KrakenClient, KrakenError, MAX_TOKEN_LIFETIME, Reason, WsToken};
 use crate::metrics::AccountMetrics;
 
 /// How long to wait between retries of a key Kraken rejects for good
@@ -37,14 +43,12 @@ pub const FORCED_REFRESH_BURST: u32 = 3;
 /// ... and how often one more is allowed after that. Kraken's Starter tier
 /// decays one call in 3 s; this stays far below, whatever consumers do.
 pub const FORCED_REFRESH_EVERY: Duration = Duration::from_secs(10);
-/// The longest an `EService:Throttled` timestamp is obeyed, in case Kraken's
-/// clock and ours disagree wildly.
-const MAX_THROTTLE_WAIT: Duration = Duration::from_secs(3600);
 
 /// A future yielding one `GetWebSocketsToken` answer.
 pub type FetchFuture = Pin<Box<dyn Future<Output = Result<WsToken, KrakenError>> + Send>>;
 
-/// Where tokens come from: Kraken in production, a script in unit tests.
+/// Where tokens come from: Kraken in production, a script in tests
+/// ([`super::ScriptedSource`]).
 pub trait TokenSource: Send + Sync + 'static {
     fn fetch(&self) -> FetchFuture;
     /// With a TOTP seed as 2FA, how long until it yields a different code (a
@@ -72,9 +76,9 @@ impl TokenSource for KrakenSource {
 
     fn next_otp_code_in(&self) -> Option<Duration> {
         let otp = self.credentials.otp.as_ref()?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
-        let next = Duration::from_secs(otp.next_code_at(now.as_secs())?);
-        Some(next.saturating_sub(now))
+        let now = self.lane.clock().now();
+        let next = SystemTime::UNIX_EPOCH + Duration::from_secs(otp.next_code_at(crate::clock::unix_secs(now))?);
+        Some(next.duration_since(now).unwrap_or(Duration::ZERO))
     }
 }
 
@@ -93,6 +97,23 @@ pub type Jitter = fn() -> f64;
 /// The jitter used in production.
 pub fn random_jitter() -> f64 {
     rand::random::<f64>()
+}
+
+/// What a refresher reads from the world besides its token source: the
+/// randomness of jitter and the wall clock. Parameters, so tests are exact.
+#[derive(Debug, Clone)]
+pub struct Ambient {
+    pub jitter: Jitter,
+    pub clock: WallClock,
+}
+
+impl Default for Ambient {
+    fn default() -> Self {
+        Self {
+            jitter: random_jitter,
+            clock: WallClock::system(),
+        }
+    }
 }
 
 /// Why no good-enough token can be had now.
@@ -119,31 +140,46 @@ pub struct Unavailable {
 
 pub type Answer = Result<Arc<CachedToken>, Unavailable>;
 
-enum Command {
+/// A consumer's request, queued on the bounded channel.
+enum Request {
     Want {
-        need: Duration,
+        min_ttl: Duration,
         reply: oneshot::Sender<Answer>,
     },
     Invalidate {
         sha256: [u8; 32],
-        need: Duration,
         consumer: String,
         reply: oneshot::Sender<Answer>,
     },
-    Reconfigure(AccountSetup),
-    RetryNow,
 }
 
-/// Commands queued per account before senders wait: bounded, so a storm of
+/// A change from a reload, on its own unbounded channel: sent without
+/// waiting, so the sender can never reorder two of them.
+enum Control {
+    Reconfigure(Box<AccountSetup>, oneshot::Sender<()>),
+    RetryNow(oneshot::Sender<()>),
+}
+
+/// Resolves once a refresher has taken a change (or is gone).
+pub struct Applied(oneshot::Receiver<()>);
+
+impl Applied {
+    pub async fn wait(self) {
+        let _ = self.0.await;
+    }
+}
+
+/// Requests queued per account before senders wait: bounded, so a storm of
 /// consumers costs a wait, never unbounded memory.
-const COMMAND_QUEUE: usize = 1024;
+const REQUEST_QUEUE: usize = 1024;
 
 /// The readers' side of one account.
 #[derive(Clone)]
 pub struct AccountHandle {
     name: Arc<str>,
     published: Arc<ArcSwap<Published>>,
-    commands: mpsc::Sender<Command>,
+    requests: mpsc::Sender<Request>,
+    control: mpsc::UnboundedSender<Control>,
     answer_timeout: Duration,
 }
 
@@ -157,14 +193,14 @@ impl AccountHandle {
         self.published.load()
     }
 
-    async fn ask(&self, command: impl FnOnce(oneshot::Sender<Answer>) -> Command) -> Answer {
+    async fn ask(&self, request: impl FnOnce(oneshot::Sender<Answer>) -> Request) -> Answer {
         let not_answering = Unavailable {
             retry_after: Duration::from_secs(1),
             cause: Cause::NotAnswering,
         };
         let (tx, rx) = oneshot::channel();
         let exchange = async {
-            self.commands.send(command(tx)).await.ok()?;
+            self.requests.send(request(tx)).await.ok()?;
             rx.await.ok()
         };
         match tokio::time::timeout(self.answer_timeout, exchange).await {
@@ -173,34 +209,42 @@ impl AccountHandle {
         }
     }
 
-    /// A token with at least `need` left, refreshing first if needed.
-    pub async fn want(&self, need: Duration) -> Answer {
-        self.ask(|reply| Command::Want { need, reply }).await
+    /// A token good enough for a consumer asking for `min_ttl` (zero: no
+    /// more than the serving rule), refreshing first if needed.
+    pub async fn want(&self, min_ttl: Duration) -> Answer {
+        self.ask(|reply| Request::Want { min_ttl, reply }).await
     }
 
     /// Reports the token with this SHA-256 as rejected by Kraken; answers the
-    /// token to use now (with at least `need` left).
-    pub async fn invalidate(&self, sha256: [u8; 32], need: Duration, consumer: &str) -> Answer {
+    /// token to use now.
+    pub async fn invalidate(&self, sha256: [u8; 32], consumer: &str) -> Answer {
         let consumer = consumer.to_owned();
-        self.ask(|reply| Command::Invalidate {
+        self.ask(|reply| Request::Invalidate {
             sha256,
-            need,
             consumer,
             reply,
         })
         .await
     }
 
-    /// Replaces the account's credentials, client or policy.
-    pub async fn reconfigure(&self, setup: AccountSetup) {
-        let _ = self.commands.send(Command::Reconfigure(setup)).await;
+    fn control(&self, make: impl FnOnce(oneshot::Sender<()>) -> Control) -> Applied {
+        let (tx, rx) = oneshot::channel();
+        // A refresher that is gone has nothing to apply: `Applied` resolves.
+        let _ = self.control.send(make(tx));
+        Applied(rx)
+    }
+
+    /// Replaces the account's credentials, client or policy. Never waits;
+    /// changes are applied in the order they were made.
+    pub fn reconfigure(&self, setup: AccountSetup) -> Applied {
+        self.control(|ack| Control::Reconfigure(Box::new(setup), ack))
     }
 
     /// If the account waits out a permanent rejection (invalid key,
     /// permission denied), retries now: an operator says it is fixed. A
     /// lockout circuit or a throttle is never cut short.
-    pub async fn retry_now(&self) {
-        let _ = self.commands.send(Command::RetryNow).await;
+    pub fn retry_now(&self) -> Applied {
+        self.control(Control::RetryNow)
     }
 }
 
@@ -209,33 +253,32 @@ pub fn spawn(
     name: &str,
     setup: AccountSetup,
     metrics: AccountMetrics,
-    jitter: Jitter,
+    ambient: Ambient,
     cancel: CancellationToken,
 ) -> (AccountHandle, JoinHandle<()>) {
     let name: Arc<str> = Arc::from(name);
-    let published = Arc::new(ArcSwap::from_pointee(Published::starting()));
-    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let rule = ServingRule {
+        min_served_ttl: setup.policy.min_served_ttl,
+    };
+    let published = Arc::new(ArcSwap::from_pointee(Published::starting(rule)));
+    let (requests_tx, requests) = mpsc::channel(REQUEST_QUEUE);
+    let (control_tx, control) = mpsc::unbounded_channel();
     // Room for one call, its nonce retry, and slack.
     let answer_timeout = setup.call_timeout * 2 + Duration::from_secs(2);
     let now = Instant::now();
     let refresher = Refresher {
         name: Arc::clone(&name),
         setup,
-        jitter,
+        ambient,
         published: Arc::clone(&published),
         metrics,
-        commands: rx,
+        requests,
+        control,
         cancel,
         current: None,
         last_lifetime: None,
-        health: Health::Starting,
+        state: State::Due { at: now },
         waiters: Vec::new(),
-        in_flight: None,
-        next_attempt: now,
-        blocked: false,
-        failures: 0,
-        nonce_retry_used: false,
-        totp_retry_used: false,
         budget: Budget::new(FORCED_REFRESH_BURST, FORCED_REFRESH_EVERY, now),
         valid_reported: None,
     };
@@ -244,7 +287,8 @@ pub fn spawn(
         AccountHandle {
             name,
             published,
-            commands: tx,
+            requests: requests_tx,
+            control: control_tx,
             answer_timeout,
         },
         task,
@@ -294,43 +338,61 @@ struct InFlight {
     started_wall: SystemTime,
 }
 
+/// A failed call and the step decided after it.
+#[derive(Debug, Clone)]
+struct Failure {
+    reason: Reason,
+    /// Kraken's code or the transport error, sanitised.
+    detail: String,
+    /// Failed attempts in a row, this one included.
+    consecutive: u32,
+    next: Next,
+}
+
+/// Where the refresher stands: one value, so no combination of flags can
+/// disagree with another.
+enum State {
+    /// No failure pending: the next refresh is due at `at` (at once at start).
+    Due { at: Instant },
+    /// A call is under way. `streak` holds the failures before it; `failing`
+    /// the last failure, which the published health shows until this call
+    /// lands.
+    Calling {
+        flight: InFlight,
+        streak: Streak,
+        failing: Option<Failure>,
+    },
+    /// The last call failed: no call before its step's time, and on-demand
+    /// requests wait for it rather than call Kraken sooner.
+    Failed { streak: Streak, failure: Failure },
+}
+
 enum Event {
     Stop,
     Fetched(Result<Result<WsToken, KrakenError>, tokio::task::JoinError>),
-    Command(Option<Command>),
+    Control(Control),
+    Request(Option<Request>),
     Timer,
 }
 
 struct Refresher {
     name: Arc<str>,
     setup: AccountSetup,
-    jitter: Jitter,
+    ambient: Ambient,
     published: Arc<ArcSwap<Published>>,
     metrics: AccountMetrics,
-    commands: mpsc::Receiver<Command>,
+    requests: mpsc::Receiver<Request>,
+    control: mpsc::UnboundedReceiver<Control>,
     cancel: CancellationToken,
 
     current: Option<Arc<CachedToken>>,
     /// The lifetime of the last token minted, for judging `min_ttl` requests.
     last_lifetime: Option<Duration>,
-    health: Health,
+    state: State,
     waiters: Vec<Waiter>,
-    in_flight: Option<InFlight>,
-    /// When the next refresh (scheduled) or retry (after a failure) is due.
-    next_attempt: Instant,
-    /// `next_attempt` is a retry after a failure: on-demand requests wait for
-    /// it rather than call Kraken sooner.
-    blocked: bool,
-    failures: u32,
-    nonce_retry_used: bool,
-    totp_retry_used: bool,
     budget: Budget,
     /// The `token_valid` value last set, so it is only written on change.
     valid_reported: Option<bool>,
-}
-
-fn unix_secs(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl Refresher {
@@ -339,35 +401,38 @@ impl Refresher {
             self.expire_and_report(Instant::now());
             let wake = self.next_wake(Instant::now());
             let event = {
-                let in_flight = &mut self.in_flight;
-                let commands = &mut self.commands;
-                let cancel = &self.cancel;
+                let flight = match &mut self.state {
+                    State::Calling { flight, .. } => Some(&mut flight.task),
+                    _ => None,
+                };
                 tokio::select! {
                     biased;
-                    _ = cancel.cancelled() => Event::Stop,
-                    result = async { (&mut in_flight.as_mut().expect("guarded by is_some").task).await },
-                        if in_flight.is_some() => Event::Fetched(result),
-                    command = commands.recv() => Event::Command(command),
+                    _ = self.cancel.cancelled() => Event::Stop,
+                    Some(control) = self.control.recv() => Event::Control(control),
+                    result = async { flight.expect("guarded by is_some").await }, if flight.is_some() => {
+                        Event::Fetched(result)
+                    }
+                    request = self.requests.recv() => Event::Request(request),
                     _ = tokio::time::sleep_until(wake) => Event::Timer,
                 }
             };
             match event {
-                Event::Stop | Event::Command(None) => break,
+                Event::Stop | Event::Request(None) => break,
                 Event::Fetched(result) => {
-                    let flight = self.in_flight.take().expect("a fetch finished, so one was in flight");
                     let result =
                         result.unwrap_or_else(|e| Err(KrakenError::Transport(format!("the fetch task failed: {e}"))));
-                    self.on_fetched(result, &flight);
+                    self.on_fetched(result);
                 }
-                Event::Command(Some(command)) => self.on_command(command),
+                Event::Control(control) => self.on_control(control),
+                Event::Request(Some(request)) => self.on_request(request),
                 Event::Timer => {
-                    if self.in_flight.is_none() && Instant::now() >= self.next_attempt {
-                        self.start_fetch();
+                    if self.call_due_at().is_some_and(|at| Instant::now() >= at) {
+                        self.start_call();
                     }
                 }
             }
         }
-        if let Some(flight) = self.in_flight.take() {
+        if let State::Calling { flight, .. } = &self.state {
             flight.task.abort();
         }
         let stopping = Unavailable {
@@ -379,20 +444,54 @@ impl Refresher {
         }
     }
 
-    /// The next moment something must happen without a command arriving.
+    fn rule(&self) -> ServingRule {
+        ServingRule {
+            min_served_ttl: self.setup.policy.min_served_ttl,
+        }
+    }
+
+    /// When the next call may start, unless one is under way.
+    fn call_due_at(&self) -> Option<Instant> {
+        match &self.state {
+            State::Due { at } => Some(*at),
+            State::Failed { failure, .. } => Some(failure.next.at(Instant::now())),
+            State::Calling { .. } => None,
+        }
+    }
+
+    /// The health readers see, derived from the state.
+    fn health(&self) -> Health {
+        let failure = match &self.state {
+            State::Failed { failure, .. } => Some(failure),
+            State::Calling { failing, .. } => failing.as_ref(),
+            State::Due { .. } => None,
+        };
+        match failure {
+            Some(Failure {
+                next: Next::LockedOut { until },
+                ..
+            }) => Health::CircuitOpen { until: *until },
+            Some(f) => Health::Failing {
+                reason: f.reason,
+                detail: f.detail.clone(),
+                consecutive: f.consecutive,
+                next_attempt: f.next.at(Instant::now()),
+                permanent: matches!(f.next, Next::Rejected { .. }),
+            },
+            None if self.last_lifetime.is_some() => Health::Healthy,
+            None => Health::Starting,
+        }
+    }
+
+    /// The next moment something must happen without a message arriving.
     fn next_wake(&self, now: Instant) -> Instant {
         let mut wake = now + Duration::from_secs(3600);
-        if self.in_flight.is_none() {
-            wake = wake.min(self.next_attempt);
+        if let Some(at) = self.call_due_at() {
+            wake = wake.min(at);
         }
         if let Some(t) = &self.current {
-            for moment in [
-                t.expires_at.checked_sub(self.setup.policy.min_served_ttl),
-                Some(t.expires_at),
-            ]
-            .into_iter()
-            .flatten()
-            {
+            let servable_until = t.expires_at.checked_sub(self.rule().need(Duration::ZERO));
+            for moment in [servable_until, Some(t.expires_at)].into_iter().flatten() {
                 if moment > now {
                     wake = wake.min(moment);
                 }
@@ -408,10 +507,8 @@ impl Refresher {
             self.metrics.token_dropped();
             self.publish();
         }
-        let valid = self
-            .current
-            .as_ref()
-            .is_some_and(|t| t.remaining(now) >= self.setup.policy.min_served_ttl);
+        let need = self.rule().need(Duration::ZERO);
+        let valid = self.current.as_ref().is_some_and(|t| t.lasts(need, now));
         if self.valid_reported != Some(valid) {
             self.metrics.set_valid(valid);
             if self.valid_reported == Some(true) && !valid {
@@ -424,11 +521,23 @@ impl Refresher {
     fn publish(&self) {
         self.published.store(Arc::new(Published {
             token: self.current.clone(),
-            health: self.health.clone(),
+            health: self.health(),
+            rule: self.rule(),
         }));
     }
 
-    fn start_fetch(&mut self) {
+    /// Starts a call: a scheduled refresh, an attempt after a failure, or an
+    /// on-demand refresh.
+    fn start_call(&mut self) {
+        let (streak, failing) = match &self.state {
+            State::Failed { streak, failure } => (*streak, Some(failure.clone())),
+            State::Due { .. } => (Streak::default(), None),
+            State::Calling { .. } => return,
+        };
+        self.call_with(streak, failing);
+    }
+
+    fn call_with(&mut self, streak: Streak, failing: Option<Failure>) {
         let source = Arc::clone(&self.setup.source);
         // A little after the client's own timeout: a safety net, not a limit.
         let limit = self.setup.call_timeout + Duration::from_secs(1);
@@ -437,23 +546,56 @@ impl Refresher {
                 .await
                 .unwrap_or(Err(KrakenError::Timeout(limit)))
         });
-        self.in_flight = Some(InFlight {
+        let flight = InFlight {
             task,
             started: Instant::now(),
-            started_wall: SystemTime::now(),
-        });
+            started_wall: self.ambient.clock.now(),
+        };
+        self.state = State::Calling {
+            flight,
+            streak,
+            failing,
+        };
     }
 
     fn lifetime_hint(&self) -> Duration {
         self.last_lifetime.unwrap_or(MAX_TOKEN_LIFETIME)
     }
 
-    fn on_command(&mut self, command: Command) {
-        match command {
-            Command::Want { need, reply } => self.serve_or_wait(need, reply),
-            Command::Invalidate {
+    fn on_control(&mut self, control: Control) {
+        match control {
+            Control::Reconfigure(setup, applied) => {
+                self.setup = *setup;
+                info!(account = %self.name, "account reconfigured");
+                self.publish();
+                if let State::Failed { failure, .. } = &self.state
+                    && !matches!(failure.next, Next::LockedOut { .. })
+                {
+                    // New credentials deserve a try now, not after a back-off
+                    // meant for the old ones.
+                    let failing = Some(failure.clone());
+                    self.call_with(Streak::default(), failing);
+                }
+                let _ = applied.send(());
+            }
+            Control::RetryNow(applied) => {
+                if let State::Failed { failure, .. } = &self.state
+                    && matches!(failure.next, Next::Rejected { .. })
+                {
+                    info!(account = %self.name, "retrying now, as asked by a reload");
+                    let failing = Some(failure.clone());
+                    self.call_with(Streak::default(), failing);
+                }
+                let _ = applied.send(());
+            }
+        }
+    }
+
+    fn on_request(&mut self, request: Request) {
+        match request {
+            Request::Want { min_ttl, reply } => self.serve_or_wait(min_ttl, reply),
+            Request::Invalidate {
                 sha256,
-                need,
                 consumer,
                 reply,
             } => {
@@ -468,36 +610,15 @@ impl Refresher {
                     self.valid_reported = Some(false);
                     self.publish();
                 }
-                self.serve_or_wait(need, reply);
-            }
-            Command::Reconfigure(setup) => {
-                self.setup = setup;
-                info!(account = %self.name, "account reconfigured");
-                if self.blocked && !matches!(self.health, Health::CircuitOpen { .. }) {
-                    // New credentials deserve a try now, not after a back-off
-                    // meant for the old ones.
-                    self.unblock();
-                }
-            }
-            Command::RetryNow => {
-                if self.blocked && matches!(self.health, Health::Failing { permanent: true, .. }) {
-                    info!(account = %self.name, "retrying now, as asked by a reload");
-                    self.unblock();
-                }
+                self.serve_or_wait(Duration::ZERO, reply);
             }
         }
     }
 
-    fn unblock(&mut self) {
-        self.blocked = false;
-        self.failures = 0;
-        self.totp_retry_used = false;
-        self.next_attempt = Instant::now();
-    }
-
-    fn serve_or_wait(&mut self, need: Duration, reply: oneshot::Sender<Answer>) {
+    fn serve_or_wait(&mut self, min_ttl: Duration, reply: oneshot::Sender<Answer>) {
         let now = Instant::now();
-        if let Some(token) = self.current.as_ref().filter(|t| t.remaining(now) >= need) {
+        let need = self.rule().need(min_ttl);
+        if let Some(token) = self.current.as_ref().filter(|t| t.lasts(need, now)) {
             let _ = reply.send(Ok(Arc::clone(token)));
             return;
         }
@@ -515,21 +636,22 @@ impl Refresher {
 
     /// Someone waits for a better token than the one held.
     fn demand(&mut self, now: Instant) {
-        if self.in_flight.is_some() {
-            return; // answered when it lands
-        }
-        if self.blocked {
-            let unavailable = self.blocked_unavailable(now);
-            self.answer_waiters(now, Some(unavailable));
-            return;
-        }
-        if now >= self.next_attempt {
+        let due = match &self.state {
+            State::Calling { .. } => return, // answered when it lands
+            State::Failed { .. } => {
+                let unavailable = self.failed_unavailable(now);
+                self.answer_waiters(now, unavailable);
+                return;
+            }
+            State::Due { at } => *at,
+        };
+        if now >= due {
             // Due anyway (cold start, or the schedule): not a forced refresh.
-            self.start_fetch();
+            self.start_call();
             return;
         }
         match self.budget.take(now) {
-            Ok(()) => self.start_fetch(),
+            Ok(()) => self.start_call(),
             Err(wait) => {
                 warn!(
                     account = %self.name,
@@ -538,7 +660,9 @@ impl Refresher {
                 );
                 if self.current.is_none() {
                     // Nothing to serve: refresh as soon as the budget allows.
-                    self.next_attempt = self.next_attempt.min(now + wait);
+                    self.state = State::Due {
+                        at: due.min(now + wait),
+                    };
                 }
                 let unavailable = Unavailable {
                     retry_after: wait,
@@ -549,28 +673,31 @@ impl Refresher {
         }
     }
 
-    fn blocked_unavailable(&self, now: Instant) -> Unavailable {
-        let cause = match &self.health {
-            Health::CircuitOpen { .. } => Cause::CircuitOpen,
-            Health::Failing { reason, .. } => Cause::RefreshFailing(*reason),
-            Health::Starting | Health::Healthy => Cause::RefreshFailing(Reason::Other),
+    /// What waiters are told while the last call's failure stands.
+    fn failed_unavailable(&self, now: Instant) -> Option<Unavailable> {
+        let State::Failed { failure, .. } = &self.state else {
+            return None;
         };
-        Unavailable {
-            retry_after: self.next_attempt.saturating_duration_since(now),
+        let cause = match failure.next {
+            Next::LockedOut { .. } => Cause::CircuitOpen,
+            _ => Cause::RefreshFailing(failure.reason),
+        };
+        Some(Unavailable {
+            retry_after: failure.next.at(now).saturating_duration_since(now),
             cause,
-        }
+        })
     }
 
     /// Answers every waiter that can be answered: with the current token when
     /// it is good enough, else (when nothing is in flight) with `otherwise`.
     fn answer_waiters(&mut self, now: Instant, otherwise: Option<Unavailable>) {
-        let in_flight = self.in_flight.is_some();
+        let in_flight = matches!(self.state, State::Calling { .. });
         let lifetime = self.lifetime_hint();
         for waiter in std::mem::take(&mut self.waiters) {
             if waiter.reply.is_closed() {
                 continue; // the consumer gave up
             }
-            let answer = match self.current.as_ref().filter(|t| t.remaining(now) >= waiter.need) {
+            let answer = match self.current.as_ref().filter(|t| t.lasts(waiter.need, now)) {
                 Some(token) => Ok(Arc::clone(token)),
                 None if in_flight => {
                     self.waiters.push(waiter);
@@ -593,12 +720,20 @@ impl Refresher {
         }
     }
 
-    fn on_fetched(&mut self, result: Result<WsToken, KrakenError>, flight: &InFlight) {
+    fn on_fetched(&mut self, result: Result<WsToken, KrakenError>) {
+        let State::Calling {
+            flight,
+            streak,
+            failing,
+        } = std::mem::replace(&mut self.state, State::Due { at: Instant::now() })
+        else {
+            unreachable!("a fetch lands only while calling");
+        };
         let now = Instant::now();
         let took = now.saturating_duration_since(flight.started);
         match result {
-            Ok(minted) => self.on_success(minted, flight, took),
-            Err(error) => self.on_failure(&error, took, now),
+            Ok(minted) => self.on_success(minted, &flight, took),
+            Err(error) => self.on_failure(&error, streak, failing, took, now),
         }
     }
 
@@ -628,200 +763,113 @@ impl Refresher {
         ));
         self.metrics.refresh_succeeded(
             took.as_secs_f64(),
-            unix_secs(flight.started_wall + minted.lifetime),
-            unix_secs(SystemTime::now()),
+            unix_secs_f64(flight.started_wall + minted.lifetime),
+            unix_secs_f64(self.ambient.clock.now()),
         );
         let policy = self.setup.policy;
-        self.next_attempt = next_refresh_at(token.issued_at, token.expires_at, &policy, (self.jitter)());
+        let due = next_refresh_at(token.issued_at, token.expires_at, &policy, (self.ambient.jitter)());
         info!(
             account = %self.name,
             outcome = "success",
             token = %token.fingerprint,
             expires_in_secs = token.remaining(now).as_secs(),
             duration_ms = took.as_millis() as u64,
-            next_refresh_in_secs = self.next_attempt.saturating_duration_since(now).as_secs(),
+            next_refresh_in_secs = due.saturating_duration_since(now).as_secs(),
             "token refreshed"
         );
         self.last_lifetime = Some(token.lifetime);
         self.current = Some(token);
-        self.health = Health::Healthy;
-        self.blocked = false;
-        self.failures = 0;
-        self.nonce_retry_used = false;
-        self.totp_retry_used = false;
+        self.state = State::Due { at: due };
         self.publish();
         self.expire_and_report(now);
         self.answer_waiters(now, None);
     }
 
-    fn on_failure(&mut self, error: &KrakenError, took: Duration, now: Instant) {
+    fn on_failure(
+        &mut self,
+        error: &KrakenError,
+        streak: Streak,
+        failing: Option<Failure>,
+        took: Duration,
+        now: Instant,
+    ) {
         let reason = error.reason();
         self.metrics
-            .refresh_failed(reason, took.as_secs_f64(), unix_secs(SystemTime::now()));
-        let action = error.action();
-        let detail = error.to_string();
-        let duration_ms = took.as_millis() as u64;
-
-        if action == Action::RetryOnceNow && !self.nonce_retry_used {
-            self.nonce_retry_used = true;
-            warn!(
-                account = %self.name, outcome = "failure", reason = %reason, %error, duration_ms,
-                "Kraken rejected the nonce; retrying once with a fresh one"
-            );
-            self.start_fetch();
+            .refresh_failed(reason, took.as_secs_f64(), unix_secs_f64(self.ambient.clock.now()));
+        let context = Context {
+            policy: &self.setup.policy,
+            rejected_retry: PERMANENT_RETRY_INTERVAL,
+            now,
+            wall_now: self.ambient.clock.now(),
+            next_code_in: self.setup.source.next_otp_code_in(),
+            jitter: (self.ambient.jitter)(),
+        };
+        let Decision { next, streak } = after_failure(streak, error, &context);
+        log_failure(&self.name, error, next, took, now);
+        if next == Next::ResignNow {
+            // Invisible to readers: the health stays as it was.
+            self.call_with(streak, failing);
             return;
         }
-
-        self.failures = self.failures.saturating_add(1);
-        let policy = self.setup.policy;
-        let backoff = |failures, at_least: Duration| {
-            backoff_delay(failures, policy.retry_initial, policy.retry_max, (self.jitter)()).max(at_least)
+        let failure = Failure {
+            reason,
+            detail: error.to_string(),
+            consecutive: streak.failures,
+            next,
         };
-        let mut permanent = false;
-        let mut circuit = false;
-        // A rejected signature with a TOTP seed: the code may have been the
-        // problem; retry once, when the next code is out.
-        let next_code = (reason == Reason::InvalidSignature && !self.totp_retry_used)
-            .then(|| self.setup.source.next_otp_code_in())
-            .flatten();
-        let delay = match action {
-            Action::Alert { .. } if next_code.is_some() => {
-                self.totp_retry_used = true;
-                let wait = next_code.unwrap_or_default() + Duration::from_millis(100);
-                warn!(
-                    account = %self.name, outcome = "failure", reason = %reason, %error, duration_ms,
-                    retry_in = ?wait,
-                    "Kraken rejected the signature; retrying once with the next TOTP code"
-                );
-                wait
-            }
-            Action::Alert { hint } => {
-                permanent = true;
-                error!(
-                    account = %self.name, outcome = "failure", reason = %reason, %error, duration_ms,
-                    fix = hint, retry_in = ?PERMANENT_RETRY_INTERVAL,
-                    "Kraken rejects this account's key: an operator must act"
-                );
-                PERMANENT_RETRY_INTERVAL
-            }
-            Action::OpenCircuit(open_for) => {
-                circuit = true;
-                error!(
-                    account = %self.name, outcome = "failure", reason = %reason, %error, duration_ms,
-                    retry_in = ?open_for,
-                    "Kraken locked the key out; no calls until the lockout passes"
-                );
-                open_for
-            }
-            Action::WaitUntil(until) => {
-                // Never sooner than the ordinary back-off: a timestamp already
-                // past must not turn into a retry loop.
-                let until = until.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
-                let wait = backoff(self.failures, until).min(MAX_THROTTLE_WAIT);
-                warn!(
-                    account = %self.name, outcome = "failure", reason = %reason, %error, duration_ms,
-                    retry_in = ?wait, "Kraken asked to wait; refresh failed"
-                );
-                wait
-            }
-            Action::Backoff { at_least } => {
-                let wait = backoff(self.failures, at_least);
-                warn!(
-                    account = %self.name, outcome = "failure", reason = %reason, %error, duration_ms,
-                    retry_in = ?wait, "token refresh failed"
-                );
-                wait
-            }
-            Action::RetryOnceNow => {
-                let wait = backoff(self.failures, Duration::ZERO);
-                warn!(
-                    account = %self.name, outcome = "failure", reason = %reason, %error, duration_ms,
-                    retry_in = ?wait,
-                    "Kraken rejected the nonce again: is another process using this API key?"
-                );
-                wait
-            }
-        };
-        self.next_attempt = now + delay;
-        self.blocked = true;
-        self.health = if circuit {
-            Health::CircuitOpen { until: now + delay }
-        } else {
-            Health::Failing {
-                reason,
-                detail,
-                consecutive: self.failures,
-                next_attempt: now + delay,
-                permanent,
-            }
-        };
+        self.state = State::Failed { streak, failure };
         self.publish();
-        let unavailable = self.blocked_unavailable(now);
-        self.answer_waiters(now, Some(unavailable));
+        let unavailable = self.failed_unavailable(now);
+        self.answer_waiters(now, unavailable);
     }
 }
 
+/// One log line per failed call, at the level its step deserves.
+fn log_failure(account: &str, error: &KrakenError, next: Next, took: Duration, now: Instant) {
+    let reason = error.reason();
+    let duration_ms = took.as_millis() as u64;
+    let retry_in = next.at(now).saturating_duration_since(now);
+    match next {
+        Next::ResignNow => warn!(
+            account, outcome = "failure", reason = %reason, %error, duration_ms,
+            "Kraken rejected the nonce; retrying once with a fresh one"
+        ),
+        Next::NextCode { .. } => warn!(
+            account, outcome = "failure", reason = %reason, %error, duration_ms, ?retry_in,
+            "Kraken rejected the signature; retrying once with the next TOTP code"
+        ),
+        Next::Rejected { hint, .. } => error!(
+            account, outcome = "failure", reason = %reason, %error, duration_ms, fix = hint, ?retry_in,
+            "Kraken rejects this account's key: an operator must act"
+        ),
+        Next::LockedOut { .. } => error!(
+            account, outcome = "failure", reason = %reason, %error, duration_ms, ?retry_in,
+            "Kraken locked the key out; no calls until the lockout passes"
+        ),
+        Next::Throttled { .. } => warn!(
+            account, outcome = "failure", reason = %reason, %error, duration_ms, ?retry_in,
+            "Kraken asked to wait; refresh failed"
+        ),
+        Next::Backoff { .. } if reason == Reason::InvalidNonce => warn!(
+            account, outcome = "failure", reason = %reason, %error, duration_ms, ?retry_in,
+            "Kraken rejected the nonce again: is another process using this API key?"
+        ),
+        Next::Backoff { .. } => warn!(
+            account, outcome = "failure", reason = %reason, %error, duration_ms, ?retry_in,
+            "token refresh failed"
+        ),
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kraken::{ApiFailure, Class, classify_api_error};
     use crate::metrics::Metrics;
-    use crate::secret::SecretString;
-    use crate::token::token_sha256;
-    use std::collections::VecDeque;
-    use std::sync::Mutex;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use crate::token::{ScriptedSource, token_sha256};
 
-    /// Answers from a script, then tokens of `lifetime` forever.
-    struct Scripted {
-        script: Mutex<VecDeque<Result<WsToken, KrakenError>>>,
-        lifetime: Duration,
-        delay: Duration,
-        calls: AtomicUsize,
-        totp: bool,
-    }
-
-    impl Scripted {
-        fn new(lifetime: Duration) -> Arc<Self> {
-            Arc::new(Self {
-                script: Mutex::new(VecDeque::new()),
-                lifetime,
-                delay: Duration::from_millis(50),
-                calls: AtomicUsize::new(0),
-                totp: false,
-            })
-        }
-
-        fn then(self: &Arc<Self>, answer: Result<WsToken, KrakenError>) -> &Arc<Self> {
-            self.script.lock().unwrap().push_back(answer);
-            self
-        }
-
-        fn calls(&self) -> usize {
-            self.calls.load(Ordering::SeqCst)
-        }
-    }
-
-    impl TokenSource for Scripted {
-        fn fetch(&self) -> FetchFuture {
-            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-            let answer = self.script.lock().unwrap().pop_front().unwrap_or_else(|| {
-                Ok(WsToken {
-                    token: SecretString::new(format!("tok-{n}")),
-                    lifetime: self.lifetime,
-                    lifetime_clamped: false,
-                })
-            });
-            let delay = self.delay;
-            Box::pin(async move {
-                tokio::time::sleep(delay).await;
-                answer
-            })
-        }
-
-        fn next_otp_code_in(&self) -> Option<Duration> {
-            self.totp.then_some(Duration::from_secs(30))
-        }
+    /// The tests' source: each call takes 50 ms.
+    fn scripted(lifetime: Duration) -> Arc<ScriptedSource> {
+        Arc::new(ScriptedSource::new(lifetime).delay(Duration::from_millis(50)))
     }
 
     fn kraken(code: &str) -> KrakenError {
@@ -830,20 +878,17 @@ mod tests {
     }
 
     fn policy() -> RefreshPolicy {
-        RefreshPolicy {
-            refresh_before_expiry: Duration::from_secs(450),
-            min_served_ttl: Duration::from_secs(60),
-            jitter: Duration::from_secs(30),
-            retry_initial: Duration::from_secs(1),
-            retry_max: Duration::from_secs(60),
+        RefreshPolicy::default()
+    }
+
+    fn ambient() -> Ambient {
+        Ambient {
+            jitter: || 0.5,
+            clock: WallClock::following_tokio(SystemTime::now()),
         }
     }
 
-    fn half() -> f64 {
-        0.5
-    }
-
-    fn start(source: &Arc<Scripted>, policy: RefreshPolicy) -> (AccountHandle, Metrics, CancellationToken) {
+    fn start(source: &Arc<ScriptedSource>, policy: RefreshPolicy) -> (AccountHandle, Metrics, CancellationToken) {
         let metrics = Metrics::new();
         let cancel = CancellationToken::new();
         let setup = AccountSetup {
@@ -851,7 +896,7 @@ mod tests {
             policy,
             call_timeout: Duration::from_secs(10),
         };
-        let (handle, _task) = spawn("acct", setup, metrics.account("acct"), half, cancel.clone());
+        let (handle, _task) = spawn("acct", setup, metrics.account("acct"), ambient(), cancel.clone());
         (handle, metrics, cancel)
     }
 
@@ -859,7 +904,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn cold_start_with_500_waiters_makes_one_upstream_call() {
-        let source = Scripted::new(Duration::from_secs(900));
+        let source = scripted(Duration::from_secs(900));
         let (handle, metrics, _cancel) = start(&source, policy());
         let asks: Vec<_> = (0..500)
             .map(|_| {
@@ -883,7 +928,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn refreshes_ahead_of_use_by_for_several_lifetimes() {
-        let source = Scripted::new(Duration::from_secs(900));
+        let source = scripted(Duration::from_secs(900));
         let (handle, _m, _cancel) = start(&source, policy());
         handle.want(MIN).await.unwrap();
         let start = Instant::now();
@@ -903,16 +948,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_outage_serves_the_live_token_then_fails_closed_and_recovers() {
-        let source = Scripted::new(Duration::from_secs(900));
-        for _ in 0..1000 {
-            source.then(Err(kraken("EService:Unavailable")));
-        }
+        let source = scripted(Duration::from_secs(900));
+        source.fail(1000, kraken("EService:Unavailable"));
         // The first answer is a token; then the outage.
-        source.script.lock().unwrap().push_front(Ok(WsToken {
-            token: SecretString::new("first"),
-            lifetime: Duration::from_secs(900),
-            lifetime_clamped: false,
-        }));
+        source.first(ScriptedSource::token("first", Duration::from_secs(900)));
         let (handle, metrics, _cancel) = start(&source, policy());
         let first = handle.want(MIN).await.unwrap();
         // Until 840 s in, the first token is served although refreshes fail.
@@ -935,7 +974,7 @@ mod tests {
         // Back-off capped at 60 s (30..60 with jitter 0.5 -> 45 s): about 20 calls in 840 s.
         assert!((10..=40).contains(&failures), "{failures} failed calls");
         // Kraken heals: within retry_max a token is back.
-        source.script.lock().unwrap().clear();
+        source.heal();
         tokio::time::sleep(Duration::from_secs(61)).await;
         assert!(handle.want(MIN).await.is_ok());
     }
@@ -943,10 +982,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_rejected_key_is_retried_slowly_never_hammered() {
         for code in ["EAPI:Invalid key", "EGeneral:Permission denied"] {
-            let source = Scripted::new(Duration::from_secs(900));
-            for _ in 0..100 {
-                source.then(Err(kraken(code)));
-            }
+            let source = scripted(Duration::from_secs(900));
+            source.fail(100, kraken(code));
             let (handle, metrics, _cancel) = start(&source, policy());
             let refused = handle.want(MIN).await.unwrap_err();
             assert!(matches!(refused.cause, Cause::RefreshFailing(_)), "{code}");
@@ -967,7 +1004,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_invalid_nonce_is_retried_once_at_once() {
-        let source = Scripted::new(Duration::from_secs(900));
+        let source = scripted(Duration::from_secs(900));
         source.then(Err(kraken("EAPI:Invalid nonce")));
         let (handle, metrics, _cancel) = start(&source, policy());
         let begun = Instant::now();
@@ -980,7 +1017,7 @@ mod tests {
         assert!(metrics.encode().contains("reason=\"invalid_nonce\"} 1"));
 
         // Twice in a row: the second is a real failure, backed off.
-        let source = Scripted::new(Duration::from_secs(900));
+        let source = scripted(Duration::from_secs(900));
         source
             .then(Err(kraken("EAPI:Invalid nonce")))
             .then(Err(kraken("EAPI:Invalid nonce")));
@@ -991,8 +1028,26 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn every_attempt_gets_its_own_immediate_nonce_retry() {
+        // Attempt 1: nonce, re-signed nonce -> back-off. Attempt 2 (after the
+        // back-off): nonce, re-signed -> a token. Four calls, one back-off.
+        let source = scripted(Duration::from_secs(900));
+        source.fail(3, kraken("EAPI:Invalid nonce"));
+        let (handle, metrics, _cancel) = start(&source, policy());
+        let refused = handle.want(MIN).await.unwrap_err();
+        assert_eq!(refused.cause, Cause::RefreshFailing(Reason::InvalidNonce));
+        assert_eq!(source.calls(), 2, "the first attempt and its retry");
+        let begun = Instant::now();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(handle.want(MIN).await.is_ok());
+        assert_eq!(source.calls(), 4, "the second attempt had its own retry");
+        assert!(Instant::now() - begun < Duration::from_secs(3));
+        assert!(metrics.encode().contains("reason=\"invalid_nonce\"} 3"));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_lockout_opens_the_circuit_for_15_minutes() {
-        let source = Scripted::new(Duration::from_secs(900));
+        let source = scripted(Duration::from_secs(900));
         source.then(Err(kraken("EGeneral:Temporary lockout")));
         let (handle, _m, _cancel) = start(&source, policy());
         let refused = handle.want(MIN).await.unwrap_err();
@@ -1008,8 +1063,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_throttle_timestamp_is_waited_out() {
-        let until = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 30;
-        let source = Scripted::new(Duration::from_secs(900));
+        let until = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 30;
+        let source = scripted(Duration::from_secs(900));
         source.then(Err(kraken(&format!("EService:Throttled: {until}"))));
         let (handle, _m, _cancel) = start(&source, policy());
         let refused = handle.want(MIN).await.unwrap_err();
@@ -1021,10 +1080,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_throttle_timestamp_in_the_past_still_backs_off() {
-        let source = Scripted::new(Duration::from_secs(900));
-        for _ in 0..100 {
-            source.then(Err(kraken("EService:Throttled: 1000000000")));
-        }
+        let source = scripted(Duration::from_secs(900));
+        source.fail(100, kraken("EService:Throttled: 1000000000"));
         let (_handle, _m, _cancel) = start(&source, policy());
         tokio::time::sleep(Duration::from_secs(120)).await;
         // Back-off doubling 1 s -> 60 s cap (jitter 0.5): about 7 calls in 2 minutes.
@@ -1034,7 +1091,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn fifty_reports_of_the_current_token_cause_one_call_and_an_old_one_none() {
-        let source = Scripted::new(Duration::from_secs(900));
+        let source = scripted(Duration::from_secs(900));
         let (handle, _m, _cancel) = start(&source, policy());
         let old = handle.want(MIN).await.unwrap();
         assert_eq!(source.calls(), 1);
@@ -1042,7 +1099,7 @@ mod tests {
         let reports: Vec<_> = (0..50)
             .map(|_| {
                 let h = handle.clone();
-                tokio::spawn(async move { h.invalidate(old_sha, MIN, "engine").await })
+                tokio::spawn(async move { h.invalidate(old_sha, "engine").await })
             })
             .collect();
         let mut fresh = std::collections::HashSet::new();
@@ -1052,26 +1109,23 @@ mod tests {
         assert_eq!(fresh.len(), 1);
         assert!(!fresh.contains(&old.sha256));
         assert_eq!(source.calls(), 2, "one upstream call for 50 reports");
-        let again = handle.invalidate(old.sha256, MIN, "engine").await.unwrap();
+        let again = handle.invalidate(old.sha256, "engine").await.unwrap();
         assert!(fresh.contains(&again.sha256));
-        let unknown = handle
-            .invalidate(token_sha256("never issued"), MIN, "engine")
-            .await
-            .unwrap();
+        let unknown = handle.invalidate(token_sha256("never issued"), "engine").await.unwrap();
         assert_eq!(unknown.sha256, again.sha256);
         assert_eq!(source.calls(), 2, "reports of other tokens change nothing");
     }
 
     #[tokio::test(start_paused = true)]
     async fn forced_refreshes_are_rate_limited() {
-        let source = Scripted::new(Duration::from_secs(900));
+        let source = scripted(Duration::from_secs(900));
         let (handle, _m, _cancel) = start(&source, policy());
         let mut current = handle.want(MIN).await.unwrap();
         for _ in 0..FORCED_REFRESH_BURST {
-            current = handle.invalidate(current.sha256, MIN, "noisy").await.unwrap();
+            current = handle.invalidate(current.sha256, "noisy").await.unwrap();
         }
         assert_eq!(source.calls(), 1 + FORCED_REFRESH_BURST as usize);
-        let refused = handle.invalidate(current.sha256, MIN, "noisy").await.unwrap_err();
+        let refused = handle.invalidate(current.sha256, "noisy").await.unwrap_err();
         assert_eq!(refused.cause, Cause::ForcedRefreshLimited);
         assert!(refused.retry_after > Duration::ZERO && refused.retry_after <= FORCED_REFRESH_EVERY);
         assert_eq!(source.calls(), 1 + FORCED_REFRESH_BURST as usize);
@@ -1083,7 +1137,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn min_ttl_above_what_is_held_refreshes_and_beyond_a_lifetime_is_refused() {
-        let source = Scripted::new(Duration::from_secs(900));
+        let source = scripted(Duration::from_secs(900));
         let (handle, _m, _cancel) = start(&source, policy());
         let first = handle.want(MIN).await.unwrap();
         tokio::time::sleep(Duration::from_secs(100)).await;
@@ -1102,7 +1156,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_need_that_even_a_fresh_token_cannot_meet_is_unsatisfiable_not_a_timeout() {
-        let source = Scripted::new(Duration::from_secs(30));
+        let source = scripted(Duration::from_secs(30));
         let short = RefreshPolicy {
             refresh_before_expiry: Duration::from_secs(10),
             min_served_ttl: Duration::from_secs(5),
@@ -1122,19 +1176,18 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn reconfiguring_retries_at_once_after_a_permanent_failure() {
-        let bad = Scripted::new(Duration::from_secs(900));
-        for _ in 0..10 {
-            bad.then(Err(kraken("EAPI:Invalid key")));
-        }
+        let bad = scripted(Duration::from_secs(900));
+        bad.fail(10, kraken("EAPI:Invalid key"));
         let (handle, _m, _cancel) = start(&bad, policy());
         assert!(handle.want(MIN).await.is_err());
-        let good = Scripted::new(Duration::from_secs(900));
+        let good = scripted(Duration::from_secs(900));
         handle
             .reconfigure(AccountSetup {
                 source: Arc::clone(&good) as Arc<dyn TokenSource>,
                 policy: policy(),
                 call_timeout: Duration::from_secs(10),
             })
+            .wait()
             .await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(handle.want(MIN).await.is_ok());
@@ -1144,33 +1197,32 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn retry_now_cuts_short_a_permanent_rejection_but_never_a_lockout() {
-        let source = Scripted::new(Duration::from_secs(900));
+        let source = scripted(Duration::from_secs(900));
         source.then(Err(kraken("EGeneral:Permission denied")));
         let (handle, _m, _cancel) = start(&source, policy());
         assert!(handle.want(MIN).await.is_err());
-        handle.retry_now().await;
+        handle.retry_now().wait().await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(handle.want(MIN).await.is_ok(), "retried at once, not in 5 minutes");
         assert_eq!(source.calls(), 2);
 
-        let locked = Scripted::new(Duration::from_secs(900));
+        let locked = scripted(Duration::from_secs(900));
         locked.then(Err(kraken("EGeneral:Temporary lockout")));
         let (handle, _m, _cancel) = start(&locked, policy());
         assert!(handle.want(MIN).await.is_err());
-        handle.retry_now().await;
+        handle.retry_now().wait().await;
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(locked.calls(), 1, "the lockout circuit stays open");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_rejected_totp_code_is_retried_once_with_the_next_code() {
-        let source = Arc::new(Scripted {
-            script: Mutex::new(VecDeque::from([Err(kraken("EAPI:Invalid signature"))])),
-            lifetime: Duration::from_secs(900),
-            delay: Duration::from_millis(10),
-            calls: AtomicUsize::new(0),
-            totp: true,
-        });
+        let source = Arc::new(
+            ScriptedSource::new(Duration::from_secs(900))
+                .delay(Duration::from_millis(10))
+                .totp(Duration::from_secs(30)),
+        );
+        source.then(Err(kraken("EAPI:Invalid signature")));
         let (handle, _m, _cancel) = start(&source, policy());
         assert!(handle.want(MIN).await.is_err());
         tokio::time::sleep(Duration::from_secs(31)).await;
@@ -1184,15 +1236,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_token_past_its_use_by_is_never_served() {
-        let source = Scripted::new(Duration::from_secs(900));
-        source.script.lock().unwrap().push_back(Ok(WsToken {
-            token: SecretString::new("short"),
-            lifetime: Duration::from_secs(120),
-            lifetime_clamped: false,
-        }));
-        for _ in 0..100 {
-            source.then(Err(KrakenError::Transport("refused".into())));
-        }
+        let source = scripted(Duration::from_secs(900));
+        source.then(ScriptedSource::token("short", Duration::from_secs(120)));
+        source.fail(100, KrakenError::Transport("refused".into()));
         let (handle, metrics, _cancel) = start(&source, policy());
         handle.want(MIN).await.unwrap();
         tokio::time::sleep(Duration::from_secs(121)).await;

@@ -21,6 +21,24 @@ pub struct RefreshPolicy {
     pub retry_max: Duration,
 }
 
+impl RefreshPolicy {
+    /// The `[refresh]` defaults, as the contract documents them.
+    pub const DEFAULT: RefreshPolicy = RefreshPolicy {
+        // Half of Kraken's 900 s lifetime, as Kraken's own SDK refreshes.
+        refresh_before_expiry: Duration::from_secs(450),
+        min_served_ttl: Duration::from_secs(60),
+        jitter: Duration::from_secs(30),
+        retry_initial: Duration::from_secs(1),
+        retry_max: Duration::from_secs(60),
+    };
+}
+
+impl Default for RefreshPolicy {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
 /// A refresh comes no sooner than this fraction of a token's lifetime after
 /// it was issued, unless the token would stop being servable first: a policy
 /// meant for 900 s tokens must not make the broker hammer Kraken when tokens
@@ -80,13 +98,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn policy() -> RefreshPolicy {
-        RefreshPolicy {
-            refresh_before_expiry: Duration::from_secs(450),
-            min_served_ttl: Duration::from_secs(60),
-            jitter: Duration::from_secs(30),
-            retry_initial: Duration::from_secs(1),
-            retry_max: Duration::from_secs(60),
-        }
+        RefreshPolicy::default()
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! What one account's refresher publishes for readers: the current token (if
-//! any) and the account's health. Readers load it lock-free (`arc-swap`) and
-//! never wait on the refresher.
+//! any), the account's health, and the serving rule. Readers load it
+//! lock-free (`arc-swap`) and never wait on the refresher.
+//!
+//! The serving rule lives here alone: a token is handed out only with at
+//! least `max(min_ttl, min_served_ttl)` left ([`ServingRule::need`],
+//! [`CachedToken::lasts`]). The HTTP layer, readiness and the refresher all
+//! ask it; none decides "enough time left" by itself.
 
 use std::time::{Duration, SystemTime};
 
@@ -50,6 +55,26 @@ impl CachedToken {
     pub fn remaining(&self, now: Instant) -> Duration {
         self.expires_at.saturating_duration_since(now)
     }
+
+    /// Whether the token still has `need` left at `now`: the one
+    /// "enough time left" check.
+    pub fn lasts(&self, need: Duration, now: Instant) -> bool {
+        self.remaining(now) >= need
+    }
+}
+
+/// How much use-by a token must have left to be handed out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServingRule {
+    /// Never hand out a token with less than this left (`[refresh]`).
+    pub min_served_ttl: Duration,
+}
+
+impl ServingRule {
+    /// What a consumer asking for `min_ttl` needs: at least `min_served_ttl`.
+    pub fn need(&self, min_ttl: Duration) -> Duration {
+        min_ttl.max(self.min_served_ttl)
+    }
 }
 
 /// SHA-256 of a token string, as [`CachedToken::sha256`] holds it.
@@ -83,19 +108,23 @@ pub enum Health {
 pub struct Published {
     pub token: Option<std::sync::Arc<CachedToken>>,
     pub health: Health,
+    pub rule: ServingRule,
 }
 
 impl Published {
-    pub fn starting() -> Self {
+    pub fn starting(rule: ServingRule) -> Self {
         Self {
             token: None,
             health: Health::Starting,
+            rule,
         }
     }
 
-    /// The token, if it has at least `need` left at `now`.
-    pub fn token_with(&self, need: Duration, now: Instant) -> Option<&std::sync::Arc<CachedToken>> {
-        self.token.as_ref().filter(|t| t.remaining(now) >= need)
+    /// The token to hand a consumer asking for `min_ttl` (zero: none) at
+    /// `now`, if the held one is good enough under the serving rule.
+    pub fn servable(&self, min_ttl: Duration, now: Instant) -> Option<&std::sync::Arc<CachedToken>> {
+        let need = self.rule.need(min_ttl);
+        self.token.as_ref().filter(|t| t.lasts(need, now))
     }
 }
 
@@ -118,7 +147,7 @@ mod tests {
     }
 
     #[test]
-    fn token_with_requires_enough_time_left() {
+    fn servable_requires_enough_time_left() {
         let t0 = Instant::now();
         let t = std::sync::Arc::new(CachedToken::new(
             SecretString::new("x"),
@@ -129,12 +158,18 @@ mod tests {
         let p = Published {
             token: Some(t),
             health: Health::Healthy,
+            rule: ServingRule {
+                min_served_ttl: Duration::from_secs(60),
+            },
         };
-        assert!(p.token_with(Duration::from_secs(100), t0).is_some());
-        assert!(p.token_with(Duration::from_secs(101), t0).is_none());
+        assert!(p.servable(Duration::from_secs(100), t0).is_some());
+        assert!(p.servable(Duration::from_secs(101), t0).is_none());
         assert!(
-            p.token_with(Duration::from_secs(60), t0 + Duration::from_secs(41))
+            p.servable(Duration::from_secs(60), t0 + Duration::from_secs(41))
                 .is_none()
         );
+        // Asking for less than min_served_ttl still needs min_served_ttl.
+        assert!(p.servable(Duration::ZERO, t0 + Duration::from_secs(40)).is_some());
+        assert!(p.servable(Duration::ZERO, t0 + Duration::from_secs(41)).is_none());
     }
 }

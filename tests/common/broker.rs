@@ -1,0 +1,226 @@
+//! A broker running inside the test process, against a simulator.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kraken_token_broker::broker::{self, Listeners, Options, ReloadOutcome, ReloadRequest, ReloadSummary};
+use kraken_token_broker::clock::WallClock;
+use kraken_token_broker::config::{AccountConfig, Config, ConsumerConfig, KrakenConfig, ListenConfig};
+use kraken_token_broker::http::auth::new_credential;
+use kraken_token_broker::kraken::{ApiCredentials, decode_secret};
+use kraken_token_broker::metrics::Metrics;
+use kraken_token_broker::secret::SecretString;
+use kraken_token_broker::sim::{SimHandle, SimKey};
+use kraken_token_broker::token::RefreshPolicy;
+use tokio_util::sync::CancellationToken;
+
+use super::metric_value;
+use super::process::config_text;
+
+/// A config on 127.0.0.1:0 for `accounts` against `sim`, with one consumer
+/// `engine` granted all of them.
+pub fn test_config(
+    sim: &SimHandle,
+    accounts: Vec<AccountConfig>,
+    policy: RefreshPolicy,
+    credential_sha256: [u8; 32],
+) -> Config {
+    let names = accounts.iter().map(|a| a.name.clone()).collect();
+    Config {
+        listen: ListenConfig {
+            api: "127.0.0.1:0".parse().unwrap(),
+            admin: "127.0.0.1:0".parse().unwrap(),
+        },
+        kraken: KrakenConfig {
+            rest_url: sim.rest_url(),
+            ws_url: sim.ws_url(),
+            timeout: Duration::from_secs(2),
+        },
+        refresh: policy,
+        accounts,
+        consumers: vec![ConsumerConfig {
+            name: "engine".into(),
+            credential_sha256,
+            accounts: names,
+        }],
+        warnings: Vec::new(),
+    }
+}
+
+/// A broker running in this process against a simulator.
+pub struct Broker {
+    pub api: String,
+    pub admin: String,
+    pub credential: String,
+    pub metrics: Metrics,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<Result<(), broker::Error>>,
+    pub http: reqwest::Client,
+    /// Sends a reload (as SIGHUP does), when started from files.
+    pub reload: Option<tokio::sync::mpsc::Sender<ReloadRequest>>,
+    /// Holds the config and secret files, when started from files.
+    pub dir: Option<tempfile::TempDir>,
+}
+
+pub fn account(name: &str, key: &SimKey) -> AccountConfig {
+    AccountConfig {
+        name: name.into(),
+        credentials: ApiCredentials {
+            api_key: SecretString::new(key.api_key.clone()),
+            api_secret: decode_secret(&key.api_secret).unwrap(),
+            otp: None,
+        },
+        sources: Vec::new(),
+    }
+}
+
+impl Broker {
+    /// One account `main` signing with `key`, one consumer granted it.
+    pub async fn start(sim: &SimHandle, key: &SimKey, policy: RefreshPolicy) -> Broker {
+        Self::start_with(sim, vec![account("main", key)], policy).await
+    }
+
+    pub async fn start_with(sim: &SimHandle, accounts: Vec<AccountConfig>, policy: RefreshPolicy) -> Broker {
+        Self::start_limited(sim, accounts, policy, Default::default()).await
+    }
+
+    /// As `start_with`, with the listeners' limits given.
+    pub async fn start_limited(
+        sim: &SimHandle,
+        accounts: Vec<AccountConfig>,
+        policy: RefreshPolicy,
+        limits: kraken_token_broker::http::server::ServerLimits,
+    ) -> Broker {
+        let (credential, credential_sha256) = new_credential();
+        let config = test_config(sim, accounts, policy, credential_sha256);
+        Self::launch(config, credential.expose().to_owned(), None, limits).await
+    }
+
+    /// One account `main` whose key and secret are in files, loaded through
+    /// `Config::load` as `serve` does; `reload()` re-reads them.
+    pub async fn start_from_files(sim: &SimHandle, key: &SimKey, refresh: &str, timeout: &str) -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("api-key"), format!("{}\n", key.api_key)).unwrap();
+        std::fs::write(d.join("api-secret"), format!("{}\n", key.api_secret)).unwrap();
+        let (credential, hash) = new_credential();
+        let text = config_text(sim, d, &hex::encode(hash), refresh, "")
+            .replace("timeout = \"2s\"", &format!("timeout = \"{timeout}\""));
+        let path = d.join("broker.toml");
+        std::fs::write(&path, text).unwrap();
+        let config = Config::load(&path).expect("a valid test config");
+        Self::launch(
+            config,
+            credential.expose().to_owned(),
+            Some((path, dir)),
+            Default::default(),
+        )
+        .await
+    }
+
+    /// Binds both listeners on 127.0.0.1:0 and runs the broker; with a
+    /// config file, reloads re-read it.
+    async fn launch(
+        mut config: Config,
+        credential: String,
+        files: Option<(PathBuf, tempfile::TempDir)>,
+        limits: kraken_token_broker::http::server::ServerLimits,
+    ) -> Broker {
+        let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        config.listen = ListenConfig {
+            api: api.local_addr().unwrap(),
+            admin: admin.local_addr().unwrap(),
+        };
+        let (api_addr, admin_addr) = (config.listen.api, config.listen.admin);
+        let (reloads, reload, dir) = match files {
+            Some((path, dir)) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                (Some(broker::Reloads { path, requests: rx }), Some(tx), Some(dir))
+            }
+            None => (None, None, None),
+        };
+        let metrics = Metrics::new();
+        let shutdown = CancellationToken::new();
+        let options = Options {
+            metrics: metrics.clone(),
+            jitter: || 0.5,
+            clock: WallClock::system(),
+            limits,
+        };
+        let task = tokio::spawn(broker::run(
+            config,
+            Listeners { api, admin },
+            reloads,
+            shutdown.clone(),
+            options,
+        ));
+        Broker {
+            api: format!("http://{api_addr}"),
+            admin: format!("http://{admin_addr}"),
+            credential,
+            metrics,
+            shutdown,
+            task,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .unwrap(),
+            reload,
+            dir,
+        }
+    }
+
+    /// Asks for a reload, as SIGHUP does, and waits until it is in force
+    /// (every refresher has taken its change) or refused.
+    pub async fn reload_outcome(&self) -> ReloadOutcome {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        self.reload
+            .as_ref()
+            .expect("started from files")
+            .send(ReloadRequest { reply: Some(reply) })
+            .await
+            .unwrap();
+        outcome.await.expect("the broker answers a reload")
+    }
+
+    /// A reload the test expects to apply; what it changed.
+    pub async fn reload(&self) -> ReloadSummary {
+        self.reload_outcome()
+            .await
+            .unwrap_or_else(|refused| panic!("the reload was refused: {refused}"))
+    }
+
+    /// `GET /v1/token` with a query; status, `Retry-After`, JSON body.
+    pub async fn get_token(&self, query: &str) -> (u16, Option<String>, serde_json::Value) {
+        let response = self
+            .http
+            .get(format!("{}/v1/token{query}", self.api))
+            .bearer_auth(&self.credential)
+            .send()
+            .await
+            .expect("the broker answers");
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let body = response.json().await.unwrap_or(serde_json::Value::Null);
+        (status, retry_after, body)
+    }
+
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let response = self.http.get(format!("{}{path}", self.admin)).send().await.unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
+
+    /// The value of one exposed series, e.g. `token_valid{account="main"}`.
+    pub fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics.encode(), series)
+    }
+
+    pub async fn stop(self) -> Result<(), broker::Error> {
+        self.shutdown.cancel();
+        self.task.await.unwrap()
+    }
+}
