@@ -83,11 +83,7 @@ fn cached_token(c: &mut Criterion) {
         // Answers at once with a token shaped like Kraken's.
         let source =
             ScriptedSource::new(Duration::from_secs(900)).prefix("1Dwc4lzSwNWOAwkMdqhssNNFhs1ed606d1WcF3XfEMw");
-        let setup = AccountSetup {
-            source: Arc::new(source),
-            policy,
-            call_timeout: Duration::from_secs(5),
-        };
+        let setup = AccountSetup::new(Arc::new(source), policy);
         let (handle, _) = refresher::spawn(
             "main",
             setup,
@@ -114,6 +110,8 @@ fn cached_token(c: &mut Criterion) {
             })),
             metrics,
             throttle: Arc::new(AuthThrottle::new()),
+            gate: Arc::default(),
+            clock: kraken_token_broker::clock::WallClock::system(),
         };
         router(state)
     });

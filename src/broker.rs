@@ -35,7 +35,7 @@ use crate::kraken::{KeyLane, KrakenClient};
 use crate::metrics::Metrics;
 use crate::telemetry::list;
 use crate::token::refresher::{self, Ambient, Jitter};
-use crate::token::{AccountHandle, AccountSetup, Applied, KrakenSource};
+use crate::token::{AccountHandle, AccountSetup, Applied, KrakenGate, KrakenSource};
 
 /// How long a request may wait for a refresh: a Kraken call, its nonce
 /// retry, and slack. Requests, and the shutdown drain, are bounded by it.
@@ -145,6 +145,9 @@ struct RunningAccount {
 /// The refreshers and the serving table.
 pub struct Broker {
     options: Options,
+    /// In front of Kraken for every account: the rejected-call budget and
+    /// the address-wide lockout.
+    gate: Arc<KrakenGate>,
     table: Arc<ArcSwap<ServeTable>>,
     throttle: Arc<AuthThrottle>,
     accounts: BTreeMap<String, RunningAccount>,
@@ -164,7 +167,11 @@ fn setup_digest(account: &AccountConfig, config: &Config) -> [u8; 32] {
         c.api_secret.expose(),
         c.otp.as_ref().map_or(&[][..], |o| o.material()),
         config.kraken.rest_url.as_bytes(),
-        format!("{:?}{:?}", config.kraken.timeout, config.refresh).as_bytes(),
+        format!(
+            "{:?}{:?}{:?}",
+            config.kraken.timeout, config.refresh, account.key_expires_at
+        )
+        .as_bytes(),
     ] {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part);
@@ -182,6 +189,7 @@ impl Broker {
             ws_url: config.kraken.ws_url.clone(),
         };
         let mut broker = Self {
+            gate: Arc::new(KrakenGate::new(config.kraken.max_rejected_calls)),
             options,
             table: Arc::new(ArcSwap::from_pointee(empty)),
             throttle: Arc::new(AuthThrottle::new()),
@@ -200,6 +208,8 @@ impl Broker {
             table: Arc::clone(&self.table),
             metrics: self.options.metrics.clone(),
             throttle: Arc::clone(&self.throttle),
+            gate: Arc::clone(&self.gate),
+            clock: self.options.clock.clone(),
         }
     }
 
@@ -219,6 +229,8 @@ impl Broker {
             }),
             policy: config.refresh,
             call_timeout: config.kraken.timeout,
+            key_expires_at: account.key_expires_at,
+            key_fingerprint: crate::secret::fingerprint(account.credentials.api_key.expose().as_bytes()),
         }
     }
 
@@ -228,6 +240,7 @@ impl Broker {
     /// returned [`Applied`]s resolve once they are in force.
     fn apply(&mut self, config: Config) -> Result<(ReloadSummary, Vec<Applied>), Error> {
         let client = KrakenClient::new(&config.kraken.rest_url, config.kraken.timeout).map_err(Error::KrakenClient)?;
+        self.gate.set_max_rejected_calls(config.kraken.max_rejected_calls);
         let mut summary = ReloadSummary::default();
         let mut applied = Vec::new();
         let wanted: Vec<&str> = config.accounts.iter().map(|a| a.name.as_str()).collect();
@@ -263,6 +276,7 @@ impl Broker {
                     let ambient = Ambient {
                         jitter: self.options.jitter,
                         clock: self.options.clock.clone(),
+                        gate: Arc::clone(&self.gate),
                     };
                     let (handle, task) = refresher::spawn(
                         &account.name,
@@ -449,6 +463,7 @@ fn finish_reload(
     let config = match read {
         Ok(Ok(config)) => config,
         Ok(Err(problems)) => {
+            broker.options.metrics.reload(false);
             error!(error = %problems, "config reload refused; the running config stays in force");
             let problems = Arc::new(problems);
             for reply in replies {
@@ -457,6 +472,7 @@ fn finish_reload(
             return;
         }
         Err(join) => {
+            broker.options.metrics.reload(false);
             error!(error = %join, "config reload failed; the running config stays in force");
             return;
         }
@@ -466,6 +482,7 @@ fn finish_reload(
     }
     match broker.reload(config) {
         Ok((summary, applied)) => {
+            broker.options.metrics.reload(true);
             tokio::spawn(async move {
                 for change in applied {
                     change.wait().await;
@@ -482,6 +499,7 @@ fn finish_reload(
             });
         }
         Err(error) => {
+            broker.options.metrics.reload(false);
             error!(%error, "config reload failed; the running config stays in force");
         }
     }

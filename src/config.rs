@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 use serde::de::{DeserializeOwned, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -25,6 +25,8 @@ use crate::files::{FileError, FileText, MAX_CONFIG_BYTES, MAX_SECRET_BYTES, read
 use crate::kraken::{ApiCredentials, Otp, decode_secret};
 use crate::secret::SecretString;
 use crate::token::RefreshPolicy;
+use crate::token::gate::DEFAULT_MAX_REJECTED_CALLS;
+use crate::token::schedule::MAX_REJECTED_RETRY;
 
 pub const DEFAULT_API_LISTEN: &str = "0.0.0.0:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9090";
@@ -38,6 +40,10 @@ const MAX_KRAKEN_TIMEOUT: Duration = Duration::from_secs(120);
 const TOKEN_LIFETIME: Duration = crate::token::MAX_TOKEN_LIFETIME;
 /// The longest back-off accepted between retries.
 const MAX_RETRY: Duration = Duration::from_secs(3600);
+/// The shortest `retry_rejected`: tests use a second; production wants minutes.
+const MIN_RETRY_REJECTED: Duration = Duration::from_secs(1);
+/// The most `max_rejected_calls` accepted: more only invites a lockout.
+const MAX_REJECTED_CALLS_LIMIT: u32 = 1000;
 
 /// Where a secret is read from. The config file itself never holds one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +73,9 @@ pub struct KrakenConfig {
     /// Handed to consumers beside each token.
     pub ws_url: String,
     pub timeout: Duration,
+    /// Rejected calls (invalid key, signature, nonce, permission) allowed per
+    /// 15-minute window across every account of this process.
+    pub max_rejected_calls: u32,
 }
 
 /// One Kraken account: its name and what signs its calls.
@@ -76,6 +85,9 @@ pub struct AccountConfig {
     pub credentials: ApiCredentials,
     /// Where each secret came from, for summaries (never the values).
     pub sources: Vec<(&'static str, SecretSource)>,
+    /// The key's "Key Expiration" at Kraken, as the operator set it there
+    /// (Kraken has no endpoint that tells it).
+    pub key_expires_at: Option<SystemTime>,
 }
 
 /// One consumer: who it is, the SHA-256 of its credential, what it may fetch.
@@ -220,6 +232,7 @@ struct KrakenSection {
     rest_url: Option<Text>,
     ws_url: Option<Text>,
     timeout: Option<Text>,
+    max_rejected_calls: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -230,6 +243,7 @@ struct RefreshSection {
     jitter: Option<Text>,
     retry_initial: Option<Text>,
     retry_max: Option<Text>,
+    retry_rejected: Option<Text>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -240,6 +254,7 @@ struct AccountSection {
     api_secret: Option<Spanned<SecretRef>>,
     otp: Option<Spanned<SecretRef>>,
     totp_secret: Option<Spanned<SecretRef>>,
+    key_expires_at: Option<Text>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -551,10 +566,24 @@ fn validate_listen(f: &mut Findings<'_>, s: &ListenSection) -> ListenConfig {
 }
 
 fn validate_kraken(f: &mut Findings<'_>, s: &KrakenSection) -> KrakenConfig {
+    let max_rejected_calls = match &s.max_rejected_calls {
+        None => DEFAULT_MAX_REJECTED_CALLS,
+        Some(n) => match u32::try_from(*n.get_ref()) {
+            Ok(n) if (1..=MAX_REJECTED_CALLS_LIMIT).contains(&n) => n,
+            _ => {
+                let msg = format!(
+                    "must be a whole number from 1 to {MAX_REJECTED_CALLS_LIMIT} (rejected calls per 15 minutes, all accounts)"
+                );
+                f.problem(at(n), "kraken.max_rejected_calls", msg);
+                DEFAULT_MAX_REJECTED_CALLS
+            }
+        },
+    };
     let kraken = KrakenConfig {
         rest_url: url(f, &s.rest_url, "kraken.rest_url", DEFAULT_REST_URL, &["https", "http"]),
         ws_url: url(f, &s.ws_url, "kraken.ws_url", DEFAULT_WS_URL, &["wss", "ws"]),
         timeout: duration(f, &s.timeout, "kraken.timeout", DEFAULT_KRAKEN_TIMEOUT),
+        max_rejected_calls,
     };
     if kraken.timeout.is_zero() || kraken.timeout > MAX_KRAKEN_TIMEOUT {
         let msg = format!("must be between 1s and {}s", MAX_KRAKEN_TIMEOUT.as_secs());
@@ -576,6 +605,7 @@ fn validate_refresh(f: &mut Findings<'_>, s: &RefreshSection) -> RefreshPolicy {
         jitter: duration(f, &s.jitter, "refresh.jitter", d.jitter),
         retry_initial: duration(f, &s.retry_initial, "refresh.retry_initial", d.retry_initial),
         retry_max: duration(f, &s.retry_max, "refresh.retry_max", d.retry_max),
+        retry_rejected: duration(f, &s.retry_rejected, "refresh.retry_rejected", d.retry_rejected),
     };
     let secs = |d: Duration| humantime::format_duration(d).to_string();
     if r.min_served_ttl.is_zero() {
@@ -612,6 +642,15 @@ fn validate_refresh(f: &mut Findings<'_>, s: &RefreshSection) -> RefreshPolicy {
     if r.retry_max > MAX_RETRY {
         let msg = format!("must be at most {}", secs(MAX_RETRY));
         f.problem(offset(&s.retry_max), "refresh.retry_max", msg);
+    }
+    if r.retry_rejected < MIN_RETRY_REJECTED || r.retry_rejected > MAX_REJECTED_RETRY {
+        let msg = format!(
+            "must be between {} and {} (it doubles up to {} after each rejection)",
+            secs(MIN_RETRY_REJECTED),
+            secs(MAX_REJECTED_RETRY),
+            secs(MAX_REJECTED_RETRY)
+        );
+        f.problem(offset(&s.retry_rejected), "refresh.retry_rejected", msg);
     }
     r
 }
@@ -791,6 +830,17 @@ fn validate_accounts<R: SecretReader>(
             }
             (None, None) => None,
         };
+        let key_expires_at = a.key_expires_at.as_ref().and_then(|text| {
+            humantime::parse_rfc3339(text.get_ref().trim())
+                .map_err(|_| {
+                    let msg = format!(
+                        "`{}` is not an RFC 3339 UTC time like 2027-03-01T00:00:00Z",
+                        text.get_ref()
+                    );
+                    f.problem(at(text), format!("{prefix}.key_expires_at"), msg);
+                })
+                .ok()
+        });
         if let (Some(name), Some((api_key, _)), Some(api_secret)) = (name, api_key, api_secret) {
             accounts.push(AccountConfig {
                 name,
@@ -800,6 +850,7 @@ fn validate_accounts<R: SecretReader>(
                     otp,
                 },
                 sources,
+                key_expires_at,
             });
         }
     }
@@ -953,17 +1004,28 @@ impl Config {
         );
         let _ = writeln!(
             s,
-            "refresh: {} before expiry (jitter {}), min served ttl {}, retry {}..{}",
+            "refresh: {} before expiry (jitter {}), min served ttl {}, retry {}..{}, rejected key retried after {} (doubling to {})",
             humantime::format_duration(r.refresh_before_expiry),
             humantime::format_duration(r.jitter),
             humantime::format_duration(r.min_served_ttl),
             humantime::format_duration(r.retry_initial),
             humantime::format_duration(r.retry_max),
+            humantime::format_duration(r.retry_rejected),
+            humantime::format_duration(MAX_REJECTED_RETRY),
+        );
+        let _ = writeln!(
+            s,
+            "kraken budget: {} rejected calls per 15 minutes, all accounts",
+            self.kraken.max_rejected_calls
         );
         let _ = writeln!(s, "accounts: {}", self.accounts.len());
         for a in &self.accounts {
             let sources: Vec<String> = a.sources.iter().map(|(k, src)| format!("{k} from {src}")).collect();
-            let _ = writeln!(s, "  {}: {}", a.name, sources.join(", "));
+            let expiry = a
+                .key_expires_at
+                .map(|t| format!(", key expires {}", humantime::format_rfc3339_seconds(t)))
+                .unwrap_or_default();
+            let _ = writeln!(s, "  {}: {}{expiry}", a.name, sources.join(", "));
         }
         let _ = writeln!(s, "consumers: {}", self.consumers.len());
         for c in &self.consumers {

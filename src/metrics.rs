@@ -93,6 +93,33 @@ struct Inner {
     http_in_flight: IntGaugeVec,
     tokens_served: IntCounterVec,
     auth_failures: IntCounterVec,
+    key_expiry: GaugeVec,
+    key_info: IntGaugeVec,
+    unservable: IntCounterVec,
+    calls_held: IntCounterVec,
+    lockout_until: Gauge,
+    rejected_calls: IntGauge,
+    rejected_calls_max: IntGauge,
+    reloads: IntCounterVec,
+    last_reload_ok: IntGauge,
+}
+
+/// Why a call to Kraken was not made, as labelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeldReason {
+    Lockout,
+    Budget,
+}
+
+impl HeldReason {
+    pub const ALL: [HeldReason; 2] = [HeldReason::Lockout, HeldReason::Budget];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HeldReason::Lockout => "lockout",
+            HeldReason::Budget => "rejected_budget",
+        }
+    }
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, collector: C) -> C {
@@ -247,6 +274,97 @@ impl Metrics {
             .expect("valid"),
         );
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let key_expiry = register(
+            &registry,
+            GaugeVec::new(
+                opts(
+                    "api_key_expiry_timestamp_seconds",
+                    "Unix time of the API key's expiration at Kraken, as configured (key_expires_at); only accounts that set it.",
+                ),
+                &["account"],
+            )
+            .expect("valid"),
+        );
+        let key_info = register(
+            &registry,
+            IntGaugeVec::new(
+                opts(
+                    "api_key_info",
+                    "Always 1; key_fingerprint names the API key signing for the account (first 8 hex of its SHA-256).",
+                ),
+                &["account", "key_fingerprint"],
+            )
+            .expect("valid"),
+        );
+        let unservable = register(
+            &registry,
+            IntCounterVec::new(
+                opts(
+                    "unservable_tokens_total",
+                    "Tokens Kraken granted that live no longer than min_served_ttl, so can never be served.",
+                ),
+                &["account"],
+            )
+            .expect("valid"),
+        );
+        let calls_held = register(
+            &registry,
+            IntCounterVec::new(
+                opts(
+                    "kraken_calls_held_total",
+                    "Calls to Kraken not made: during a lockout, or past the rejected-call budget.",
+                ),
+                &["account", "reason"],
+            )
+            .expect("valid"),
+        );
+        let lockout_until = register(
+            &registry,
+            Gauge::with_opts(opts(
+                "kraken_lockout_until_timestamp_seconds",
+                "Unix time until which no account calls Kraken after a lockout answer (0 when none).",
+            ))
+            .expect("valid"),
+        );
+        let rejected_calls = register(
+            &registry,
+            IntGauge::with_opts(opts(
+                "kraken_rejected_calls",
+                "Calls rejected by Kraken (invalid key, signature, nonce, permission) in the last 15 minutes, all accounts.",
+            ))
+            .expect("valid"),
+        );
+        let rejected_calls_max = register(
+            &registry,
+            IntGauge::with_opts(opts(
+                "kraken_rejected_calls_max",
+                "The budget of rejected calls per 15 minutes (kraken.max_rejected_calls).",
+            ))
+            .expect("valid"),
+        );
+        let reloads = register(
+            &registry,
+            IntCounterVec::new(
+                opts(
+                    "config_reloads_total",
+                    "Config reloads, by outcome (a failure keeps the running config).",
+                ),
+                &["result"],
+            )
+            .expect("valid"),
+        );
+        let last_reload_ok = register(
+            &registry,
+            IntGauge::with_opts(opts(
+                "config_last_reload_successful",
+                "1 when the last config reload was applied (or none was tried), 0 when it was refused.",
+            ))
+            .expect("valid"),
+        );
+        for result in ["success", "failure"] {
+            reloads.with_label_values(&[result]);
+        }
+        last_reload_ok.set(1);
         for reason in AuthFailure::ALL {
             auth_failures.with_label_values(&[reason.as_str()]);
         }
@@ -277,7 +395,30 @@ impl Metrics {
             http_in_flight,
             tokens_served,
             auth_failures,
+            key_expiry,
+            key_info,
+            unservable,
+            calls_held,
+            lockout_until,
+            rejected_calls,
+            rejected_calls_max,
+            reloads,
+            last_reload_ok,
         }))
+    }
+
+    /// Records a reload's outcome.
+    pub fn reload(&self, applied: bool) {
+        let result = if applied { "success" } else { "failure" };
+        self.0.reloads.with_label_values(&[result]).inc();
+        self.0.last_reload_ok.set(i64::from(applied));
+    }
+
+    /// The gate's state, set just before a scrape.
+    pub fn set_gate(&self, lockout_until_unix: f64, rejected: u32, max: u32) {
+        self.0.lockout_until.set(lockout_until_unix);
+        self.0.rejected_calls.set(i64::from(rejected));
+        self.0.rejected_calls_max.set(i64::from(max));
     }
 
     /// The Prometheus text exposition of every metric.
@@ -301,7 +442,12 @@ impl Metrics {
                 )
             })
             .collect();
+        for reason in HeldReason::ALL {
+            self.0.calls_held.with_label_values(&[account, reason.as_str()]);
+        }
         AccountMetrics {
+            account: account.to_owned(),
+            metrics: self.clone(),
             success: self.0.refreshes.with_label_values(&[account, "success"]),
             failure: self.0.refreshes.with_label_values(&[account, "failure"]),
             failures,
@@ -309,6 +455,7 @@ impl Metrics {
             expiry: self.0.token_expiry.with_label_values(&[account]),
             last_success: self.0.last_success.with_label_values(&[account]),
             valid: self.0.token_valid.with_label_values(&[account]),
+            unservable: self.0.unservable.with_label_values(&[account]),
         }
     }
 
@@ -324,6 +471,30 @@ impl Metrics {
         let _ = self.0.token_expiry.remove_label_values(&[account]);
         let _ = self.0.last_success.remove_label_values(&[account]);
         let _ = self.0.token_valid.remove_label_values(&[account]);
+        let _ = self.0.key_expiry.remove_label_values(&[account]);
+        let _ = self.0.unservable.remove_label_values(&[account]);
+        for reason in HeldReason::ALL {
+            let _ = self.0.calls_held.remove_label_values(&[account, reason.as_str()]);
+        }
+        self.remove_key_info(account);
+    }
+
+    /// Drops every `api_key_info` series of `account`.
+    fn remove_key_info(&self, account: &str) {
+        for family in self.0.registry.gather() {
+            if family.name() != format!("{NS}_api_key_info") {
+                continue;
+            }
+            for metric in family.get_metric() {
+                let labels = metric.get_label();
+                let of_account = labels.iter().any(|l| l.name() == "account" && l.value() == account);
+                if let Some(fp) = labels.iter().find(|l| l.name() == "key_fingerprint")
+                    && of_account
+                {
+                    let _ = self.0.key_info.remove_label_values(&[account, fp.value()]);
+                }
+            }
+        }
     }
 
     /// The counter of tokens served to `consumer` from `account`, pre-set to 0.
@@ -386,6 +557,9 @@ impl RequestMetrics<'_> {
 /// One account's metric handles.
 #[derive(Clone)]
 pub struct AccountMetrics {
+    account: String,
+    metrics: Metrics,
+    unservable: IntCounter,
     success: IntCounter,
     failure: IntCounter,
     /// Per reason: the failure counter and the last-failure timestamp.
@@ -421,6 +595,39 @@ impl AccountMetrics {
 
     pub fn set_valid(&self, valid: bool) {
         self.valid.set(i64::from(valid));
+    }
+
+    /// Names the key now signing (and its configured expiration).
+    pub fn set_key(&self, fingerprint: &str, expires_at: Option<std::time::SystemTime>) {
+        let m = &self.metrics.0;
+        self.metrics.remove_key_info(&self.account);
+        m.key_info.with_label_values(&[&self.account, fingerprint]).set(1);
+        match expires_at {
+            Some(t) => m
+                .key_expiry
+                .with_label_values(&[&self.account])
+                .set(crate::clock::unix_secs_f64(t)),
+            None => {
+                let _ = m.key_expiry.remove_label_values(&[&self.account]);
+            }
+        }
+    }
+
+    pub fn unservable_token(&self) {
+        self.unservable.inc();
+    }
+
+    /// A call not made: the gate held it.
+    pub fn call_held(&self, held: &crate::token::gate::Held) {
+        let reason = match held {
+            crate::token::gate::Held::Lockout { .. } => HeldReason::Lockout,
+            crate::token::gate::Held::Budget { .. } => HeldReason::Budget,
+        };
+        self.metrics
+            .0
+            .calls_held
+            .with_label_values(&[&self.account, reason.as_str()])
+            .inc();
     }
 }
 

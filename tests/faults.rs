@@ -115,8 +115,13 @@ fn error(code: &str) -> FaultSpec {
 
 /// The steady-state scenario: a healthy broker, then the fault.
 async fn steady_state(fault: FaultSpec, expect: Expect) {
+    steady_state_with(fault, expect, "").await;
+}
+
+/// As [`steady_state`], with more lines for the `[kraken]` table.
+async fn steady_state_with(fault: FaultSpec, expect: Expect, kraken: &str) {
     let (sim, key) = sim_with_key(TTL).await;
-    let broker = Broker::start_from_files(&sim, &key, REFRESH, TIMEOUT).await;
+    let broker = Broker::start_from_files_with(&sim, &key, REFRESH, TIMEOUT, kraken).await;
     assert_eq!(recovery(&broker, Duration::from_secs(5)).await.as_secs(), 0);
     let calls_before = sim.state().calls().len();
     sim.state().set_fault(fault);
@@ -132,15 +137,25 @@ async fn steady_state(fault: FaultSpec, expect: Expect) {
 
 /// The cold-start scenario: the fault is there before the broker starts.
 async fn cold_start(fault: FaultSpec, expect: Expect) {
+    cold_start_with(fault, expect, "").await;
+}
+
+/// As [`cold_start`], with more lines for the `[kraken]` table.
+async fn cold_start_with(fault: FaultSpec, expect: Expect, kraken: &str) {
     let (sim, key) = sim_with_key(TTL).await;
     sim.state().set_fault(fault);
-    let broker = Broker::start_from_files(&sim, &key, REFRESH, TIMEOUT).await;
+    let broker = Broker::start_from_files_with(&sim, &key, REFRESH, TIMEOUT, kraken).await;
     let seen = watch(&broker, &sim, Duration::from_millis(2000)).await;
     let calls = sim.state().calls().len();
     if !matches!(expect, Expect::Serves) {
         assert_eq!(seen.served, 0, "no token can be had: {seen:?}");
+        // Readiness: only a failure of this replica's own making (its key
+        // rejected) takes it out of the Service; one every replica shares
+        // keeps it in, so consumers get 503 with Retry-After.
         let (status, readyz) = broker.admin_get("/readyz").await;
-        assert_eq!(status, 503, "{readyz}");
+        let own_fault = matches!(expect, Expect::Permanent { .. });
+        assert_eq!(status, if own_fault { 503 } else { 200 }, "{readyz}");
+        assert!(readyz.contains("\"ready\":false"), "{readyz}");
     }
     judge(&broker, &sim, expect, &seen, calls).await;
     broker.stop().await.unwrap();
@@ -249,27 +264,78 @@ async fn deadline_elapsed_at_cold_start() {
 
 #[tokio::test]
 async fn invalid_nonce_in_steady_state_is_retried_once_per_attempt() {
-    // Every attempt is a call and its one re-signed retry.
-    steady_state(
+    // Every attempt is a call and its one re-signed retry. The retry
+    // mechanics alone: with a budget that never holds (the budget's own
+    // test is `persistent_invalid_nonces_stop_at_the_rejected_call_budget`).
+    steady_state_with(
         error("EAPI:Invalid nonce"),
         Expect::Transient {
             reason: "invalid_nonce",
             max_calls: 24,
         },
+        NO_BUDGET,
     )
     .await;
 }
 
 #[tokio::test]
 async fn invalid_nonce_at_cold_start() {
-    cold_start(
+    cold_start_with(
         error("EAPI:Invalid nonce"),
         Expect::Transient {
             reason: "invalid_nonce",
             max_calls: 24,
         },
+        NO_BUDGET,
     )
     .await;
+}
+
+/// A rejected-call budget that never holds a call.
+const NO_BUDGET: &str = "max_rejected_calls = 1000";
+
+#[tokio::test]
+async fn persistent_invalid_nonces_stop_at_the_rejected_call_budget() {
+    // Kraken counts invalid nonces toward its address-wide lockout. With the
+    // default budget (3 per 15 minutes, the last kept for a reload), an
+    // attempt and its re-signed retry are made, then retries are held.
+    let key = SimKey::generate();
+    let sim = start_sim(SimConfig {
+        keys: vec![key.clone()],
+        token_ttl: TTL,
+        lockout_threshold: 4,
+        ..SimConfig::default()
+    })
+    .await;
+    let broker = Broker::start_from_files(&sim, &key, REFRESH, TIMEOUT).await;
+    recovery(&broker, Duration::from_secs(5)).await;
+    let before = sim.state().calls().len();
+    sim.state().set_fault(error("EAPI:Invalid nonce"));
+    let seen = watch(&broker, &sim, Duration::from_millis(3000)).await;
+    let calls = sim.state().calls().len() - before;
+    assert_eq!(calls, 2, "an attempt and its retry, then nothing: {seen:?}");
+    assert!(seen.unavailable > 0);
+    let (status, readyz) = broker.admin_get("/readyz").await;
+    assert_eq!(
+        status, 503,
+        "a replica whose only key is rejected leaves the Service: {readyz}"
+    );
+    assert!(readyz.contains("retries held"), "{readyz}");
+    let (_, metrics) = broker.admin_get("/metrics").await;
+    assert_eq!(common::metric_value(&metrics, "kraken_rejected_calls"), 2.0);
+    // An operator's reload gets the budget's last call at once.
+    sim.state().clear_fault();
+    broker.reload().await;
+    let took = recovery(&broker, Duration::from_secs(3)).await;
+    assert!(took <= Duration::from_millis(1500), "{took:?}");
+    assert!(
+        sim.state()
+            .calls()
+            .iter()
+            .all(|c| c.outcome != "EGeneral:Temporary lockout"),
+        "the simulator never locked the address"
+    );
+    broker.stop().await.unwrap();
 }
 
 #[tokio::test]
@@ -391,7 +457,7 @@ async fn lockout_opens_the_circuit_with_no_further_calls() {
             .count();
         assert_eq!(locked, 1, "one call, then the circuit stays open for 15 minutes");
         let (_, readyz) = broker.admin_get("/readyz").await;
-        assert!(readyz.contains("locked the key out"), "{readyz}");
+        assert!(readyz.contains("locked out this broker's address"), "{readyz}");
         // A reload does not cut a lockout short: every call would extend it.
         broker.reload().await;
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -15,6 +15,7 @@ use crate::kraken::{ApiCredentials, decode_secret};
 use crate::secret::SecretString;
 use crate::sim::{self, SimConfig, SimKey};
 use crate::token::RefreshPolicy;
+use crate::token::gate::DEFAULT_MAX_REJECTED_CALLS;
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -41,6 +42,7 @@ fn demo_policy(ttl: Duration) -> RefreshPolicy {
         jitter: ttl / 12,
         retry_initial: Duration::from_secs(1),
         retry_max: Duration::from_secs(15),
+        ..RefreshPolicy::default()
     }
 }
 
@@ -72,6 +74,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Error> {
             rest_url: sim.rest_url(),
             ws_url: sim.ws_url(),
             timeout: Duration::from_secs(5),
+            max_rejected_calls: DEFAULT_MAX_REJECTED_CALLS,
         },
         refresh: demo_policy(ttl),
         accounts: vec![AccountConfig {
@@ -82,6 +85,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Error> {
                 otp: None,
             },
             sources: Vec::new(),
+            key_expires_at: None,
         }],
         consumers: vec![ConsumerConfig {
             name: "demo-engine".into(),

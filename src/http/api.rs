@@ -96,8 +96,18 @@ fn unavailable(u: Unavailable, account: &str) -> ApiError {
             format!("no token good enough is held for account `{account}` and refreshing is failing ({reason})")
         }
         Cause::CircuitOpen => {
-            format!("Kraken has locked out the key of account `{account}`; refreshing resumes after the lockout")
+            format!(
+                "Kraken has locked out this broker's address; refreshing account `{account}` resumes after the lockout"
+            )
         }
+        Cause::TokensTooShort {
+            lifetime,
+            min_served_ttl,
+        } => format!(
+            "Kraken grants tokens of {} s for account `{account}`, no more than min_served_ttl ({} s): none can be served; the broker retries with back-off",
+            lifetime.as_secs_f64().round() as u64,
+            min_served_ttl.as_secs()
+        ),
         Cause::ForcedRefreshLimited => {
             format!("account `{account}` has had too many forced refreshes lately; retry shortly")
         }

@@ -71,6 +71,10 @@ pub struct AppState {
     pub table: Arc<ArcSwap<ServeTable>>,
     pub metrics: Metrics,
     pub throttle: Arc<AuthThrottle>,
+    /// For readiness and metrics: the lockout and the rejected-call budget.
+    pub gate: Arc<crate::token::KrakenGate>,
+    /// To show Unix times of monotonic deadlines.
+    pub clock: crate::clock::WallClock,
 }
 
 /// The client's address, when the server recorded it.

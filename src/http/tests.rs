@@ -38,12 +38,9 @@ fn app() -> (Router, Metrics) {
     let cancel = CancellationToken::new();
     let mut handles = BTreeMap::new();
     for (name, prefix) in [("main", "main"), ("other", "other"), ("hidden", "hidden")] {
-        let setup = AccountSetup {
-            // Mints `tok-<account>-<n>` tokens of 900 s, instantly.
-            source: Arc::new(ScriptedSource::new(Duration::from_secs(900)).prefix(&format!("tok-{prefix}"))),
-            policy,
-            call_timeout: Duration::from_secs(5),
-        };
+        // Mints `tok-<account>-<n>` tokens of 900 s, instantly.
+        let source = Arc::new(ScriptedSource::new(Duration::from_secs(900)).prefix(&format!("tok-{prefix}")));
+        let setup = AccountSetup::new(source, policy);
         let (handle, _) = refresher::spawn(name, setup, metrics.account(name), ambient(), cancel.clone());
         handles.insert(name.to_owned(), handle);
     }
@@ -72,6 +69,8 @@ fn app() -> (Router, Metrics) {
         })),
         metrics: metrics.clone(),
         throttle: Arc::new(throttle::AuthThrottle::new()),
+        gate: Arc::default(),
+        clock: crate::clock::WallClock::system(),
     };
     (router(state), metrics)
 }

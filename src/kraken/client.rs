@@ -7,6 +7,7 @@
 //! endpoint or nowhere.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
@@ -24,6 +25,10 @@ pub const USER_AGENT: &str = concat!("kraken-token-broker/", env!("CARGO_PKG_VER
 
 /// The most of an answer the client reads; a token answer is under 200 bytes.
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// A little past the start of the next TOTP step, so the code made then is
+/// the new one even with a few milliseconds of clock jitter.
+const TOTP_STEP_MARGIN: Duration = Duration::from_millis(100);
 
 /// The longest the TCP/TLS connect may take, within the total timeout.
 const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -46,16 +51,36 @@ impl fmt::Debug for ApiCredentials {
     }
 }
 
-/// The nonce sequence of one API key and the turn-taking of its calls.
+/// The nonce sequence of one API key, the turn-taking of its calls, and
+/// the last TOTP step it sent a code for.
 #[derive(Debug, Default)]
 pub struct KeyLane {
     nonces: NonceSource,
     turn: tokio::sync::Mutex<()>,
+    /// The TOTP time step (unix seconds / 30) of the last code sent; a code
+    /// is never sent twice (RFC 6238 §5.2 lets a verifier refuse a reused
+    /// one), so a call in the same step waits for the next code.
+    last_totp_step: AtomicU64,
 }
 
 impl KeyLane {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// How long until this key may send a TOTP code it has not sent yet
+    /// (zero without TOTP, or when the current code is unused).
+    pub fn totp_wait(&self, otp: Option<&Otp>) -> Duration {
+        let Some(otp) = otp.filter(|o| o.is_time_based()) else {
+            return Duration::ZERO;
+        };
+        let now = self.clock().now();
+        let step = otp.step_at(crate::clock::unix_secs(now));
+        if step > self.last_totp_step.load(Ordering::SeqCst) {
+            return Duration::ZERO;
+        }
+        let next = std::time::UNIX_EPOCH + Duration::from_secs(otp.step_start(step + 1));
+        next.duration_since(now).unwrap_or(Duration::ZERO) + TOTP_STEP_MARGIN
     }
 
     /// The wall clock this key's nonces and TOTP codes follow.
@@ -68,6 +93,7 @@ impl KeyLane {
         Self {
             nonces: NonceSource::with_clock(clock),
             turn: tokio::sync::Mutex::new(()),
+            last_totp_step: AtomicU64::new(0),
         }
     }
 }

@@ -210,6 +210,20 @@ fn throttled_until(code: &str) -> Option<SystemTime> {
     Some(UNIX_EPOCH + Duration::from_secs(secs))
 }
 
+/// What to fix when Kraken answers `EAPI:Invalid key`. Kraken's answer to a
+/// call from an address not on the key's IP allowlist, and to a key past its
+/// expiration, is not documented; both are named as likely causes.
+pub const INVALID_KEY_HINT: &str = "the API key is unknown, revoked or expired, or the broker's egress IP address is not on the key's IP allowlist: install a valid key, or check its expiration and IP Address Restriction at Kraken";
+
+/// What to fix when Kraken answers `Permission denied`.
+pub const PERMISSION_HINT: &str = "enable the \"WebSocket interface\" permission on the API key, and check that its IP Address Restriction allows the broker's egress IP address";
+
+/// Whether `code`'s category (before the first colon) is `category`.
+fn category_is(code: &str, category: &str) -> bool {
+    code.split_once(':')
+        .is_some_and(|(cat, _)| cat.trim().eq_ignore_ascii_case(category))
+}
+
 /// Classifies one Kraken error string. Warnings (`W…`) are not failures and
 /// give `None`; unknown `E…` strings give [`Reason::Other`], transient.
 pub fn classify_api_error(code: &str) -> Option<ApiFailure> {
@@ -222,10 +236,7 @@ pub fn classify_api_error(code: &str) -> Option<ApiFailure> {
     let m = |cat, msg| matches(trimmed, cat, msg);
 
     let (reason, class, action) = if m("EAPI", "Invalid key") {
-        permanent(
-            Reason::InvalidKey,
-            "the API key is unknown, revoked or expired: install a valid key",
-        )
+        permanent(Reason::InvalidKey, INVALID_KEY_HINT)
     } else if m("EAPI", "Invalid signature") {
         permanent(
             Reason::InvalidSignature,
@@ -233,14 +244,18 @@ pub fn classify_api_error(code: &str) -> Option<ApiFailure> {
         )
     } else if m("EAPI", "Invalid nonce") {
         (Reason::InvalidNonce, Class::Transient, Action::RetryOnceNow)
-    } else if m("EGeneral", "Permission denied") || m("EAPI", "Permission denied") {
-        permanent(
-            Reason::PermissionDenied,
-            "enable the \"WebSocket interface\" permission on the API key",
-        )
+    } else if m("EGeneral", "Permission denied")
+        || m("EAPI", "Permission denied")
+        || m("EAccount", "Invalid permissions")
+    {
+        permanent(Reason::PermissionDenied, PERMISSION_HINT)
     } else if m("EGeneral", "Temporary lockout") {
         (Reason::Lockout, Class::Transient, Action::OpenCircuit(LOCKOUT_CIRCUIT))
-    } else if m("EAPI", "Rate limit exceeded") || m("EGeneral", "Too many requests") {
+    } else if m("EAPI", "Rate limit exceeded")
+        || m("EGeneral", "Too many requests")
+        || m("EAuth", "Rate limit exceeded")
+        || m("EAuth", "Too many requests")
+    {
         backoff(Reason::RateLimited, RATE_LIMIT_MIN_BACKOFF)
     } else if m("EService", "Throttled") {
         let action = throttled_until(trimmed).map_or(
@@ -266,6 +281,12 @@ pub fn classify_api_error(code: &str) -> Option<ApiFailure> {
         permanent(
             Reason::Other,
             "the Kraken account is disabled or unconfirmed: resolve it with Kraken",
+        )
+    } else if category_is(trimmed, "EAuth") {
+        // `EAuth:Failed` and any other account-authentication refusal.
+        permanent(
+            Reason::Other,
+            "Kraken refused to authenticate the account: check the account's state and the key with Kraken",
         )
     } else {
         backoff(Reason::Other, Duration::ZERO)
@@ -335,6 +356,16 @@ mod tests {
         ("EGeneral:Unknown method", Reason::Other, Class::Permanent),
         ("EAuth:Account temporary disabled", Reason::Other, Class::Permanent),
         ("EAuth:Account unconfirmed", Reason::Other, Class::Permanent),
+        ("EAuth:Failed", Reason::Other, Class::Permanent),
+        ("EAuth: Failed:detail", Reason::Other, Class::Permanent),
+        ("EAuth:Something else", Reason::Other, Class::Permanent),
+        ("EAuth:Rate limit exceeded", Reason::RateLimited, Class::Transient),
+        ("EAuth:Too many requests", Reason::RateLimited, Class::Transient),
+        (
+            "EAccount:Invalid permissions",
+            Reason::PermissionDenied,
+            Class::Permanent,
+        ),
         ("EFoo:Something new", Reason::Other, Class::Transient),
         ("EAPI:Invalid keys", Reason::Other, Class::Transient),
     ];
@@ -373,6 +404,15 @@ mod tests {
         ("EGeneral", "Unknown method", Reason::Other, Class::Permanent),
         ("EAuth", "Account temporary disabled", Reason::Other, Class::Permanent),
         ("EAuth", "Account unconfirmed", Reason::Other, Class::Permanent),
+        ("EAuth", "Failed", Reason::Other, Class::Permanent),
+        ("EAuth", "Rate limit exceeded", Reason::RateLimited, Class::Transient),
+        ("EAuth", "Too many requests", Reason::RateLimited, Class::Transient),
+        (
+            "EAccount",
+            "Invalid permissions",
+            Reason::PermissionDenied,
+            Class::Permanent,
+        ),
     ];
 
     proptest::proptest! {
@@ -412,6 +452,17 @@ mod tests {
             panic!("permission denied alerts");
         };
         assert!(hint.contains("WebSocket interface"), "{hint}");
+        assert!(hint.contains("IP Address Restriction"), "{hint}");
+        let Action::Alert { hint } = action("EAPI:Invalid key") else {
+            panic!("an invalid key alerts");
+        };
+        assert!(hint.contains("IP allowlist"), "{hint}");
+        assert_eq!(
+            action("EAuth:Rate limit exceeded"),
+            Action::Backoff {
+                at_least: RATE_LIMIT_MIN_BACKOFF
+            }
+        );
         assert_eq!(
             action("EAPI:Rate limit exceeded"),
             Action::Backoff {

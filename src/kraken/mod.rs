@@ -10,7 +10,9 @@ pub mod sign;
 pub mod wire;
 
 pub use client::{ApiCredentials, KeyLane, KrakenClient, USER_AGENT};
-pub use error::{Action, ApiFailure, Class, KrakenError, Reason, classify_api_error, classify_api_errors};
+pub use error::{
+    Action, ApiFailure, Class, KrakenError, LOCKOUT_CIRCUIT, Reason, classify_api_error, classify_api_errors,
+};
 pub use nonce::NonceSource;
 pub use otp::Otp;
 pub use sign::{WS_TOKEN_PATH, decode_secret, sign, verify};

@@ -8,6 +8,9 @@ use totp_rs::{Builder, Secret, Totp};
 
 use crate::secret::{REDACTED, SecretString};
 
+/// The TOTP time step: totp-rs's default, RFC 6238's and authenticator apps'.
+pub const TOTP_STEP_SECS: u64 = 30;
+
 /// The OTP material could not be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum OtpError {
@@ -83,6 +86,27 @@ impl Otp {
         }
     }
 
+    /// Whether the code changes with time (TOTP) rather than being fixed.
+    pub fn is_time_based(&self) -> bool {
+        matches!(self, Otp::Totp(_))
+    }
+
+    /// The TOTP time step at `unix_secs` (0 for a static password).
+    pub fn step_at(&self, unix_secs: u64) -> u64 {
+        match self {
+            Otp::Static(_) => 0,
+            Otp::Totp(_) => unix_secs / TOTP_STEP_SECS,
+        }
+    }
+
+    /// When TOTP step `step` begins (unix seconds).
+    pub fn step_start(&self, step: u64) -> u64 {
+        match self {
+            Otp::Static(_) => 0,
+            Otp::Totp(_) => step.saturating_mul(TOTP_STEP_SECS),
+        }
+    }
+
     /// When a TOTP source next yields a different code (unix seconds).
     pub fn next_code_at(&self, unix_secs: u64) -> Option<u64> {
         match self {
@@ -120,6 +144,17 @@ mod tests {
         assert_eq!(otp.code_at(1_111_111_109).expose(), "081804");
         assert_eq!(otp.code_at(2_000_000_000).expose(), "279037");
         assert_eq!(otp.next_code_at(59), Some(60));
+    }
+
+    #[test]
+    fn totp_steps_are_30_seconds() {
+        let otp = Otp::totp_from_base32(&SecretString::new(RFC_SEED_B32)).unwrap();
+        assert!(otp.is_time_based());
+        assert_eq!(otp.step_at(59), 1);
+        assert_eq!(otp.step_at(60), 2);
+        assert_eq!(otp.step_start(2), 60);
+        let fixed = Otp::static_password(SecretString::new("p")).unwrap();
+        assert!(!fixed.is_time_based());
     }
 
     #[test]

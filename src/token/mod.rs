@@ -8,8 +8,10 @@
 //! | [`refresher`] | the task that calls, caches and answers on-demand requests |
 //! | [`schedule`] | when to refresh and how long to back off (pure) |
 //! | [`policy`] | what to do after a failed call (pure) |
+//! | [`gate`] | the process-wide rejected-call budget and address-wide lockout |
 //! | [`scripted`] | a scripted token source for tests and benchmarks |
 
+pub mod gate;
 pub mod policy;
 pub mod published;
 pub mod refresher;
@@ -18,6 +20,7 @@ pub mod scripted;
 
 /// Kraken's documented token lifetime: the most any token held here can have.
 pub use crate::kraken::MAX_TOKEN_LIFETIME;
+pub use gate::{KrakenGate, Risk};
 pub use published::{CachedToken, Health, Published, ServingRule, token_sha256};
 pub use refresher::{
     AccountHandle, AccountSetup, Ambient, Answer, Applied, Cause, KrakenSource, TokenSource, Unavailable,

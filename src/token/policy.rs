@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::schedule::{RefreshPolicy, backoff_delay};
+use super::schedule::{MAX_REJECTED_RETRY, RefreshPolicy, backoff_delay};
 use crate::kraken::{Action, KrakenError, Reason};
 
 /// The longest an `EService:Throttled` timestamp or an edge `Retry-After` is
@@ -82,8 +82,6 @@ impl Next {
 #[derive(Debug, Clone, Copy)]
 pub struct Context<'a> {
     pub policy: &'a RefreshPolicy,
-    /// How long between retries of a key Kraken rejects for good.
-    pub rejected_retry: Duration,
     pub now: Instant,
     /// The wall clock now, to read Kraken's absolute `Throttled` timestamps.
     pub wall_now: SystemTime,
@@ -132,10 +130,10 @@ pub fn after_failure(streak: Streak, error: &KrakenError, cx: &Context<'_>) -> D
                         at: cx.now + wait + NEXT_CODE_MARGIN,
                     }
                 }
-                None => rejected(error, cx),
+                None => rejected(error, after.failures, cx),
             }
         }
-        Action::Alert { .. } => rejected(error, cx),
+        Action::Alert { .. } => rejected(error, after.failures, cx),
         Action::OpenCircuit(open_for) => Next::LockedOut {
             until: cx.now + open_for,
         },
@@ -161,13 +159,23 @@ pub fn after_failure(streak: Streak, error: &KrakenError, cx: &Context<'_>) -> D
     Decision { next, streak: after }
 }
 
-fn rejected(error: &KrakenError, cx: &Context<'_>) -> Next {
+/// The delay before retrying a key rejected `failures` times in a row:
+/// `retry_rejected`, doubling, at most [`MAX_REJECTED_RETRY`].
+pub fn rejected_retry_delay(failures: u32, policy: &RefreshPolicy) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    policy
+        .retry_rejected
+        .saturating_mul(1u32 << doublings)
+        .min(MAX_REJECTED_RETRY)
+}
+
+fn rejected(error: &KrakenError, failures: u32, cx: &Context<'_>) -> Next {
     let hint = match error.action() {
         Action::Alert { hint } => hint,
         _ => "",
     };
     Next::Rejected {
-        at: cx.now + cx.rejected_retry,
+        at: cx.now + rejected_retry_delay(failures, cx.policy),
         hint,
     }
 }
@@ -178,14 +186,7 @@ mod tests {
     use crate::kraken::classify_api_error;
     use std::time::UNIX_EPOCH;
 
-    const POLICY: RefreshPolicy = RefreshPolicy {
-        refresh_before_expiry: Duration::from_secs(450),
-        min_served_ttl: Duration::from_secs(60),
-        jitter: Duration::from_secs(30),
-        retry_initial: Duration::from_secs(1),
-        retry_max: Duration::from_secs(60),
-    };
-    const REJECTED: Duration = Duration::from_secs(300);
+    const POLICY: RefreshPolicy = RefreshPolicy::DEFAULT;
     const WALL: u64 = 1_800_000_000;
 
     fn api(code: &str) -> KrakenError {
@@ -240,7 +241,8 @@ mod tests {
 
     /// The failure policy as a table: the streak before, the error, the
     /// step (kind and delay, with jitter 0.5) and the streak after.
-    /// Back-off with jitter 0.5 is 3/4 of `min(1 s * 2^(n-1), 60 s)`.
+    /// Back-off with jitter 0.5 is 3/4 of `min(1 s * 2^(n-1), 60 s)`; a
+    /// rejected key waits `min(5 min * 2^(n-1), 60 min)`.
     fn table() -> Vec<Row> {
         let fresh = Streak::default();
         let throttled_in_30 =
@@ -358,11 +360,19 @@ mod tests {
                 ("rejected", 300.0),
                 streak(1, false, false),
             ),
+            // Rejections in a row double the wait: 5, 10, 20 ... at most 60 minutes.
+            row(
+                streak(1, false, false),
+                api("EAPI:Invalid key"),
+                None,
+                ("rejected", 600.0),
+                streak(2, false, false),
+            ),
             row(
                 streak(4, false, false),
                 api("EGeneral:Permission denied"),
                 None,
-                ("rejected", 300.0),
+                ("rejected", 3600.0),
                 streak(5, false, false),
             ),
             row(
@@ -384,7 +394,7 @@ mod tests {
                 streak(1, false, true),
                 api("EAPI:Invalid signature"),
                 Some(30),
-                ("rejected", 300.0),
+                ("rejected", 600.0),
                 streak(2, false, true),
             ),
             // A TOTP seed does not help an invalid key.
@@ -434,7 +444,6 @@ mod tests {
         for (i, r) in table().into_iter().enumerate() {
             let cx = Context {
                 policy: &POLICY,
-                rejected_retry: REJECTED,
                 now,
                 wall_now: UNIX_EPOCH + Duration::from_secs(WALL),
                 next_code_in: r.next_code_in.map(Duration::from_secs),
@@ -457,7 +466,6 @@ mod tests {
     fn rejections_carry_the_classifiers_hint() {
         let cx = Context {
             policy: &POLICY,
-            rejected_retry: REJECTED,
             now: Instant::now(),
             wall_now: SystemTime::now(),
             next_code_in: None,
@@ -469,6 +477,18 @@ mod tests {
             panic!("permission denied is a rejection");
         };
         assert!(hint.contains("WebSocket interface"), "{hint}");
+    }
+
+    #[test]
+    fn rejected_retries_double_from_retry_rejected_to_an_hour() {
+        let p = RefreshPolicy {
+            retry_rejected: Duration::from_secs(1),
+            ..POLICY
+        };
+        let delays: Vec<u64> = (1..=14).map(|n| rejected_retry_delay(n, &p).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 3600, 3600]);
+        assert_eq!(rejected_retry_delay(u32::MAX, &POLICY), MAX_REJECTED_RETRY);
+        assert_eq!(rejected_retry_delay(1, &POLICY), Duration::from_secs(300));
     }
 
     proptest::proptest! {
@@ -483,7 +503,6 @@ mod tests {
         ) {
             let cx = Context {
                 policy: &POLICY,
-                rejected_retry: REJECTED,
                 now: Instant::now(),
                 wall_now: SystemTime::now(),
                 next_code_in: Some(Duration::from_secs(1)),

@@ -26,17 +26,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::policy::{Context, Decision, Next, Streak, after_failure};
+use super::gate::{Held, KrakenGate, Risk, is_rejection};
+use super::policy::{Context, Decision, Next, Streak, after_failure, rejected_retry_delay};
 use super::published::{CachedToken, Health, Published, ServingRule};
-use super::schedule::{RefreshPolicy, next_refresh_at};
+use super::schedule::{RefreshPolicy, backoff_delay, next_refresh_at};
 use crate::clock::{WallClock, unix_secs_f64};
 use crate::kraken::{ApiCredentials, KeyLane, KrakenClient, KrakenError, MAX_TOKEN_LIFETIME, Reason, WsToken};
 use crate::metrics::AccountMetrics;
 
-/// How long to wait between retries of a key Kraken rejects for good
-/// (invalid key, permission denied): slow enough never to push the key into
-/// a lockout, quick enough to notice an operator's fix.
-pub const PERMANENT_RETRY_INTERVAL: Duration = Duration::from_secs(300);
 /// On-demand refreshes (a `min_ttl` above what is held, a rejected token) an
 /// account allows in a burst ...
 pub const FORCED_REFRESH_BURST: u32 = 3;
@@ -54,6 +51,11 @@ pub trait TokenSource: Send + Sync + 'static {
     /// With a TOTP seed as 2FA, how long until it yields a different code (a
     /// rejected code is retried once, with the next one); `None` otherwise.
     fn next_otp_code_in(&self) -> Option<Duration>;
+    /// How long until a call can be made without sending a TOTP code twice
+    /// (zero: now).
+    fn ready_in(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// The Kraken-backed source of one account.
@@ -80,6 +82,10 @@ impl TokenSource for KrakenSource {
         let next = SystemTime::UNIX_EPOCH + Duration::from_secs(otp.next_code_at(crate::clock::unix_secs(now))?);
         Some(next.duration_since(now).unwrap_or(Duration::ZERO))
     }
+
+    fn ready_in(&self) -> Duration {
+        self.lane.totp_wait(self.credentials.otp.as_ref())
+    }
 }
 
 /// Everything a refresher needs to run, replaceable on reload.
@@ -89,6 +95,26 @@ pub struct AccountSetup {
     pub policy: RefreshPolicy,
     /// The upstream call's own timeout; a fetch is abandoned a little after it.
     pub call_timeout: Duration,
+    /// The key's expiration at Kraken, if the operator told it: after it,
+    /// the key is treated as rejected without a call.
+    pub key_expires_at: Option<SystemTime>,
+    /// The first 8 hex characters of the API key's SHA-256 (never the
+    /// secret): logs and metrics say which key signs.
+    pub key_fingerprint: String,
+}
+
+impl AccountSetup {
+    /// A setup for tests and benchmarks: `source`, `policy`, a 10 s call
+    /// timeout, no expiry, a placeholder fingerprint.
+    pub fn new(source: Arc<dyn TokenSource>, policy: RefreshPolicy) -> Self {
+        Self {
+            source,
+            policy,
+            call_timeout: Duration::from_secs(10),
+            key_expires_at: None,
+            key_fingerprint: "00000000".into(),
+        }
+    }
 }
 
 /// A random fraction in `[0, 1)` for jitter; a parameter so tests are exact.
@@ -99,12 +125,14 @@ pub fn random_jitter() -> f64 {
     rand::random::<f64>()
 }
 
-/// What a refresher reads from the world besides its token source: the
-/// randomness of jitter and the wall clock. Parameters, so tests are exact.
+/// What a refresher shares with the world besides its token source: the
+/// randomness of jitter, the wall clock, and the process-wide gate in front
+/// of Kraken. Parameters, so tests are exact.
 #[derive(Debug, Clone)]
 pub struct Ambient {
     pub jitter: Jitter,
     pub clock: WallClock,
+    pub gate: Arc<KrakenGate>,
 }
 
 impl Default for Ambient {
@@ -112,6 +140,7 @@ impl Default for Ambient {
         Self {
             jitter: random_jitter,
             clock: WallClock::system(),
+            gate: Arc::new(KrakenGate::default()),
         }
     }
 }
@@ -121,8 +150,13 @@ impl Default for Ambient {
 pub enum Cause {
     /// Refreshing is failing; the reason of the last failure.
     RefreshFailing(Reason),
-    /// Kraken locked the key out.
+    /// Kraken locked out this broker's address.
     CircuitOpen,
+    /// Kraken grants tokens that live less than `min_served_ttl`.
+    TokensTooShort {
+        lifetime: Duration,
+        min_served_ttl: Duration,
+    },
     /// Too many on-demand refreshes lately.
     ForcedRefreshLimited,
     /// More time left was asked for than a token ever has.
@@ -266,6 +300,7 @@ pub fn spawn(
     // Room for one call, its nonce retry, and slack.
     let answer_timeout = setup.call_timeout * 2 + Duration::from_secs(2);
     let now = Instant::now();
+    metrics.set_key(&setup.key_fingerprint, setup.key_expires_at);
     let refresher = Refresher {
         name: Arc::clone(&name),
         setup,
@@ -338,15 +373,28 @@ struct InFlight {
     started_wall: SystemTime,
 }
 
-/// A failed call and the step decided after it.
+/// A failed call (or one not made) and the step decided after it.
 #[derive(Debug, Clone)]
 struct Failure {
     reason: Reason,
-    /// Kraken's code or the transport error, sanitised.
+    /// Kraken's code or the transport error, sanitised; or why no call
+    /// was made.
     detail: String,
     /// Failed attempts in a row, this one included.
     consecutive: u32,
     next: Next,
+    /// Set when the call worked but the token lives less than
+    /// `min_served_ttl` (the lifetime granted).
+    short_lifetime: Option<Duration>,
+}
+
+/// Who wants the next call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// The schedule, a back-off ending, or a consumer.
+    Automatic,
+    /// A reload: an operator says something is fixed.
+    Operator,
 }
 
 /// Where the refresher stands: one value, so no combination of flags can
@@ -427,7 +475,7 @@ impl Refresher {
                 Event::Request(Some(request)) => self.on_request(request),
                 Event::Timer => {
                     if self.call_due_at().is_some_and(|at| Instant::now() >= at) {
-                        self.start_call();
+                        self.start_call(Trigger::Automatic);
                     }
                 }
             }
@@ -527,14 +575,134 @@ impl Refresher {
     }
 
     /// Starts a call: a scheduled refresh, an attempt after a failure, or an
-    /// on-demand refresh.
-    fn start_call(&mut self) {
+    /// on-demand refresh; unless the key has expired, its TOTP code would be
+    /// sent twice, or the gate holds it.
+    fn start_call(&mut self, trigger: Trigger) {
         let (streak, failing) = match &self.state {
             State::Failed { streak, failure } => (*streak, Some(failure.clone())),
             State::Due { .. } => (Streak::default(), None),
             State::Calling { .. } => return,
         };
+        self.try_call(streak, failing, trigger);
+    }
+
+    /// Calls Kraken now if nothing forbids it; otherwise records why not and
+    /// when to try again.
+    fn try_call(&mut self, streak: Streak, failing: Option<Failure>, trigger: Trigger) {
+        let now = Instant::now();
+        if let Some(expired) = self.setup.key_expires_at.filter(|t| *t <= self.ambient.clock.now()) {
+            return self.key_expired(streak, expired, now);
+        }
+        let wait = self.setup.source.ready_in();
+        if !wait.is_zero() {
+            // Not a failure: the next TOTP code is a moment away.
+            self.state = match failing {
+                Some(failure) => State::Failed {
+                    streak,
+                    failure: Failure {
+                        next: Next::NextCode { at: now + wait },
+                        ..failure
+                    },
+                },
+                None => State::Due { at: now + wait },
+            };
+            return;
+        }
+        let rejected_before = failing
+            .as_ref()
+            .is_some_and(|f| is_rejection(f.reason) && f.short_lifetime.is_none());
+        let risk = match (rejected_before, trigger) {
+            (false, _) => Risk::Normal,
+            (true, Trigger::Automatic) => Risk::Retry,
+            (true, Trigger::Operator) => Risk::Probe,
+        };
+        if let Err(held) = self.ambient.gate.permit(risk, now) {
+            return self.held(streak, failing, held, now);
+        }
         self.call_with(streak, failing);
+    }
+
+    /// The key is past its configured expiration: a rejection, without a call.
+    fn key_expired(&mut self, streak: Streak, expired: SystemTime, now: Instant) {
+        let failures = streak.failures.saturating_add(1);
+        let retry_in = rejected_retry_delay(failures, &self.setup.policy);
+        let detail = format!(
+            "the API key's expiration (key_expires_at = {}) has passed; no call is made with it",
+            humantime::format_rfc3339_seconds(expired)
+        );
+        error!(
+            account = %self.name, outcome = "failure", reason = %Reason::InvalidKey, key = %self.setup.key_fingerprint,
+            error = %detail, fix = "install a new API key and set its key_expires_at", ?retry_in,
+            "the account's API key has expired: an operator must act"
+        );
+        self.metrics
+            .refresh_failed(Reason::InvalidKey, 0.0, unix_secs_f64(self.ambient.clock.now()));
+        let failure = Failure {
+            reason: Reason::InvalidKey,
+            detail,
+            consecutive: failures,
+            next: Next::Rejected {
+                at: now + retry_in,
+                hint: "install a new API key and set its key_expires_at",
+            },
+            short_lifetime: None,
+        };
+        self.fail(Streak { failures, ..streak }, failure, now);
+    }
+
+    /// The gate holds the call: a lockout, or the rejected-call budget.
+    fn held(&mut self, streak: Streak, failing: Option<Failure>, held: Held, now: Instant) {
+        self.metrics.call_held(&held);
+        let failure = match &held {
+            Held::Lockout { until, account } => {
+                let detail = if **account == *self.name {
+                    "Kraken locked out this broker's address; no calls until the lockout passes".to_owned()
+                } else {
+                    format!(
+                        "Kraken locked out this broker's address (answered to account `{account}`); no calls until the lockout passes"
+                    )
+                };
+                Failure {
+                    reason: Reason::Lockout,
+                    detail,
+                    consecutive: streak.failures,
+                    next: Next::LockedOut { until: *until },
+                    short_lifetime: None,
+                }
+            }
+            Held::Budget { until, counted } => {
+                let last = failing.expect("only a retry of a rejected key is held by the budget");
+                let status = self.ambient.gate.status(now);
+                let at = until.unwrap_or(now + rejected_retry_delay(streak.failures.max(1), &self.setup.policy));
+                warn!(
+                    account = %self.name, counted, max = status.max_rejected_calls, retry_in = ?at.saturating_duration_since(now),
+                    "retry of a rejected key held: the process's budget of rejected calls to Kraken is spent (Kraken locks out by address)"
+                );
+                let hint = match last.next {
+                    Next::Rejected { hint, .. } => hint,
+                    _ => "",
+                };
+                let detail = format!(
+                    "{}; retries held: {counted} rejected calls to Kraken in the last 15 minutes, budget {} (kraken.max_rejected_calls)",
+                    last.detail.split("; retries held").next().unwrap_or(&last.detail),
+                    status.max_rejected_calls
+                );
+                Failure {
+                    detail,
+                    next: Next::Rejected { at, hint },
+                    ..last
+                }
+            }
+        };
+        self.fail(streak, failure, now);
+    }
+
+    /// Records a failure state, publishes it and answers whoever waits.
+    fn fail(&mut self, streak: Streak, failure: Failure, now: Instant) {
+        self.state = State::Failed { streak, failure };
+        self.publish();
+        let unavailable = self.failed_unavailable(now);
+        self.answer_waiters(now, unavailable);
     }
 
     fn call_with(&mut self, streak: Streak, failing: Option<Failure>) {
@@ -566,15 +734,17 @@ impl Refresher {
         match control {
             Control::Reconfigure(setup, applied) => {
                 self.setup = *setup;
-                info!(account = %self.name, "account reconfigured");
+                self.metrics
+                    .set_key(&self.setup.key_fingerprint, self.setup.key_expires_at);
+                info!(account = %self.name, key = %self.setup.key_fingerprint, "account reconfigured");
                 self.publish();
                 if let State::Failed { failure, .. } = &self.state
                     && !matches!(failure.next, Next::LockedOut { .. })
                 {
                     // New credentials deserve a try now, not after a back-off
-                    // meant for the old ones.
+                    // meant for the old ones (the gate still has its say).
                     let failing = Some(failure.clone());
-                    self.call_with(Streak::default(), failing);
+                    self.try_call(Streak::default(), failing, Trigger::Operator);
                 }
                 let _ = applied.send(());
             }
@@ -584,7 +754,7 @@ impl Refresher {
                 {
                     info!(account = %self.name, "retrying now, as asked by a reload");
                     let failing = Some(failure.clone());
-                    self.call_with(Streak::default(), failing);
+                    self.try_call(Streak::default(), failing, Trigger::Operator);
                 }
                 let _ = applied.send(());
             }
@@ -623,7 +793,9 @@ impl Refresher {
             return;
         }
         let lifetime = self.lifetime_hint();
-        if need > lifetime {
+        // Only a consumer's own min_ttl beyond what tokens ever have is its
+        // mistake; a lifetime below min_served_ttl is Kraken's (a 503).
+        if min_ttl > lifetime {
             let _ = reply.send(Err(Unavailable {
                 retry_after: Duration::ZERO,
                 cause: Cause::Unsatisfiable { lifetime },
@@ -647,11 +819,11 @@ impl Refresher {
         };
         if now >= due {
             // Due anyway (cold start, or the schedule): not a forced refresh.
-            self.start_call();
+            self.start_call(Trigger::Automatic);
             return;
         }
         match self.budget.take(now) {
-            Ok(()) => self.start_call(),
+            Ok(()) => self.start_call(Trigger::Automatic),
             Err(wait) => {
                 warn!(
                     account = %self.name,
@@ -678,8 +850,12 @@ impl Refresher {
         let State::Failed { failure, .. } = &self.state else {
             return None;
         };
-        let cause = match failure.next {
-            Next::LockedOut { .. } => Cause::CircuitOpen,
+        let cause = match (failure.next, failure.short_lifetime) {
+            (Next::LockedOut { .. }, _) => Cause::CircuitOpen,
+            (_, Some(lifetime)) => Cause::TokensTooShort {
+                lifetime,
+                min_served_ttl: self.setup.policy.min_served_ttl,
+            },
             _ => Cause::RefreshFailing(failure.reason),
         };
         Some(Unavailable {
@@ -703,7 +879,7 @@ impl Refresher {
                     self.waiters.push(waiter);
                     continue;
                 }
-                None if waiter.need > lifetime => Err(Unavailable {
+                None if waiter.need > lifetime && otherwise.is_none() => Err(Unavailable {
                     retry_after: Duration::ZERO,
                     cause: Cause::Unsatisfiable { lifetime },
                 }),
@@ -732,12 +908,12 @@ impl Refresher {
         let now = Instant::now();
         let took = now.saturating_duration_since(flight.started);
         match result {
-            Ok(minted) => self.on_success(minted, &flight, took),
+            Ok(minted) => self.on_success(minted, &flight, took, streak),
             Err(error) => self.on_failure(&error, streak, failing, took, now),
         }
     }
 
-    fn on_success(&mut self, minted: WsToken, flight: &InFlight, took: Duration) {
+    fn on_success(&mut self, minted: WsToken, flight: &InFlight, took: Duration, streak: Streak) {
         let now = Instant::now();
         if minted.lifetime_clamped {
             warn!(
@@ -746,13 +922,7 @@ impl Refresher {
                 "Kraken announced a token lifetime above its documented maximum; clamped"
             );
         }
-        if minted.lifetime <= self.setup.policy.min_served_ttl {
-            warn!(
-                account = %self.name,
-                lifetime_secs = minted.lifetime.as_secs(),
-                "Kraken granted a token shorter than min_served_ttl: it can never be served"
-            );
-        }
+        let unservable = minted.lifetime <= self.setup.policy.min_served_ttl;
         // The token's life counts from when the call started: Kraken made it
         // somewhere between then and the answer.
         let token = Arc::new(CachedToken::new(
@@ -772,17 +942,62 @@ impl Refresher {
             account = %self.name,
             outcome = "success",
             token = %token.fingerprint,
+            key = %self.setup.key_fingerprint,
             expires_in_secs = token.remaining(now).as_secs(),
             duration_ms = took.as_millis() as u64,
             next_refresh_in_secs = due.saturating_duration_since(now).as_secs(),
             "token refreshed"
         );
         self.last_lifetime = Some(token.lifetime);
+        let lifetime = token.lifetime;
         self.current = Some(token);
+        if unservable {
+            return self.too_short(lifetime, streak, now);
+        }
         self.state = State::Due { at: due };
         self.publish();
         self.expire_and_report(now);
         self.answer_waiters(now, None);
+    }
+
+    /// Kraken granted a token that lives no longer than `min_served_ttl`: it
+    /// can never be served. Consumers get 503 with `Retry-After`, and the
+    /// next call backs off like a failure instead of coming every second.
+    fn too_short(&mut self, lifetime: Duration, streak: Streak, now: Instant) {
+        self.metrics.unservable_token();
+        let failures = streak.failures.saturating_add(1);
+        let policy = self.setup.policy;
+        let wait = backoff_delay(
+            failures,
+            policy.retry_initial,
+            policy.retry_max,
+            (self.ambient.jitter)(),
+        );
+        let detail = format!(
+            "Kraken granted a token of {} s, no more than min_served_ttl ({} s): it cannot be served",
+            lifetime.as_secs_f64().round() as u64,
+            policy.min_served_ttl.as_secs()
+        );
+        warn!(
+            account = %self.name, lifetime_secs = lifetime.as_secs(), min_served_ttl_secs = policy.min_served_ttl.as_secs(),
+            retry_in = ?wait, "Kraken granted a token shorter than min_served_ttl: none can be served; backing off"
+        );
+        let failure = Failure {
+            reason: Reason::Other,
+            detail,
+            consecutive: failures,
+            next: Next::Backoff { at: now + wait },
+            short_lifetime: Some(lifetime),
+        };
+        self.fail(
+            Streak {
+                failures,
+                ..Streak::default()
+            },
+            failure,
+            now,
+        );
+        self.expire_and_report(now);
     }
 
     fn on_failure(
@@ -796,18 +1011,34 @@ impl Refresher {
         let reason = error.reason();
         self.metrics
             .refresh_failed(reason, took.as_secs_f64(), unix_secs_f64(self.ambient.clock.now()));
+        if is_rejection(reason) {
+            self.ambient.gate.rejected(now);
+        }
         let context = Context {
             policy: &self.setup.policy,
-            rejected_retry: PERMANENT_RETRY_INTERVAL,
             now,
             wall_now: self.ambient.clock.now(),
             next_code_in: self.setup.source.next_otp_code_in(),
             jitter: (self.ambient.jitter)(),
         };
         let Decision { next, streak } = after_failure(streak, error, &context);
-        log_failure(&self.name, error, next, took, now);
+        log_failure(&self.name, &self.setup.key_fingerprint, error, next, took, now);
+        if let Next::LockedOut { until } = next {
+            self.ambient.gate.locked_out(&self.name, until);
+        }
         if next == Next::ResignNow {
-            // Invisible to readers: the health stays as it was.
+            // Invisible to readers: the health stays as it was. The retry is
+            // one of a rejected key: the gate has its say.
+            let just_failed = Failure {
+                reason,
+                detail: error.to_string(),
+                consecutive: streak.failures,
+                next,
+                short_lifetime: None,
+            };
+            if let Err(held) = self.ambient.gate.permit(Risk::Retry, now) {
+                return self.held(streak, Some(just_failed), held, now);
+            }
             self.call_with(streak, failing);
             return;
         }
@@ -816,46 +1047,44 @@ impl Refresher {
             detail: error.to_string(),
             consecutive: streak.failures,
             next,
+            short_lifetime: None,
         };
-        self.state = State::Failed { streak, failure };
-        self.publish();
-        let unavailable = self.failed_unavailable(now);
-        self.answer_waiters(now, unavailable);
+        self.fail(streak, failure, now);
     }
 }
 
 /// One log line per failed call, at the level its step deserves.
-fn log_failure(account: &str, error: &KrakenError, next: Next, took: Duration, now: Instant) {
+fn log_failure(account: &str, key: &str, error: &KrakenError, next: Next, took: Duration, now: Instant) {
     let reason = error.reason();
     let duration_ms = took.as_millis() as u64;
     let retry_in = next.at(now).saturating_duration_since(now);
     match next {
         Next::ResignNow => warn!(
-            account, outcome = "failure", reason = %reason, %error, duration_ms,
+            account, key, outcome = "failure", reason = %reason, %error, duration_ms,
             "Kraken rejected the nonce; retrying once with a fresh one"
         ),
         Next::NextCode { .. } => warn!(
-            account, outcome = "failure", reason = %reason, %error, duration_ms, ?retry_in,
+            account, key, outcome = "failure", reason = %reason, %error, duration_ms, ?retry_in,
             "Kraken rejected the signature; retrying once with the next TOTP code"
         ),
         Next::Rejected { hint, .. } => error!(
-            account, outcome = "failure", reason = %reason, %error, duration_ms, fix = hint, ?retry_in,
+            account, key, outcome = "failure", reason = %reason, %error, duration_ms, fix = hint, ?retry_in,
             "Kraken rejects this account's key: an operator must act"
         ),
         Next::LockedOut { .. } => error!(
-            account, outcome = "failure", reason = %reason, %error, duration_ms, ?retry_in,
+            account, key, outcome = "failure", reason = %reason, %error, duration_ms, ?retry_in,
             "Kraken locked the key out; no calls until the lockout passes"
         ),
         Next::Throttled { .. } => warn!(
-            account, outcome = "failure", reason = %reason, %error, duration_ms, ?retry_in,
+            account, key, outcome = "failure", reason = %reason, %error, duration_ms, ?retry_in,
             "Kraken asked to wait; refresh failed"
         ),
         Next::Backoff { .. } if reason == Reason::InvalidNonce => warn!(
-            account, outcome = "failure", reason = %reason, %error, duration_ms, ?retry_in,
+            account, key, outcome = "failure", reason = %reason, %error, duration_ms, ?retry_in,
             "Kraken rejected the nonce again: is another process using this API key?"
         ),
         Next::Backoff { .. } => warn!(
-            account, outcome = "failure", reason = %reason, %error, duration_ms, ?retry_in,
+            account, key, outcome = "failure", reason = %reason, %error, duration_ms, ?retry_in,
             "token refresh failed"
         ),
     }
@@ -881,21 +1110,21 @@ mod tests {
         RefreshPolicy::default()
     }
 
+    /// Jitter 0.5, a wall clock following paused tokio time, and a gate
+    /// whose budget never holds a call (the gate has its own tests; the
+    /// pacing tests here are about the refresher alone).
     fn ambient() -> Ambient {
         Ambient {
             jitter: || 0.5,
             clock: WallClock::following_tokio(SystemTime::now()),
+            gate: Arc::new(KrakenGate::new(1_000_000)),
         }
     }
 
     fn start(source: &Arc<ScriptedSource>, policy: RefreshPolicy) -> (AccountHandle, Metrics, CancellationToken) {
         let metrics = Metrics::new();
         let cancel = CancellationToken::new();
-        let setup = AccountSetup {
-            source: Arc::clone(source) as Arc<dyn TokenSource>,
-            policy,
-            call_timeout: Duration::from_secs(10),
-        };
+        let setup = AccountSetup::new(Arc::clone(source) as Arc<dyn TokenSource>, policy);
         let (handle, _task) = spawn("acct", setup, metrics.account("acct"), ambient(), cancel.clone());
         (handle, metrics, cancel)
     }
@@ -992,10 +1221,10 @@ mod tests {
                 Health::Failing { permanent: true, .. }
             ));
             tokio::time::sleep(Duration::from_secs(3600)).await;
-            // One call at start, then one per PERMANENT_RETRY_INTERVAL (each
-            // call's 50 ms pushes the last one just past the hour).
+            // One call at start, then retry_rejected doubling from 5 minutes:
+            // at 5, 15 and 35 minutes (the next would be at 75).
             let calls = source.calls();
-            assert!((12..=13).contains(&calls), "{code}: {calls} calls in an hour");
+            assert_eq!(calls, 4, "{code}: {calls} calls in an hour");
             let reason = classify_api_error(code).unwrap().reason;
             let series = format!("refresh_failures_total{{account=\"acct\",reason=\"{reason}\"}} {calls}");
             assert!(metrics.encode().contains(&series), "{code}");
@@ -1043,6 +1272,147 @@ mod tests {
         assert_eq!(source.calls(), 4, "the second attempt had its own retry");
         assert!(Instant::now() - begun < Duration::from_secs(3));
         assert!(metrics.encode().contains("reason=\"invalid_nonce\"} 3"));
+    }
+
+    fn start_with_gate(
+        name: &str,
+        source: &Arc<ScriptedSource>,
+        policy: RefreshPolicy,
+        gate: &Arc<KrakenGate>,
+        metrics: &Metrics,
+    ) -> AccountHandle {
+        let ambient = Ambient {
+            gate: Arc::clone(gate),
+            ..ambient()
+        };
+        let setup = AccountSetup::new(Arc::clone(source) as Arc<dyn TokenSource>, policy);
+        spawn(name, setup, metrics.account(name), ambient, CancellationToken::new()).0
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lockout_answered_to_one_account_stops_every_account_but_each_serves_its_token() {
+        let gate = Arc::new(KrakenGate::new(3));
+        let metrics = Metrics::new();
+        let good = scripted(Duration::from_secs(900));
+        let good_handle = start_with_gate("good", &good, policy(), &gate, &metrics);
+        let first = good_handle.want(MIN).await.unwrap();
+        let bad = scripted(Duration::from_secs(900));
+        bad.then(Err(kraken("EGeneral:Temporary lockout")));
+        let bad_handle = start_with_gate("bad", &bad, policy(), &gate, &metrics);
+        assert_eq!(bad_handle.want(MIN).await.unwrap_err().cause, Cause::CircuitOpen);
+        // The good account's refresh falls due at 435 s, inside the lockout.
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(good.calls(), 1, "no call while the address is locked out");
+        let served = good_handle.want(MIN).await.unwrap();
+        assert_eq!(served.sha256, first.sha256, "the live token is still served");
+        assert!(matches!(good_handle.published().health, Health::CircuitOpen { .. }));
+        assert!(
+            metrics
+                .encode()
+                .contains("kraken_calls_held_total{account=\"good\",reason=\"lockout\"} 1")
+        );
+        // After the lockout both call again.
+        tokio::time::sleep(Duration::from_secs(301)).await;
+        assert!(good_handle.want(Duration::from_secs(850)).await.is_ok());
+        assert_eq!(good.calls(), 2);
+        assert!(bad_handle.want(MIN).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rejected_keys_stop_retrying_at_the_budget_and_a_reload_gets_the_last_call() {
+        let gate = Arc::new(KrakenGate::new(3));
+        let metrics = Metrics::new();
+        let fast = RefreshPolicy {
+            retry_rejected: Duration::from_secs(1),
+            ..policy()
+        };
+        let bad = scripted(Duration::from_secs(900));
+        bad.fail(100, kraken("EAPI:Invalid key"));
+        let handle = start_with_gate("bad", &bad, fast, &gate, &metrics);
+        assert!(handle.want(MIN).await.is_err());
+        // Retries at 1 s, then held: 2 of the 3 counted.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(bad.calls(), 2, "one call and one automatic retry");
+        assert_eq!(gate.status(Instant::now()).rejected_in_window, 2);
+        let Health::Failing { detail, .. } = &handle.published().health else {
+            panic!("failing");
+        };
+        assert!(detail.contains("retries held"), "{detail}");
+        // An operator's reload spends the last one at once ...
+        handle.retry_now().wait().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(bad.calls(), 3);
+        // ... and after that nothing calls until the window slides.
+        handle.retry_now().wait().await;
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(bad.calls(), 3, "never past the budget");
+        // A healthy account is never held by it.
+        let good = scripted(Duration::from_secs(900));
+        let good_handle = start_with_gate("good", &good, fast, &gate, &metrics);
+        assert!(good_handle.want(MIN).await.is_ok());
+        // The window slides: retries resume.
+        tokio::time::sleep(Duration::from_secs(400)).await;
+        assert!(bad.calls() > 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_past_its_configured_expiry_is_treated_as_rejected_without_a_call() {
+        let source = scripted(Duration::from_secs(900));
+        let metrics = Metrics::new();
+        let mut setup = AccountSetup::new(Arc::clone(&source) as Arc<dyn TokenSource>, policy());
+        setup.key_expires_at = Some(SystemTime::now() - Duration::from_secs(1));
+        let (handle, _task) = spawn(
+            "acct",
+            setup,
+            metrics.account("acct"),
+            ambient(),
+            CancellationToken::new(),
+        );
+        let refused = handle.want(MIN).await.unwrap_err();
+        assert_eq!(refused.cause, Cause::RefreshFailing(Reason::InvalidKey));
+        assert_eq!(source.calls(), 0, "an expired key is never sent");
+        assert!(matches!(
+            handle.published().health,
+            Health::Failing { permanent: true, .. }
+        ));
+        let text = metrics.encode();
+        assert!(
+            text.contains("refresh_failures_total{account=\"acct\",reason=\"invalid_key\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("api_key_expiry_timestamp_seconds{account=\"acct\"}"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_shorter_than_min_served_ttl_give_503_and_back_off_never_a_loop() {
+        // Kraken answers 3-second tokens; min_served_ttl is 60 s.
+        let source = scripted(Duration::from_secs(3));
+        let (handle, metrics, _cancel) = start(&source, policy());
+        let refused = handle.want(Duration::ZERO).await.unwrap_err();
+        assert!(
+            matches!(refused.cause, Cause::TokensTooShort { .. }),
+            "a 503, not a 400: the consumer asked for nothing: {refused:?}"
+        );
+        assert!(refused.retry_after > Duration::ZERO);
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        let calls = source.calls();
+        // Back-off 0.75, 1.5, 3, 6, 12, 24, 45, 45 ... s: under 12 calls in 2 minutes, not 120.
+        assert!((4..=12).contains(&calls), "{calls} calls in 2 minutes");
+        let text = metrics.encode();
+        assert!(
+            text.contains(&format!("unservable_tokens_total{{account=\"acct\"}} {calls}")),
+            "{text}"
+        );
+        let Health::Failing { detail, .. } = &handle.published().health else {
+            panic!("failing");
+        };
+        assert!(detail.contains("no more than min_served_ttl"), "{detail}");
+        // A consumer's own min_ttl beyond the lifetime is still its mistake.
+        let too_much = handle.want(Duration::from_secs(10)).await.unwrap_err();
+        assert!(matches!(too_much.cause, Cause::Unsatisfiable { .. }), "{too_much:?}");
     }
 
     #[tokio::test(start_paused = true)]
@@ -1182,11 +1552,7 @@ mod tests {
         assert!(handle.want(MIN).await.is_err());
         let good = scripted(Duration::from_secs(900));
         handle
-            .reconfigure(AccountSetup {
-                source: Arc::clone(&good) as Arc<dyn TokenSource>,
-                policy: policy(),
-                call_timeout: Duration::from_secs(10),
-            })
+            .reconfigure(AccountSetup::new(Arc::clone(&good) as Arc<dyn TokenSource>, policy()))
             .wait()
             .await;
         tokio::time::sleep(Duration::from_secs(1)).await;

@@ -19,7 +19,13 @@ pub struct RefreshPolicy {
     pub retry_initial: Duration,
     /// Longest back-off after failed refreshes.
     pub retry_max: Duration,
+    /// The first retry after Kraken rejects the key itself; doubles per
+    /// rejection in a row, up to [`MAX_REJECTED_RETRY`].
+    pub retry_rejected: Duration,
 }
+
+/// The longest wait between retries of a rejected key.
+pub const MAX_REJECTED_RETRY: Duration = Duration::from_secs(3600);
 
 impl RefreshPolicy {
     /// The `[refresh]` defaults, as the contract documents them.
@@ -30,6 +36,7 @@ impl RefreshPolicy {
         jitter: Duration::from_secs(30),
         retry_initial: Duration::from_secs(1),
         retry_max: Duration::from_secs(60),
+        retry_rejected: Duration::from_secs(300),
     };
 }
 
@@ -172,6 +179,7 @@ mod tests {
                 jitter: Duration::from_secs(jit),
                 retry_initial: Duration::from_millis(ri),
                 retry_max: Duration::from_millis(ri.max(rm)),
+                retry_rejected: Duration::from_secs(300),
             }
         })
     }

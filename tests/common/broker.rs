@@ -15,7 +15,7 @@ use kraken_token_broker::token::RefreshPolicy;
 use tokio_util::sync::CancellationToken;
 
 use super::metric_value;
-use super::process::config_text;
+use super::process::config_text_with;
 
 /// A config on 127.0.0.1:0 for `accounts` against `sim`, with one consumer
 /// `engine` granted all of them.
@@ -35,6 +35,7 @@ pub fn test_config(
             rest_url: sim.rest_url(),
             ws_url: sim.ws_url(),
             timeout: Duration::from_secs(2),
+            max_rejected_calls: kraken_token_broker::token::gate::DEFAULT_MAX_REJECTED_CALLS,
         },
         refresh: policy,
         accounts,
@@ -71,6 +72,7 @@ pub fn account(name: &str, key: &SimKey) -> AccountConfig {
             otp: None,
         },
         sources: Vec::new(),
+        key_expires_at: None,
     }
 }
 
@@ -99,12 +101,23 @@ impl Broker {
     /// One account `main` whose key and secret are in files, loaded through
     /// `Config::load` as `serve` does; `reload()` re-reads them.
     pub async fn start_from_files(sim: &SimHandle, key: &SimKey, refresh: &str, timeout: &str) -> Broker {
+        Self::start_from_files_with(sim, key, refresh, timeout, "").await
+    }
+
+    /// As [`Broker::start_from_files`], with more lines for `[kraken]`.
+    pub async fn start_from_files_with(
+        sim: &SimHandle,
+        key: &SimKey,
+        refresh: &str,
+        timeout: &str,
+        kraken: &str,
+    ) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         std::fs::write(d.join("api-key"), format!("{}\n", key.api_key)).unwrap();
         std::fs::write(d.join("api-secret"), format!("{}\n", key.api_secret)).unwrap();
         let (credential, hash) = new_credential();
-        let text = config_text(sim, d, &hex::encode(hash), refresh, "")
+        let text = config_text_with(sim, d, &hex::encode(hash), kraken, refresh, "")
             .replace("timeout = \"2s\"", &format!("timeout = \"{timeout}\""));
         let path = d.join("broker.toml");
         std::fs::write(&path, text).unwrap();

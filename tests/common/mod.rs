@@ -45,6 +45,7 @@ pub fn policy(before_expiry: f64, min_served: f64, jitter: f64, retry: (f64, f64
         jitter: Duration::from_secs_f64(jitter),
         retry_initial: Duration::from_secs_f64(retry.0),
         retry_max: Duration::from_secs_f64(retry.1),
+        ..RefreshPolicy::default()
     }
 }
 

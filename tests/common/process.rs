@@ -33,6 +33,18 @@ pub fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
 
 /// A config for one account `main` whose key and secret are in `dir`.
 pub fn config_text(sim: &SimHandle, dir: &Path, credential_sha256: &str, refresh: &str, extra_account: &str) -> String {
+    config_text_with(sim, dir, credential_sha256, "", refresh, extra_account)
+}
+
+/// As [`config_text`], with more lines for the `[kraken]` table.
+pub fn config_text_with(
+    sim: &SimHandle,
+    dir: &Path,
+    credential_sha256: &str,
+    kraken: &str,
+    refresh: &str,
+    extra_account: &str,
+) -> String {
     format!(
         r#"
 [listen]
@@ -43,6 +55,7 @@ admin = "127.0.0.1:0"
 rest_url = "{rest}"
 ws_url = "{ws}"
 timeout = "2s"
+{kraken}
 
 [refresh]
 {refresh}
@@ -77,11 +90,23 @@ impl Served {
         extra_account: &str,
         env: &[(&str, &str)],
     ) -> Served {
+        Self::start_full(sim, key, "", refresh, extra_account, env).await
+    }
+
+    /// As [`Served::start_with`], with more lines for the `[kraken]` table.
+    pub async fn start_full(
+        sim: &SimHandle,
+        key: &SimKey,
+        kraken: &str,
+        refresh: &str,
+        extra_account: &str,
+        env: &[(&str, &str)],
+    ) -> Served {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "api-key", &format!("{}\n", key.api_key));
         write(dir.path(), "api-secret", &format!("{}\n", key.api_secret));
         let (credential, hash) = new_credential();
-        let text = config_text(sim, dir.path(), &hex::encode(hash), refresh, extra_account);
+        let text = config_text_with(sim, dir.path(), &hex::encode(hash), kraken, refresh, extra_account);
         let config = write(dir.path(), "broker.toml", &text);
         let mut command = Command::new(BIN);
         command
