@@ -115,7 +115,7 @@ def main() -> None:
         cold = []
         for _ in range(20):
             # Twenty starts in a row would hit Kraken's call counter (as they should).
-            urllib.request.urlopen(urllib.request.Request(f"{sim}/_sim/reset-limits", method="POST"), timeout=5)
+            urllib.request.urlopen(urllib.request.Request(f"{sim}/_sim/reset-limits", method="POST", headers={"Content-Type": "application/json"}), timeout=5)
             broker = subprocess.Popen([binary, "serve", "--config", str(config)], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             started = time.time()
@@ -135,7 +135,7 @@ def main() -> None:
         }
         print("cold start:", results["cold_start"], flush=True)
 
-        urllib.request.urlopen(urllib.request.Request(f"{sim}/_sim/reset-limits", method="POST"), timeout=5)
+        urllib.request.urlopen(urllib.request.Request(f"{sim}/_sim/reset-limits", method="POST", headers={"Content-Type": "application/json"}), timeout=5)
         broker = subprocess.Popen([binary, "serve", "--config", str(config)], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(broker)

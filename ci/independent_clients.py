@@ -11,6 +11,7 @@ Exit 0 on success; any failure raises.
 """
 
 import asyncio
+import hashlib
 import json
 import sys
 import urllib.request
@@ -29,7 +30,10 @@ def sim_get(base: str, path: str) -> dict:
 
 
 def token_is_issued(base: str, token: str) -> bool:
-    return any(t["token"] == token for t in sim_get(base, "/_sim/tokens")["tokens"])
+    # The control API names tokens by fingerprint (first 8 hex of SHA-256),
+    # never by the token itself.
+    fingerprint = hashlib.sha256(token.encode()).hexdigest()[:8]
+    return any(t["fingerprint"] == fingerprint for t in sim_get(base, "/_sim/tokens")["tokens"])
 
 
 def check_krakenex(base: str) -> None:

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{sim_with_key, start_sim};
+use kraken_token_broker::clock::WallClock;
 use kraken_token_broker::kraken::{
     ApiCredentials, Class, KeyLane, KrakenClient, KrakenError, Otp, Reason, decode_secret,
 };
@@ -222,11 +223,21 @@ async fn static_otp_and_totp_are_accepted_and_a_wrong_otp_is_invalid_signature()
 
     let mut t = creds(&with_totp);
     t.otp = Some(Otp::totp_from_base32(&SecretString::new(SEED)).unwrap());
-    let lane = KeyLane::new();
+    // The lane's clock is stepped 30 s between the calls: a TOTP code is
+    // never sent twice (the simulator refuses a reused one), so without the
+    // step the second call would wait for the next code.
+    let clock = WallClock::system();
+    let lane = KeyLane::with_clock(clock.clone());
     client.get_websockets_token(&t, &lane).await.unwrap();
+    assert!(
+        lane.totp_wait(t.otp.as_ref()) > Duration::ZERO,
+        "the current code is spent: the next call waits for a new one"
+    );
+    clock.step(30_000_000_000);
+    assert_eq!(lane.totp_wait(t.otp.as_ref()), Duration::ZERO);
     client.get_websockets_token(&t, &lane).await.unwrap();
     t.otp = Some(Otp::totp_from_base32(&SecretString::new("GEZDGNBVGY3TQOJQ")).unwrap());
-    let e = client.get_websockets_token(&t, &lane).await.unwrap_err();
+    let e = client.get_websockets_token(&t, &KeyLane::new()).await.unwrap_err();
     assert_eq!(e.reason(), Reason::InvalidSignature);
 }
 

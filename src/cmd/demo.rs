@@ -52,6 +52,12 @@ pub async fn run(args: DemoArgs) -> Result<(), Error> {
     let ttl = Duration::from_secs(args.token_ttl);
     let key = SimKey::generate();
     let sim_listener = bind(args.sim_listen, "--sim-listen").await?;
+    if !args.sim_listen.ip().is_loopback() {
+        eprintln!(
+            "WARNING: the demo's simulator listens on {}, not on loopback: anyone who can reach it can drive its control API (/_sim/).",
+            args.sim_listen
+        );
+    }
     let api = bind(args.api_listen, "--api-listen").await?;
     let admin = bind(args.admin_listen, "--admin-listen").await?;
     let sim = sim::start(
@@ -108,7 +114,7 @@ fn print_banner(config: &Config, credential: &str, sim_url: &str, ttl: u64) {
     println!(
         r#"
 kraken-token-broker demo: a Kraken simulator and a broker wired to it.
-No network and no real key are used; everything runs on loopback.
+No network and no real key are used.{where_}
 
   account:   demo              (the simulator's generated API key)
   consumer:  demo-engine
@@ -130,7 +136,7 @@ Operate it:
 
 The simulator (use the token on its WebSocket, or break it):
   WebSocket:  {ws}
-  a fault:    curl -X PUT {sim_url}/_sim/fault -d '{{"error":"EService:Unavailable"}}'
+  a fault:    curl -X PUT -H 'Content-Type: application/json' {sim_url}/_sim/fault -d '{{"error":"EService:Unavailable"}}'
   heal it:    curl -X DELETE {sim_url}/_sim/fault
 
 Tokens live {ttl} s here (900 s at Kraken), so a refresh shows in the log about
@@ -138,5 +144,20 @@ every {half} s. Ctrl-C stops.
 "#,
         ws = config.kraken.ws_url,
         half = ttl / 2,
+        where_ = if on_loopback(config) {
+            " Everything runs on loopback."
+        } else {
+            ""
+        },
     );
+    if !on_loopback(config) {
+        eprintln!(
+            "WARNING: the demo listens on {} and {}, not only on loopback: anyone who can reach these ports can fetch tokens with the credential above and read metrics.",
+            config.listen.api, config.listen.admin
+        );
+    }
+}
+
+fn on_loopback(config: &Config) -> bool {
+    config.listen.api.ip().is_loopback() && config.listen.admin.ip().is_loopback()
 }

@@ -30,11 +30,31 @@ pub struct SimulateArgs {
     /// Kraken account tier, which sets the REST call counter.
     #[arg(long, value_enum, default_value_t = Tier::Starter)]
     pub tier: Tier,
-    /// Answer `EGeneral:Permission denied`, as for a key without the
-    /// "WebSocket interface" permission.
-    #[arg(long)]
+    /// The key's "WebSocket interface" permission; `false` answers
+    /// `EGeneral:Permission denied` to GetWebSocketsToken.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub ws_permission: bool,
+    /// The same as `--ws-permission false` (kept for older scripts).
+    #[arg(long, hide = true)]
     pub no_ws_permission: bool,
-    /// Invalid key/signature/nonce calls in a row before a temporary lockout.
+    /// The key's trading permission; `false` refuses WebSocket `add_order`
+    /// and `cancel_order` with `EGeneral:Permission denied`.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub trade_permission: bool,
+    /// The key's "Custom Nonce Window", in nonce units (a nonce up to N
+    /// below the highest seen is accepted once; 0: strictly increasing).
+    #[arg(long, default_value_t = 0)]
+    pub nonce_window: u64,
+    /// The key's "Key Expiration" (RFC 3339); calls after it get
+    /// `EAPI:Invalid key`.
+    #[arg(long, value_name = "RFC3339")]
+    pub key_expires: Option<String>,
+    /// The key's "IP Address Restriction": addresses or CIDR ranges,
+    /// comma-separated; calls from elsewhere get `EGeneral:Permission denied`.
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    pub ip_allowlist: Vec<String>,
+    /// Failed calls (invalid key, signature, nonce, permission) from one
+    /// address within the lockout window that lock the address out.
     #[arg(long, default_value_t = sim::state::DEFAULT_LOCKOUT_THRESHOLD)]
     pub lockout_threshold: u32,
     /// How long a lockout lasts, in seconds.
@@ -58,6 +78,9 @@ pub struct SimulateArgs {
     /// Fault: never answer.
     #[arg(long)]
     pub fault_hang: bool,
+    /// Fault: with --fault-http-status, send this Retry-After (seconds).
+    #[arg(long)]
+    pub fault_retry_after: Option<u64>,
     /// Apply the fault to this many calls only (default: until cleared).
     #[arg(long)]
     pub fault_count: Option<u32>,
@@ -73,6 +96,7 @@ impl SimulateArgs {
             malformed: self.fault_malformed,
             truncated: self.fault_truncated,
             hang: self.fault_hang,
+            retry_after_secs: self.fault_retry_after,
             token: None,
             expires: None,
             count: None,
@@ -89,12 +113,15 @@ impl SimulateArgs {
             (Some(api_key), Some(api_secret)) => SimKey {
                 api_key: api_key.clone(),
                 api_secret: api_secret.clone(),
-                otp: None,
-                ws_permission: true,
+                ..SimKey::generate()
             },
             _ => SimKey::generate(),
         };
-        key.ws_permission = !self.no_ws_permission;
+        key.ws_permission = self.ws_permission && !self.no_ws_permission;
+        key.trade_permission = self.trade_permission;
+        key.nonce_window = self.nonce_window;
+        key.valid_until = self.key_expires.clone();
+        key.ip_allowlist = self.ip_allowlist.clone();
         key.otp = match (&self.otp, &self.totp_secret) {
             (Some(p), _) => Some(SimOtp::Password(p.clone())),
             (None, Some(s)) => Some(SimOtp::TotpSecret(s.clone())),
@@ -117,6 +144,12 @@ pub async fn run(args: SimulateArgs) -> Result<(), super::Error> {
     let config = args.config();
     let key = config.keys[0].clone();
     let listener = super::bind(args.listen, "--listen").await?;
+    if !args.listen.ip().is_loopback() {
+        eprintln!(
+            "WARNING: the simulator listens on {}, not on loopback: anyone who can reach it can read its API key and drive its control API (/_sim/). Use 127.0.0.1 unless you mean it.",
+            args.listen
+        );
+    }
     let shutdown = crate::signal::shutdown_token();
     let handle = sim::start(config, listener, shutdown.clone())?;
     let base = handle.rest_url();

@@ -144,11 +144,18 @@ impl KrakenClient {
     /// Mints a WebSocket token for the account these credentials sign for.
     pub async fn get_websockets_token(&self, creds: &ApiCredentials, lane: &KeyLane) -> Result<WsToken, KrakenError> {
         let _turn = lane.turn.lock().await;
+        // Within the turn, so two accounts sharing the key cannot both send
+        // the same TOTP code: the second waits for the next one.
+        let wait = lane.totp_wait(creds.otp.as_ref());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
         let nonce = lane.nonces.next();
-        let otp = creds
-            .otp
-            .as_ref()
-            .map(|otp| otp.code_at(lane.nonces.clock().unix_secs()));
+        let now = lane.clock().unix_secs();
+        let otp = creds.otp.as_ref().map(|otp| otp.code_at(now));
+        if let Some(otp) = creds.otp.as_ref().filter(|o| o.is_time_based()) {
+            lane.last_totp_step.fetch_max(otp.step_at(now), Ordering::SeqCst);
+        }
         let body = ws_token_body(nonce, otp.as_ref());
         let signature = sign(
             &creds.api_secret,

@@ -115,6 +115,21 @@ impl Otp {
         }
     }
 
+    /// The TOTP step whose code `code` is, within one step of skew either way
+    /// of `unix_secs` (a static password: step 0); `None` if not acceptable.
+    /// The simulator's side.
+    pub fn accepted_step(&self, code: &str, unix_secs: u64) -> Option<u64> {
+        match self {
+            Otp::Static(_) => self.accepts(code, unix_secs).then_some(0),
+            Otp::Totp(totp) => {
+                let step = unix_secs / TOTP_STEP_SECS;
+                [step.saturating_sub(1), step, step + 1]
+                    .into_iter()
+                    .find(|s| totp.generate(s * TOTP_STEP_SECS).to_string() == code)
+            }
+        }
+    }
+
     /// Whether `code` is acceptable at `unix_secs` (one step of skew either
     /// way for TOTP); the simulator's side.
     pub fn accepts(&self, code: &str, unix_secs: u64) -> bool {

@@ -8,15 +8,21 @@
 //! | route | what |
 //! |---|---|
 //! | `POST /0/private/GetWebSocketsToken` | Kraken's call, checked as Kraken checks it |
+//! | `GET /0/public/Time`, `GET /0/public/SystemStatus` | Kraken's public shapes |
 //! | `/0/*` anything else | `EGeneral:Unknown method` |
-//! | `GET /v2` (WebSocket) | `subscribe`/`unsubscribe` `executions`/`balances`, `ping` |
-//! | `GET /_sim/state` | lifetime, tier, keys, active fault, URLs |
+//! | `GET /v2` (WebSocket) | `subscribe`/`unsubscribe` `executions`/`balances`, `add_order`, `cancel_order`, `ping` |
+//! | `GET /_sim/state` | lifetime, tier, system status, keys (never secrets), active fault, URLs |
 //! | `PUT /_sim/fault`, `DELETE /_sim/fault` | set or clear the fault ([`FaultSpec`] as JSON) |
 //! | `GET /_sim/calls`, `DELETE /_sim/calls` | the calls received, oldest first |
-//! | `GET /_sim/tokens`, `POST /_sim/tokens/revoke` | issued tokens; revoke one (`{"token":…}`) or all |
+//! | `GET /_sim/tokens`, `POST /_sim/tokens/revoke` | issued tokens by fingerprint; revoke one (`{"token":…}`) or all |
 //! | `PUT /_sim/token-ttl` | `{"secs": N}`: lifetime of tokens issued from now on |
-//! | `POST /_sim/keys` | add a key (`{}` generates one); answers the key |
+//! | `PUT /_sim/system` | `{"status": "maintenance"}` (`online`, `cancel_only`, `post_only`) |
+//! | `POST /_sim/keys` | add a key with its settings (`{}` generates one) |
 //! | `POST /_sim/reset-limits` | clear call counters and lockouts |
+//! | `POST /_sim/ws/drop` | close every WebSocket connection (a network blip) |
+//!
+//! Every control request that changes something must be JSON
+//! (`Content-Type: application/json`).
 
 pub mod rest;
 pub mod state;
@@ -28,10 +34,12 @@ use std::sync::Arc;
 use axum::Router;
 use axum::routing::{any, get, post, put};
 use tokio::net::TcpListener;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 pub use state::{
-    CallRecord, DEFAULT_TOKEN_TTL, FaultSpec, IssuedToken, KeyError, SimConfig, SimKey, SimOtp, SimState, Tier,
+    CallRecord, DEFAULT_TOKEN_TTL, FaultSpec, IssuedToken, KeyError, SimConfig, SimKey, SimOtp, SimState, SystemStatus,
+    Tier,
 };
 
 /// What the handlers share.
@@ -40,12 +48,18 @@ pub(crate) struct SimShared {
     shutdown: CancellationToken,
     rest_url: String,
     ws_url: String,
+    /// System status changes, for every open WebSocket's status channel.
+    status_tx: broadcast::Sender<SystemStatus>,
+    /// "Drop every WebSocket connection now."
+    drop_tx: broadcast::Sender<()>,
 }
 
 /// The simulator's router.
 fn router(shared: Arc<SimShared>) -> Router {
     Router::new()
         .route("/0/private/{method}", any(rest::private))
+        .route("/0/public/Time", get(rest::public_time))
+        .route("/0/public/SystemStatus", get(rest::public_system_status))
         .route("/0/{*rest}", any(rest::unknown_method))
         .route("/v2", get(ws::upgrade))
         .route("/_sim/state", get(rest::get_state))
@@ -56,6 +70,8 @@ fn router(shared: Arc<SimShared>) -> Router {
         .route("/_sim/token-ttl", put(rest::put_token_ttl))
         .route("/_sim/keys", post(rest::post_key))
         .route("/_sim/reset-limits", post(rest::reset_limits))
+        .route("/_sim/system", put(rest::put_system))
+        .route("/_sim/ws/drop", post(rest::drop_websockets))
         .with_state(shared)
 }
 
@@ -117,8 +133,10 @@ pub fn start(config: SimConfig, listener: TcpListener, shutdown: CancellationTok
         shutdown: shutdown.clone(),
         rest_url: format!("http://{addr}"),
         ws_url: format!("ws://{addr}/v2"),
+        status_tx: broadcast::channel(16).0,
+        drop_tx: broadcast::channel(16).0,
     });
-    let app = router(shared);
+    let app = router(shared).into_make_service_with_connect_info::<SocketAddr>();
     let stop = shutdown.clone();
     let task = tokio::spawn(async move {
         axum::serve(listener, app)

@@ -1,10 +1,25 @@
 //! The simulator's memory and its decisions, free of HTTP.
 //!
-//! [`SimState::private_call`] decides Kraken's answer to one private REST call
-//! exactly as Kraken orders its checks: lockout, key, call counter, signature,
-//! 2FA, nonce, permission. The REST layer only carries bytes in and out.
-//! One std `Mutex` guards everything: every critical section is a few map
-//! operations and never spans an `.await`.
+//! [`SimState::answer`] decides Kraken's answer to one private REST call in
+//! this order: the system status, the caller's address locked out, the key
+//! (known, not past its expiration), the key's IP allowlist, the call
+//! counter, the signature, 2FA, the nonce (with the key's nonce window), the
+//! permission. The REST layer only carries bytes in and out. One std `Mutex`
+//! guards everything: every critical section is a few map operations and
+//! never spans an `.await`.
+//!
+//! What is Kraken's documented behaviour and what is assumed here:
+//! - Documented: the error strings, the call counter per tier, strictly
+//!   increasing nonces per key, the nonce window "in nonce units", 2FA in the
+//!   signed body, lockouts by IP address after too many failed calls
+//!   (support: "Temporary lockout error messages are IP based").
+//! - Assumed (Kraken does not say): the lockout threshold and window (10
+//!   failed calls in 15 minutes here; invalid key, signature, nonce and
+//!   permission denied all count), the answer to an expired key (`EAPI:Invalid
+//!   key`) and to an address off the key's allowlist (`EGeneral:Permission
+//!   denied`), the order of checks, that a nonce inside the window may not
+//!   repeat, and that a TOTP code is accepted once (RFC 6238 §5.2 allows a
+//!   verifier to refuse a reused one).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -59,8 +74,10 @@ pub enum SimOtp {
     TotpSecret(String),
 }
 
-/// One API key the simulator accepts. Simulator keys are test material, so
-/// this type prints them: users need to see them to configure a client.
+/// One API key the simulator accepts, with the settings of Kraken's key
+/// form. Simulator keys are test material, so this type prints them: users
+/// need to see them to configure a client (the control API never echoes a
+/// secret back, though).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SimKey {
     pub api_key: String,
@@ -71,6 +88,21 @@ pub struct SimKey {
     /// Whether the key has the "WebSocket interface" permission.
     #[serde(default = "yes")]
     pub ws_permission: bool,
+    /// Whether the key may create and cancel orders (WebSocket `add_order`).
+    #[serde(default = "yes")]
+    pub trade_permission: bool,
+    /// "Custom Nonce Window": a nonce up to this much below the highest seen
+    /// is accepted (once), counted in nonce units (Kraken: "nonce amount to
+    /// accept from highest nonce"). 0: strictly increasing.
+    #[serde(default)]
+    pub nonce_window: u64,
+    /// "Key Expiration", RFC 3339: calls after it get `EAPI:Invalid key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_until: Option<String>,
+    /// "IP Address Restriction": addresses or CIDR ranges allowed to call;
+    /// empty allows any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_allowlist: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -89,7 +121,28 @@ impl SimKey {
             api_secret: STANDARD.encode(secret),
             otp: None,
             ws_permission: true,
+            trade_permission: true,
+            nonce_window: 0,
+            valid_until: None,
+            ip_allowlist: Vec::new(),
         }
+    }
+
+    /// The key as the control API shows it: every setting, never a secret.
+    pub fn public_view(&self) -> Value {
+        json!({
+            "api_key": self.api_key,
+            "two_factor": match &self.otp {
+                None => Value::Null,
+                Some(SimOtp::Password(_)) => json!("password"),
+                Some(SimOtp::TotpSecret(_)) => json!("totp"),
+            },
+            "ws_permission": self.ws_permission,
+            "trade_permission": self.trade_permission,
+            "nonce_window": self.nonce_window,
+            "valid_until": self.valid_until,
+            "ip_allowlist": self.ip_allowlist,
+        })
     }
 }
 
@@ -121,6 +174,10 @@ pub struct FaultSpec {
     /// Never answer (the connection stays open until the client gives up).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hang: bool,
+    /// With `http_status`: send this `Retry-After` (seconds), as an edge may
+    /// on 429 and 503.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u64>,
     /// Answer this token (registered as valid) instead of a fresh one; an
     /// empty string answers an empty token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -162,14 +219,42 @@ pub struct IssuedToken {
     pub revoked: bool,
 }
 
+/// Kraken's exchange status, as `/0/public/SystemStatus` and the WebSocket
+/// status channel report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SystemStatus {
+    #[default]
+    Online,
+    /// Private REST calls answer `EService:Unavailable`.
+    Maintenance,
+    /// Orders can only be cancelled.
+    CancelOnly,
+    /// Only post-only limit orders are accepted.
+    PostOnly,
+}
+
+impl SystemStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SystemStatus::Online => "online",
+            SystemStatus::Maintenance => "maintenance",
+            SystemStatus::CancelOnly => "cancel_only",
+            SystemStatus::PostOnly => "post_only",
+        }
+    }
+}
+
 /// Start-up settings.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
     pub keys: Vec<SimKey>,
     pub token_ttl: Duration,
     pub tier: Tier,
-    /// Invalid key/signature/nonce calls in a row that lock a key out.
+    /// Failed calls (invalid key, signature, nonce, permission denied) from
+    /// one address within `lockout_duration` that lock the address out.
     pub lockout_threshold: u32,
+    /// How long a lockout lasts, and the window failures are counted over.
     pub lockout_duration: Duration,
     pub heartbeat_interval: Duration,
     pub fault: Option<FaultSpec>,
@@ -177,16 +262,18 @@ pub struct SimConfig {
 
 /// Kraken's documented token lifetime.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(900);
-/// Kraken does not publish its threshold; ten bad calls in a row is a guess
-/// on the careful side.
+/// Kraken does not publish its threshold; ten failed calls from an address
+/// in 15 minutes is a guess on the careful side (an assumption).
 pub const DEFAULT_LOCKOUT_THRESHOLD: u32 = 10;
 pub const DEFAULT_LOCKOUT_DURATION: Duration = Duration::from_secs(15 * 60);
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// Calls kept for read-back; older ones are dropped first.
 pub const MAX_CALL_RECORDS: usize = 10_000;
-/// Distinct presented keys tracked for lockouts before the table is reset,
-/// so random garbage keys cannot grow memory without bound.
-const MAX_TRACKED_PRESENTED_KEYS: usize = 10_000;
+/// Distinct caller addresses tracked for lockouts before the table is
+/// reset, so a flood cannot grow memory without bound.
+const MAX_TRACKED_ADDRESSES: usize = 10_000;
+/// Accepted nonces remembered per key inside its nonce window.
+const MAX_WINDOW_NONCES: usize = 4096;
 
 impl Default for SimConfig {
     fn default() -> Self {
@@ -202,19 +289,28 @@ impl Default for SimConfig {
     }
 }
 
-/// A simulated key, with its secrets decoded.
+/// A simulated key, with its secrets decoded and its settings parsed.
 struct KeyState {
     config: SimKey,
     secret: SecretBytes,
     otp: Option<Otp>,
+    valid_until: Option<SystemTime>,
+    allowlist: Vec<ipnet::IpNet>,
+    /// The highest nonce accepted.
     last_nonce: Option<u64>,
+    /// Nonces accepted within the window below the highest (so one is
+    /// never accepted twice).
+    window_nonces: std::collections::BTreeSet<u64>,
+    /// The last TOTP step whose code was accepted: a code is taken once.
+    last_totp_step: Option<u64>,
     counter: f64,
     counter_at: Instant,
 }
 
+/// One caller address's failed calls and lockout.
 #[derive(Default)]
 struct Strikes {
-    invalid_in_a_row: u32,
+    failures: VecDeque<Instant>,
     locked_until: Option<Instant>,
 }
 
@@ -225,7 +321,8 @@ struct ActiveFault {
 
 struct Inner {
     keys: HashMap<String, KeyState>,
-    strikes: HashMap<String, Strikes>,
+    strikes: HashMap<std::net::IpAddr, Strikes>,
+    system: SystemStatus,
     tokens: HashMap<String, IssuedToken>,
     calls: VecDeque<CallRecord>,
     next_seq: u64,
@@ -251,10 +348,16 @@ pub enum KeyError {
     BadTotp,
     #[error("the API key is empty or holds whitespace")]
     BadKey,
+    #[error("valid_until is not an RFC 3339 time like 2027-03-01T00:00:00Z")]
+    BadValidUntil,
+    #[error("ip_allowlist holds `{0}`, not an address or CIDR range")]
+    BadAllowlist(String),
 }
 
 /// What a private REST call presented.
 pub struct PrivateCall<'a> {
+    /// The caller's address (lockouts and allowlists go by it).
+    pub peer: Option<std::net::IpAddr>,
     pub http_method: &'a str,
     pub path: &'a str,
     pub api_key: Option<&'a str>,
@@ -270,8 +373,8 @@ pub enum Reply {
     Json(Value),
     /// HTTP 200 with these raw bytes (malformed or truncated).
     Raw(Vec<u8>),
-    /// This status with an HTML body.
-    Html(u16, String),
+    /// This status with an HTML body, and maybe a `Retry-After` (seconds).
+    Html(u16, String, Option<u64>),
     /// Never answer.
     Hang,
 }
@@ -325,6 +428,7 @@ impl SimState {
             inner: Mutex::new(Inner {
                 keys: HashMap::new(),
                 strikes: HashMap::new(),
+                system: SystemStatus::Online,
                 tokens: HashMap::new(),
                 calls: VecDeque::new(),
                 next_seq: 1,
@@ -365,11 +469,24 @@ impl SimState {
                 Some(Otp::totp_from_base32(&SecretString::new(s.clone())).map_err(|_| KeyError::BadTotp)?)
             }
         };
+        let valid_until = match &key.valid_until {
+            None => None,
+            Some(t) => Some(humantime::parse_rfc3339(t.trim()).map_err(|_| KeyError::BadValidUntil)?),
+        };
+        let allowlist = key
+            .ip_allowlist
+            .iter()
+            .map(|entry| parse_net(entry).ok_or_else(|| KeyError::BadAllowlist(entry.clone())))
+            .collect::<Result<Vec<_>, _>>()?;
         let state = KeyState {
             config: key.clone(),
             secret,
             otp,
+            valid_until,
+            allowlist,
             last_nonce: None,
+            window_nonces: std::collections::BTreeSet::new(),
+            last_totp_step: None,
             counter: 0.0,
             counter_at: Instant::now(),
         };
@@ -412,6 +529,27 @@ impl SimState {
         self.lock().tier
     }
 
+    pub fn system_status(&self) -> SystemStatus {
+        self.lock().system
+    }
+
+    pub fn set_system_status(&self, status: SystemStatus) {
+        self.lock().system = status;
+    }
+
+    /// The key a token was issued for, if the token is known.
+    pub fn key_of_token(&self, token: &str) -> Option<SimKey> {
+        let inner = self.lock();
+        let issued = inner.tokens.get(token)?;
+        inner.keys.get(&issued.api_key).map(|k| k.config.clone())
+    }
+
+    /// Whether `token` was issued and not revoked (its use-by aside: a token
+    /// bound to a connection goes on after it).
+    pub fn token_is_live(&self, token: &str) -> bool {
+        self.lock().tokens.get(token).is_some_and(|t| !t.revoked)
+    }
+
     pub fn calls(&self) -> Vec<CallRecord> {
         self.lock().calls.iter().cloned().collect()
     }
@@ -439,7 +577,7 @@ impl SimState {
         revoked
     }
 
-    /// Clears call counters, nonce memory and lockouts.
+    /// Clears call counters and lockouts.
     pub fn reset_limits(&self) {
         let mut inner = self.lock();
         inner.strikes.clear();
@@ -455,6 +593,15 @@ impl SimState {
             .tokens
             .get(token)
             .is_some_and(|t| !t.revoked && now < t.expires_at_unix_ms)
+    }
+
+    /// Moves a token's use-by to now (tests of what a use-by changes).
+    #[cfg(test)]
+    pub fn expire_token_now(&self, token: &str) {
+        let now = unix_millis(SystemTime::now());
+        if let Some(t) = self.lock().tokens.get_mut(token) {
+            t.expires_at_unix_ms = now;
+        }
     }
 
     /// Records a call that did not reach the private endpoint logic.
@@ -495,7 +642,7 @@ impl SimState {
                 Some((Reply::Hang, "fault:hang".to_owned()))
             } else if let Some(status) = f.http_status {
                 Some((
-                    Reply::Html(status, edge_html(status)),
+                    Reply::Html(status, edge_html(status), f.retry_after_secs),
                     format!("fault:http_status {status}"),
                 ))
             } else if let Some(error) = &f.error {
@@ -597,48 +744,78 @@ impl Inner {
         });
     }
 
-    /// Counts one invalid call against a presented key; may start a lockout.
-    fn strike(&mut self, presented: &str, now: Instant) {
-        if self.strikes.len() >= MAX_TRACKED_PRESENTED_KEYS && !self.strikes.contains_key(presented) {
+    /// Counts one failed call from `peer`; enough of them within the lockout
+    /// window lock the address out (every key called from it).
+    fn strike(&mut self, peer: std::net::IpAddr, now: Instant) {
+        if self.strikes.len() >= MAX_TRACKED_ADDRESSES && !self.strikes.contains_key(&peer) {
             self.strikes.clear();
         }
-        let threshold = self.lockout_threshold;
-        let duration = self.lockout_duration;
-        let strikes = self.strikes.entry(presented.to_owned()).or_default();
-        strikes.invalid_in_a_row += 1;
-        if strikes.invalid_in_a_row >= threshold {
-            strikes.locked_until = Some(now + duration);
-            strikes.invalid_in_a_row = 0;
+        let threshold = self.lockout_threshold as usize;
+        let window = self.lockout_duration;
+        let strikes = self.strikes.entry(peer).or_default();
+        while strikes.failures.front().is_some_and(|at| *at + window <= now) {
+            strikes.failures.pop_front();
+        }
+        strikes.failures.push_back(now);
+        if strikes.failures.len() >= threshold {
+            strikes.locked_until = Some(now + window);
+            strikes.failures.clear();
         }
     }
 
-    /// Kraken's checks in Kraken's order; on success a token is issued.
-    /// Returns the reply, the nonce presented, and the token issued.
+    /// Whether `peer` is locked out now (clearing a lockout that has passed).
+    fn locked_out(&mut self, peer: std::net::IpAddr, now: Instant) -> bool {
+        let Some(strikes) = self.strikes.get_mut(&peer) else {
+            return false;
+        };
+        match strikes.locked_until {
+            Some(until) if now < until => true,
+            Some(_) => {
+                strikes.locked_until = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Kraken's checks in this simulator's order; on success a token is
+    /// issued. Returns the reply, the nonce presented, and the token issued.
     fn check_and_issue(
         &mut self,
         call: &PrivateCall<'_>,
         fixed_token: Option<String>,
     ) -> (Reply, Option<String>, Option<String>) {
         let now = Instant::now();
+        let peer = call
+            .peer
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
         if !call.path.starts_with("/0/private/") || call.path != WS_TOKEN_PATH {
             return (kraken_error("EGeneral:Unknown method"), None, None);
         }
         if !call.http_method.eq_ignore_ascii_case("POST") {
             return (kraken_error("EGeneral:Invalid arguments"), None, None);
         }
-        let presented = call.api_key.unwrap_or("").trim();
-        if let Some(strikes) = self.strikes.get_mut(presented) {
-            match strikes.locked_until {
-                Some(until) if now < until => return (kraken_error("EGeneral:Temporary lockout"), None, None),
-                Some(_) => strikes.locked_until = None,
-                None => {}
-            }
+        if self.system == SystemStatus::Maintenance {
+            return (kraken_error("EService:Unavailable"), None, None);
         }
+        if self.locked_out(peer, now) {
+            return (kraken_error("EGeneral:Temporary lockout"), None, None);
+        }
+        let presented = call.api_key.unwrap_or("").trim();
         let tier = self.tier;
-        let Some(key) = self.keys.get_mut(presented) else {
-            self.strike(presented, now);
+        let wall = SystemTime::now();
+        let Some(key) = self
+            .keys
+            .get_mut(presented)
+            .filter(|k| k.valid_until.is_none_or(|until| wall < until))
+        else {
+            self.strike(peer, now);
             return (kraken_error("EAPI:Invalid key"), None, None);
         };
+        if !key.allowlist.is_empty() && !key.allowlist.iter().any(|net| net.contains(&peer)) {
+            self.strike(peer, now);
+            return (kraken_error("EGeneral:Permission denied"), None, None);
+        }
 
         // Every call counts, failed ones too, and calls made while limited
         // keep the counter up.
@@ -650,41 +827,43 @@ impl Inner {
         }
 
         let Some((nonce, otp)) = body_fields(call.content_type, call.body) else {
-            self.strike(presented, now);
+            self.strike(peer, now);
             return (kraken_error("EAPI:Invalid nonce"), None, None);
         };
         let signed = call
             .api_sign
             .is_some_and(|sig| verify(&key.secret, call.path, &nonce, call.body, sig));
         if !signed {
-            self.strike(presented, now);
+            self.strike(peer, now);
             return (kraken_error("EAPI:Invalid signature"), Some(nonce), None);
         }
         if let Some(expected) = &key.otp {
-            let unix = unix_secs(SystemTime::now());
-            if !otp.as_deref().is_some_and(|code| expected.accepts(code, unix)) {
-                self.strike(presented, now);
+            let unix = unix_secs(wall);
+            let accepted = otp.as_deref().and_then(|code| expected.accepted_step(code, unix));
+            // A TOTP code is taken once: a step at or before the last one
+            // accepted is a reused (or older) code.
+            let fresh = match (accepted, key.last_totp_step) {
+                (None, _) => false,
+                (Some(step), Some(last)) if expected.is_time_based() => step > last,
+                (Some(_), _) => true,
+            };
+            if !fresh {
+                self.strike(peer, now);
                 return (kraken_error("EAPI:Invalid signature"), Some(nonce), None);
             }
+            if expected.is_time_based() {
+                key.last_totp_step = accepted;
+            }
         }
-        let parsed: Option<u64> = nonce.parse().ok();
-        let fresh = match (parsed, key.last_nonce) {
-            (None, _) => false,
-            (Some(n), Some(last)) => n > last,
-            (Some(_), None) => true,
-        };
-        if !fresh {
-            self.strike(presented, now);
+        if !key.accept_nonce(nonce.parse().ok()) {
+            self.strike(peer, now);
             return (kraken_error("EAPI:Invalid nonce"), Some(nonce), None);
         }
-        key.last_nonce = parsed;
         if !key.config.ws_permission {
+            self.strike(peer, now);
             return (kraken_error("EGeneral:Permission denied"), Some(nonce), None);
         }
         let api_key = key.config.api_key.clone();
-        if let Some(strikes) = self.strikes.get_mut(presented) {
-            strikes.invalid_in_a_row = 0;
-        }
 
         let token = fixed_token.unwrap_or_else(|| {
             let bytes: [u8; 32] = rand::rng().random();
@@ -710,6 +889,43 @@ impl Inner {
         }));
         (reply, Some(nonce), Some(token))
     }
+}
+
+impl KeyState {
+    /// Whether `nonce` is acceptable under the key's nonce window, and if so
+    /// remembers it: above the highest seen, or within the window below it
+    /// and not seen before.
+    fn accept_nonce(&mut self, nonce: Option<u64>) -> bool {
+        let Some(n) = nonce else { return false };
+        let window = self.config.nonce_window;
+        let fresh = match self.last_nonce {
+            None => true,
+            Some(last) if n > last => true,
+            Some(last) => window > 0 && n >= last.saturating_sub(window) && !self.window_nonces.contains(&n),
+        };
+        if !fresh {
+            return false;
+        }
+        let highest = self.last_nonce.map_or(n, |last| last.max(n));
+        self.last_nonce = Some(highest);
+        if window > 0 {
+            self.window_nonces.insert(n);
+            let floor = highest.saturating_sub(window);
+            self.window_nonces = self.window_nonces.split_off(&floor);
+            while self.window_nonces.len() > MAX_WINDOW_NONCES {
+                self.window_nonces.pop_first();
+            }
+        }
+        true
+    }
+}
+
+/// An address (`10.0.0.7`) or a CIDR range (`10.0.0.0/24`).
+pub fn parse_net(text: &str) -> Option<ipnet::IpNet> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
 }
 
 #[cfg(test)]
@@ -745,9 +961,34 @@ mod tests {
     }
 
     fn signed_call(state: &SimState, key: &SimKey, nonce: &str, body: &str, content_type: &str) -> Decision {
+        signed_call_from(state, key, nonce, body, content_type, None)
+    }
+
+    fn call_from(state: &SimState, key: &SimKey, nonce: u64, peer: &str) -> Decision {
+        let body = format!("nonce={nonce}");
+        let peer = Some(peer.parse().unwrap());
+        signed_call_from(
+            state,
+            key,
+            &nonce.to_string(),
+            &body,
+            "application/x-www-form-urlencoded",
+            peer,
+        )
+    }
+
+    fn signed_call_from(
+        state: &SimState,
+        key: &SimKey,
+        nonce: &str,
+        body: &str,
+        content_type: &str,
+        peer: Option<std::net::IpAddr>,
+    ) -> Decision {
         let secret = decode_secret(&key.api_secret).unwrap();
         let sig = sign(&secret, WS_TOKEN_PATH, nonce, body.as_bytes());
         state.private_call(&PrivateCall {
+            peer,
             http_method: "POST",
             path: WS_TOKEN_PATH,
             api_key: Some(&key.api_key),
@@ -821,6 +1062,7 @@ mod tests {
         let k = key();
         let s = state(vec![k.clone()]);
         let base = PrivateCall {
+            peer: None,
             http_method: "GET",
             path: WS_TOKEN_PATH,
             api_key: Some(&k.api_key),
@@ -986,7 +1228,7 @@ mod tests {
         });
         let d = call(&s, &k, 1, None);
         assert_eq!(d.delay, Duration::from_millis(5));
-        assert!(matches!(&d.reply, Reply::Html(502, html) if html.contains("502 Bad Gateway")));
+        assert!(matches!(&d.reply, Reply::Html(502, html, None) if html.contains("502 Bad Gateway")));
 
         s.set_fault(FaultSpec {
             hang: true,
@@ -1062,5 +1304,145 @@ mod tests {
         let mut k = key();
         k.otp = Some(SimOtp::TotpSecret("!!".into()));
         assert!(matches!(s.add_key(k), Err(KeyError::BadTotp)));
+    }
+
+    #[test]
+    fn lockouts_are_per_address_and_stop_every_key_called_from_it() {
+        let (bad, good) = (key(), key());
+        let s = SimState::new(SimConfig {
+            keys: vec![good.clone()],
+            lockout_threshold: 3,
+            ..SimConfig::default()
+        })
+        .unwrap();
+        // A key the simulator does not know, three times from 10.0.0.1.
+        for n in 1..=3 {
+            assert_eq!(
+                error_of(&call_from(&s, &bad, n, "10.0.0.1")).as_deref(),
+                Some("EAPI:Invalid key")
+            );
+        }
+        assert_eq!(
+            error_of(&call_from(&s, &good, 10, "10.0.0.1")).as_deref(),
+            Some("EGeneral:Temporary lockout"),
+            "the good key is locked out too, from that address"
+        );
+        assert_eq!(
+            error_of(&call_from(&s, &good, 11, "10.0.0.2")),
+            None,
+            "another address is not"
+        );
+        // Successes do not wipe the count: failures within the window add up.
+        let s = SimState::new(SimConfig {
+            keys: vec![good.clone()],
+            lockout_threshold: 3,
+            ..SimConfig::default()
+        })
+        .unwrap();
+        for n in 1..=2 {
+            call_from(&s, &bad, n, "10.0.0.1");
+            assert_eq!(error_of(&call_from(&s, &good, 100 + n, "10.0.0.1")), None);
+        }
+        call_from(&s, &bad, 3, "10.0.0.1");
+        assert_eq!(
+            error_of(&call_from(&s, &good, 200, "10.0.0.1")).as_deref(),
+            Some("EGeneral:Temporary lockout")
+        );
+    }
+
+    #[test]
+    fn a_nonce_window_accepts_a_late_nonce_once_in_nonce_units() {
+        let mut k = key();
+        k.nonce_window = 10_000;
+        let s = state(vec![k.clone()]);
+        assert_eq!(error_of(&call(&s, &k, 1_000_000, None)), None);
+        assert_eq!(
+            error_of(&call(&s, &k, 995_000, None)),
+            None,
+            "5000 below: inside the window"
+        );
+        assert_eq!(
+            error_of(&call(&s, &k, 995_000, None)).as_deref(),
+            Some("EAPI:Invalid nonce"),
+            "but only once"
+        );
+        assert_eq!(
+            error_of(&call(&s, &k, 989_999, None)).as_deref(),
+            Some("EAPI:Invalid nonce"),
+            "10001 below: outside"
+        );
+        let strict = key();
+        let s = state(vec![strict.clone()]);
+        assert_eq!(error_of(&call(&s, &strict, 1_000_000, None)), None);
+        assert_eq!(
+            error_of(&call(&s, &strict, 999_999, None)).as_deref(),
+            Some("EAPI:Invalid nonce")
+        );
+    }
+
+    #[test]
+    fn an_expired_key_is_an_invalid_key_and_an_address_off_the_allowlist_is_denied() {
+        let mut old = key();
+        old.valid_until = Some("2020-01-01T00:00:00Z".into());
+        let mut fenced = key();
+        fenced.ip_allowlist = vec!["10.1.0.0/16".into(), "192.168.7.7".into()];
+        let s = state(vec![old.clone(), fenced.clone()]);
+        assert_eq!(error_of(&call(&s, &old, 1, None)).as_deref(), Some("EAPI:Invalid key"));
+        assert_eq!(error_of(&call_from(&s, &fenced, 1, "10.1.2.3")), None);
+        assert_eq!(error_of(&call_from(&s, &fenced, 2, "192.168.7.7")), None);
+        assert_eq!(
+            error_of(&call_from(&s, &fenced, 3, "10.2.0.1")).as_deref(),
+            Some("EGeneral:Permission denied")
+        );
+        let mut bad = key();
+        bad.ip_allowlist = vec!["not-an-ip".into()];
+        assert!(matches!(s.add_key(bad), Err(KeyError::BadAllowlist(_))));
+        let mut bad = key();
+        bad.valid_until = Some("tomorrow".into());
+        assert!(matches!(s.add_key(bad), Err(KeyError::BadValidUntil)));
+    }
+
+    #[test]
+    fn a_totp_code_is_accepted_once() {
+        let mut t = key();
+        t.otp = Some(SimOtp::TotpSecret("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ".into()));
+        let s = state(vec![t.clone()]);
+        let seed = Otp::totp_from_base32(&SecretString::new("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ")).unwrap();
+        let now = unix_secs(SystemTime::now());
+        let code = seed.code_at(now);
+        assert_eq!(error_of(&call(&s, &t, 1, Some(code.expose()))), None);
+        assert_eq!(
+            error_of(&call(&s, &t, 2, Some(code.expose()))).as_deref(),
+            Some("EAPI:Invalid signature"),
+            "the same code again is refused"
+        );
+        let next = seed.code_at(now + 30);
+        assert_eq!(
+            error_of(&call(&s, &t, 3, Some(next.expose()))),
+            None,
+            "the next one is taken"
+        );
+    }
+
+    #[test]
+    fn maintenance_answers_service_unavailable() {
+        let k = key();
+        let s = state(vec![k.clone()]);
+        s.set_system_status(SystemStatus::Maintenance);
+        assert_eq!(
+            error_of(&call(&s, &k, 1, None)).as_deref(),
+            Some("EService:Unavailable")
+        );
+        s.set_system_status(SystemStatus::CancelOnly);
+        assert_eq!(error_of(&call(&s, &k, 2, None)), None, "tokens are still issued");
+    }
+
+    #[test]
+    fn the_public_view_of_a_key_holds_no_secret() {
+        let mut k = key();
+        k.otp = Some(SimOtp::Password("pw-123".into()));
+        let view = k.public_view().to_string();
+        assert!(!view.contains(&k.api_secret) && !view.contains("pw-123"), "{view}");
+        assert!(view.contains(&k.api_key));
     }
 }
