@@ -164,7 +164,7 @@ def check_workload(docs: list[dict], values: dict) -> None:
     check(sc["capabilities"]["drop"] == ["ALL"], "all capabilities dropped")
     check(sc["runAsNonRoot"] is True, "container runs as non-root")
     check(sc["seccompProfile"]["type"] == "RuntimeDefault", "container seccomp RuntimeDefault")
-    check(c["startupProbe"]["httpGet"]["path"] == "/readyz", "startupProbe on /readyz")
+    check(c["startupProbe"]["httpGet"]["path"] == "/healthz", "startupProbe on /healthz (no restart loop on a rejected key)")
     check(c["readinessProbe"]["httpGet"]["path"] == "/readyz", "readinessProbe on /readyz")
     check(c["livenessProbe"]["httpGet"]["path"] == "/healthz", "livenessProbe on /healthz")
     for probe in ["startupProbe", "readinessProbe", "livenessProbe"]:
