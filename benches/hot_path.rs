@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use axum::body::Body;
 use axum::http::{Request, header};
 use criterion::{Criterion, criterion_group, criterion_main};
+use kraken_token_broker::config::{DEFAULT_RATE_LIMIT, Identity, RateLimit};
 use kraken_token_broker::http::auth::find_consumer;
 use kraken_token_broker::http::throttle::AuthThrottle;
 use kraken_token_broker::http::{AppState, Consumer, Grant, ServeTable, router};
@@ -30,14 +31,20 @@ fn sha(credential: &str) -> [u8; 32] {
     Sha256::digest(credential.as_bytes()).into()
 }
 
-fn consumers(n: usize) -> Vec<Arc<Consumer>> {
+fn credential(c: &str) -> Identity {
+    Identity::Credential { sha256: sha(c) }
+}
+
+fn consumers(n: usize, metrics: &Metrics) -> Vec<Arc<Consumer>> {
     (0..n)
         .map(|i| {
-            Arc::new(Consumer {
-                name: format!("engine-{i}"),
-                credential_sha256: sha(&format!("ktb_credential-{i}")),
-                grants: Vec::new(),
-            })
+            Arc::new(Consumer::new(
+                &format!("engine-{i}"),
+                credential(&format!("ktb_credential-{i}")),
+                Vec::new(),
+                DEFAULT_RATE_LIMIT,
+                metrics,
+            ))
         })
         .collect()
 }
@@ -59,9 +66,8 @@ fn signing(c: &mut Criterion) {
 
 fn authentication(c: &mut Criterion) {
     let table = ServeTable {
-        consumers: consumers(10),
-        accounts: BTreeMap::new(),
-        ws_url: String::new(),
+        consumers: consumers(10, &Metrics::new()),
+        ..ServeTable::empty("")
     };
     c.bench_function("authenticate: SHA-256 + constant-time compare, 10 consumers", |b| {
         b.iter(|| {
@@ -92,21 +98,29 @@ fn cached_token(c: &mut Criterion) {
             CancellationToken::new(),
         );
         handle.want(Duration::from_secs(60)).await.unwrap();
-        let mut all = consumers(9);
-        all.push(Arc::new(Consumer {
-            name: "bench".into(),
-            credential_sha256: sha("ktb_bench"),
-            grants: vec![Grant {
-                account: "main".into(),
-                handle: handle.clone(),
-                served: metrics.served("main", "bench"),
-            }],
-        }));
+        let mut all = consumers(9, &metrics);
+        let grant = Grant {
+            account: "main".into(),
+            handle: handle.clone(),
+            served: metrics.served("main", "bench"),
+        };
+        // A rate limit that never binds: the bench measures the path, not the limit.
+        let unlimited = RateLimit {
+            per_second: 1e9,
+            burst: 1e9,
+        };
+        all.push(Arc::new(Consumer::new(
+            "bench",
+            credential("ktb_bench"),
+            vec![grant],
+            unlimited,
+            &metrics,
+        )));
         let state = AppState {
             table: Arc::new(ArcSwap::from_pointee(ServeTable {
                 consumers: all,
                 accounts: BTreeMap::from([("main".to_owned(), handle)]),
-                ws_url: "wss://ws-auth.kraken.com/v2".into(),
+                ..ServeTable::empty("wss://ws-auth.kraken.com/v2")
             })),
             metrics,
             throttle: Arc::new(AuthThrottle::new()),

@@ -14,6 +14,8 @@
 //! config older than itself.
 
 use std::collections::{BTreeMap, HashMap};
+
+use serde_json::json;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,9 +28,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::audit::Auditor;
 use crate::clock::WallClock;
 use crate::config::{AccountConfig, Config, ConfigError};
-use crate::http::server::{ServerLimits, serve};
+use crate::http::kubernetes::TokenReviewer;
+use crate::http::server::{Listener, ServerLimits, serve};
 use crate::http::throttle::AuthThrottle;
 use crate::http::{self, AppState, Consumer, Grant, ServeTable};
 use crate::kraken::{KeyLane, KrakenClient};
@@ -54,6 +58,8 @@ pub enum Error {
     ServerEnded { which: &'static str, end: ServerEnd },
     #[error("a listener has no local address: {0}")]
     Listener(#[source] std::io::Error),
+    #[error("{0}")]
+    Kubernetes(String),
 }
 
 /// How a refresher ended without being asked to.
@@ -148,6 +154,10 @@ pub struct Broker {
     /// In front of Kraken for every account: the rejected-call budget and
     /// the address-wide lockout.
     gate: Arc<KrakenGate>,
+    /// With `[listen.tls]`: what new handshakes use, swapped on reload.
+    tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+    reviewer: Option<Arc<TokenReviewer>>,
+    auditor: Option<Arc<Auditor>>,
     table: Arc<ArcSwap<ServeTable>>,
     throttle: Arc<AuthThrottle>,
     accounts: BTreeMap<String, RunningAccount>,
@@ -183,13 +193,16 @@ impl Broker {
     /// Starts a refresher per account.
     pub fn start(config: Config, options: Options) -> Result<Self, Error> {
         let (deaths_tx, deaths_rx) = mpsc::unbounded_channel();
-        let empty = ServeTable {
-            consumers: Vec::new(),
-            accounts: BTreeMap::new(),
-            ws_url: config.kraken.ws_url.clone(),
-        };
+        let empty = ServeTable::empty(&config.kraken.ws_url);
         let mut broker = Self {
             gate: Arc::new(KrakenGate::new(config.kraken.max_rejected_calls)),
+            tls: config
+                .listen
+                .tls
+                .as_ref()
+                .map(|t| Arc::new(ArcSwap::new(Arc::clone(&t.server)))),
+            reviewer: None,
+            auditor: None,
             options,
             table: Arc::new(ArcSwap::from_pointee(empty)),
             throttle: Arc::new(AuthThrottle::new()),
@@ -241,6 +254,7 @@ impl Broker {
     fn apply(&mut self, config: Config) -> Result<(ReloadSummary, Vec<Applied>), Error> {
         let client = KrakenClient::new(&config.kraken.rest_url, config.kraken.timeout).map_err(Error::KrakenClient)?;
         self.gate.set_max_rejected_calls(config.kraken.max_rejected_calls);
+        self.apply_identity_and_audit(&config)?;
         let mut summary = ReloadSummary::default();
         let mut applied = Vec::new();
         let wanted: Vec<&str> = config.accounts.iter().map(|a| a.name.as_str()).collect();
@@ -309,6 +323,15 @@ impl Broker {
         let old = self.table.load();
         let mut consumers = Vec::new();
         for c in &config.consumers {
+            // A consumer's limiter survives a reload that leaves its limit be.
+            let limiter = old
+                .consumers
+                .iter()
+                .find(|o| o.name == c.name && o.limiter.limit() == c.rate_limit)
+                .map_or_else(
+                    || Arc::new(crate::http::limits::RateLimiter::new(c.rate_limit)),
+                    |o| Arc::clone(&o.limiter),
+                );
             let grants = c
                 .accounts
                 .iter()
@@ -323,9 +346,18 @@ impl Broker {
                 .collect();
             consumers.push(Arc::new(Consumer {
                 name: c.name.clone(),
-                credential_sha256: c.credential_sha256,
+                identity: c.identity.clone(),
                 grants,
+                limiter,
+                rate_limited: metrics.rate_limited(&c.name),
             }));
+        }
+        for gone in old
+            .consumers
+            .iter()
+            .filter(|o| !config.consumers.iter().any(|c| c.name == o.name))
+        {
+            metrics.remove_rate_limited(&gone.name);
         }
         // Series of grants that no longer exist go away.
         for old_consumer in &old.consumers {
@@ -348,7 +380,45 @@ impl Broker {
             consumers,
             accounts,
             ws_url: config.kraken.ws_url.clone(),
+            reviewer: self.reviewer.clone(),
+            audit: self.auditor.clone(),
         }));
+    }
+
+    /// The TokenReview client and the auditor for `config`: kept while their
+    /// settings are the same (so caches and the audit writer go on), rebuilt
+    /// when they change.
+    fn apply_identity_and_audit(&mut self, config: &Config) -> Result<(), Error> {
+        self.reviewer = match &config.kubernetes {
+            None => None,
+            Some(k) if self.reviewer.as_ref().is_some_and(|r| r.config() == k) => self.reviewer.clone(),
+            Some(k) => Some(Arc::new(
+                TokenReviewer::new(k.clone(), self.options.metrics.clone()).map_err(Error::Kubernetes)?,
+            )),
+        };
+        self.auditor = match &config.audit {
+            None => None,
+            Some(a) if self.auditor.as_ref().is_some_and(|x| x.serves(a)) => self.auditor.clone(),
+            Some(a) => Some(Auditor::start(a, self.options.metrics.clone())),
+        };
+        if let (Some(tls), Some(new)) = (&self.tls, &config.listen.tls)
+            && self
+                .config
+                .listen
+                .tls
+                .as_ref()
+                .is_none_or(|old| old.digest != new.digest)
+        {
+            // New handshakes use the new files; open connections go on.
+            tls.store(Arc::clone(&new.server));
+            info!("TLS certificate, key or client CA reloaded: new handshakes use them");
+        }
+        Ok(())
+    }
+
+    /// The consumer API's TLS configuration, swapped on reload, if TLS is on.
+    pub fn tls(&self) -> Option<Arc<ArcSwap<rustls::ServerConfig>>> {
+        self.tls.clone()
     }
 
     /// Applies a reloaded configuration; the [`Applied`]s resolve once every
@@ -362,6 +432,19 @@ impl Broker {
             );
         }
         self.apply(config)
+    }
+
+    /// Writes a `config.reloaded` audit line, when auditing is on.
+    fn audit_reload(&self, result: &str, summary: Option<&ReloadSummary>) {
+        if let Some(audit) = &self.auditor {
+            let mut fields = json!({ "result": result });
+            if let Some(s) = summary {
+                fields["added"] = json!(s.added);
+                fields["changed"] = json!(s.changed);
+                fields["removed"] = json!(s.removed);
+            }
+            audit.record("config.reloaded", fields);
+        }
     }
 
     /// Resolves when a refresher ended without being asked to.
@@ -464,6 +547,7 @@ fn finish_reload(
         Ok(Ok(config)) => config,
         Ok(Err(problems)) => {
             broker.options.metrics.reload(false);
+            broker.audit_reload("refused", None);
             error!(error = %problems, "config reload refused; the running config stays in force");
             let problems = Arc::new(problems);
             for reply in replies {
@@ -483,6 +567,7 @@ fn finish_reload(
     match broker.reload(config) {
         Ok((summary, applied)) => {
             broker.options.metrics.reload(true);
+            broker.audit_reload("applied", Some(&summary));
             tokio::spawn(async move {
                 for change in applied {
                     change.wait().await;
@@ -530,16 +615,26 @@ pub async fn run(
     let api_addr = listeners.api.local_addr().map_err(Error::Listener)?;
     let admin_addr = listeners.admin.local_addr().map_err(Error::Listener)?;
     let mut api = tokio::spawn(serve(
-        listeners.api,
+        Listener {
+            name: "api",
+            socket: listeners.api,
+            tls: broker.tls(),
+        },
         http::router(state.clone()),
         stop_serving.clone(),
         limits,
+        state.metrics.clone(),
     ));
     let mut admin = tokio::spawn(serve(
-        listeners.admin,
-        http::admin_router(state),
+        Listener {
+            name: "admin",
+            socket: listeners.admin,
+            tls: None,
+        },
+        http::admin_router(state.clone()),
         stop_serving.clone(),
-        limits,
+        limits.for_admin(),
+        state.metrics.clone(),
     ));
     info!(api = %api_addr, admin = %admin_addr, accounts = broker.accounts.len(), "broker serving");
 

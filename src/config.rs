@@ -61,10 +61,62 @@ impl fmt::Display for SecretSource {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ListenConfig {
     pub api: SocketAddr,
     pub admin: SocketAddr,
+    /// With `[listen.tls]`: the consumer API answers only TLS.
+    pub tls: Option<TlsConfig>,
+}
+
+impl PartialEq for ListenConfig {
+    /// The addresses, and whether TLS is on: what needs a restart to change.
+    fn eq(&self, other: &Self) -> bool {
+        self.api == other.api && self.admin == other.admin && self.tls.is_some() == other.tls.is_some()
+    }
+}
+
+/// The consumer API's TLS: a server configuration built (and so checked) at
+/// load, from the certificate chain, its key and, for mTLS, a client CA.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub server: std::sync::Arc<rustls::ServerConfig>,
+    /// Client certificates are verified against `client_ca` (mTLS).
+    pub mtls: bool,
+    /// Where the material came from, for summaries.
+    pub sources: Vec<(&'static str, SecretSource)>,
+    /// SHA-256 of every file's bytes: a reload tells whether it changed.
+    pub digest: [u8; 32],
+}
+
+/// Consumers authenticating with projected ServiceAccount tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesConfig {
+    /// Checked in every review: `status.audiences` must hold it.
+    pub audience: String,
+    /// The API server's root, e.g. `https://kubernetes.default.svc`.
+    pub api_url: String,
+    /// The cluster CA (PEM) the API server's certificate is checked against.
+    pub ca_pem: Vec<u8>,
+    /// The broker's own projected token, re-read as the kubelet rotates it.
+    pub token_file: PathBuf,
+    /// How long a successful review is trusted (never past the token's exp).
+    pub cache_ttl: Duration,
+}
+
+/// Where audit lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditSink {
+    Stdout,
+    File(PathBuf),
+}
+
+/// The audit trail: one JSON line per decision, tokens named by a keyed
+/// fingerprint (HMAC-SHA256 under `key`).
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub sink: AuditSink,
+    pub key: crate::secret::SecretBytes,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,12 +142,51 @@ pub struct AccountConfig {
     pub key_expires_at: Option<SystemTime>,
 }
 
-/// One consumer: who it is, the SHA-256 of its credential, what it may fetch.
+/// How a consumer proves who it is: exactly one per consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// A bearer credential; only its SHA-256 is stored.
+    Credential { sha256: [u8; 32] },
+    /// A projected ServiceAccount token, checked with a TokenReview.
+    ServiceAccount { namespace: String, service_account: String },
+    /// A client certificate verified against `listen.tls.client_ca`, with
+    /// this DNS or URI SAN (a SPIFFE ID, say).
+    ClientCert { san: String },
+}
+
+impl Identity {
+    /// The kind, as logs and audit lines name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Identity::Credential { .. } => "credential",
+            Identity::ServiceAccount { .. } => "service_account",
+            Identity::ClientCert { .. } => "client_cert",
+        }
+    }
+}
+
+/// A consumer's request-rate limit: a token bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: f64,
+}
+
+/// Engines fetch on start and on reconnect, so a consumer (which may be a
+/// fleet of pods sharing one ServiceAccount) stays far below this; a loop at
+/// full speed is held to it, and cannot crowd out the others.
+pub const DEFAULT_RATE_LIMIT: RateLimit = RateLimit {
+    per_second: 50.0,
+    burst: 200.0,
+};
+
+/// One consumer: who it is, how it proves it, what it may fetch, how fast.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ConsumerConfig {
     pub name: String,
-    pub credential_sha256: [u8; 32],
+    pub identity: Identity,
     pub accounts: Vec<String>,
+    pub rate_limit: RateLimit,
 }
 
 /// A whole, valid configuration.
@@ -106,6 +197,8 @@ pub struct Config {
     pub refresh: RefreshPolicy,
     pub accounts: Vec<AccountConfig>,
     pub consumers: Vec<ConsumerConfig>,
+    pub kubernetes: Option<KubernetesConfig>,
+    pub audit: Option<AuditConfig>,
     /// What is allowed but unwise (a secret file anyone may read).
     pub warnings: Vec<Problem>,
 }
@@ -224,6 +317,52 @@ type Text = Spanned<String>;
 struct ListenSection {
     api: Option<Text>,
     admin: Option<Text>,
+    tls: Option<Spanned<TlsSection>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    cert: Option<Spanned<SecretRef>>,
+    key: Option<Spanned<SecretRef>>,
+    client_ca: Option<Spanned<SecretRef>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KubernetesSection {
+    audience: Option<Text>,
+    api_url: Option<Text>,
+    ca: Option<Spanned<SecretRef>>,
+    token: Option<Spanned<SecretRef>>,
+    cache_ttl: Option<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditSection {
+    to: Option<Text>,
+    fingerprint_key: Option<Spanned<SecretRef>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceAccountSection {
+    namespace: Option<Text>,
+    service_account: Option<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientCertSection {
+    san: Option<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateLimitSection {
+    per_second: Option<Spanned<f64>>,
+    burst: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -262,7 +401,10 @@ struct AccountSection {
 struct ConsumerSection {
     name: Option<Text>,
     credential_sha256: Option<Text>,
+    kubernetes: Option<Spanned<ServiceAccountSection>>,
+    client_cert: Option<Spanned<ClientCertSection>>,
     accounts: Option<Spanned<Vec<Text>>>,
+    rate_limit: Option<Spanned<RateLimitSection>>,
 }
 
 /// Where a secret is, as written: `{ file = "..." }` or `{ env = "..." }`.
@@ -325,6 +467,8 @@ struct Sections {
     listen: ListenSection,
     kraken: KrakenSection,
     refresh: RefreshSection,
+    kubernetes: Option<(usize, KubernetesSection)>,
+    audit: Option<(usize, AuditSection)>,
     accounts: Vec<Entry<AccountSection>>,
     consumers: Vec<Entry<ConsumerSection>>,
     has_accounts_key: bool,
@@ -465,6 +609,8 @@ fn read_sections(f: &mut Findings<'_>, root: &DeTable<'_>) -> Sections {
             "listen" => sections.listen = f.section(value, "listen"),
             "kraken" => sections.kraken = f.section(value, "kraken"),
             "refresh" => sections.refresh = f.section(value, "refresh"),
+            "kubernetes" => sections.kubernetes = Some((value.span().start, f.section(value, "kubernetes"))),
+            "audit" => sections.audit = Some((value.span().start, f.section(value, "audit"))),
             "account" => {
                 sections.has_accounts_key = true;
                 sections.accounts = entries(f, value, "account");
@@ -476,7 +622,7 @@ fn read_sections(f: &mut Findings<'_>, root: &DeTable<'_>) -> Sections {
             other => f.problem(
                 Some(key.span().start),
                 other,
-                "unknown key (expected one of: listen, kraken, refresh, account, consumer)",
+                "unknown key (expected one of: listen, kraken, refresh, kubernetes, audit, account, consumer)",
             ),
         }
     }
@@ -553,16 +699,203 @@ fn offset(value: &Option<Text>) -> Option<usize> {
     value.as_ref().and_then(at)
 }
 
-fn validate_listen(f: &mut Findings<'_>, s: &ListenSection) -> ListenConfig {
+fn validate_listen<R: SecretReader>(f: &mut Findings<'_>, s: &ListenSection, reader: &R) -> ListenConfig {
     let listen = ListenConfig {
         api: socket_addr(f, &s.api, "listen.api", DEFAULT_API_LISTEN),
         admin: socket_addr(f, &s.admin, "listen.admin", DEFAULT_ADMIN_LISTEN),
+        tls: s.tls.as_ref().and_then(|tls| validate_tls(f, tls, reader)),
     };
     if listen.api == listen.admin && listen.api.port() != 0 {
         let place = offset(&s.admin).or(offset(&s.api));
         f.problem(place, "listen", "api and admin must listen on different addresses");
     }
     listen
+}
+
+/// `[listen.tls]`: the files are read and the server configuration built
+/// now, so a broken certificate or a key that does not fit is a problem
+/// with its line, and a reload with one is refused.
+fn validate_tls<R: SecretReader>(f: &mut Findings<'_>, tls: &Spanned<TlsSection>, reader: &R) -> Option<TlsConfig> {
+    use sha2::{Digest, Sha256};
+    let t = tls.get_ref();
+    let mut sources = Vec::new();
+    let mut digest = Sha256::new();
+    let mut read = |f: &mut Findings<'_>, key: &'static str, value: &Option<Spanned<SecretRef>>, required: bool| {
+        let path = format!("listen.tls.{key}");
+        let Some(value) = value else {
+            if required {
+                f.missing(tls.span().start, path);
+            }
+            return None;
+        };
+        let (text, source) = secret(f, reader, value, &path)?;
+        digest.update((text.expose().len() as u64).to_le_bytes());
+        digest.update(text.expose().as_bytes());
+        sources.push((key, source));
+        Some((text, at(value)))
+    };
+    let cert = read(f, "cert", &t.cert, true);
+    let key = read(f, "key", &t.key, true);
+    let client_ca = read(f, "client_ca", &t.client_ca, false);
+    let ((cert, cert_at), (key, _)) = (cert?, key?);
+    let ca_text = client_ca.as_ref().map(|(ca, _)| ca.expose());
+    match crate::tls::server_config(cert.expose(), key.expose(), ca_text) {
+        Ok(server) => Some(TlsConfig {
+            server: std::sync::Arc::new(server),
+            mtls: client_ca.is_some(),
+            sources,
+            digest: digest.finalize().into(),
+        }),
+        Err(e) => {
+            f.problem(cert_at, "listen.tls", e);
+            None
+        }
+    }
+}
+
+/// The default places of a pod's own ServiceAccount token and cluster CA.
+const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// How long a successful TokenReview is reused by default.
+pub const DEFAULT_REVIEW_CACHE_TTL: Duration = Duration::from_secs(30);
+/// The longest accepted: a revoked ServiceAccount must stop working soon.
+const MAX_REVIEW_CACHE_TTL: Duration = Duration::from_secs(600);
+
+fn validate_kubernetes<R: SecretReader>(
+    f: &mut Findings<'_>,
+    section: Option<&(usize, KubernetesSection)>,
+    reader: &R,
+) -> Option<KubernetesConfig> {
+    let (table_at, k) = section?;
+    let audience = match &k.audience {
+        Some(a) if !a.get_ref().trim().is_empty() => a.get_ref().trim().to_owned(),
+        Some(a) => {
+            f.problem(at(a), "kubernetes.audience", "must not be empty");
+            return None;
+        }
+        None => {
+            f.missing(*table_at, "kubernetes.audience".into());
+            return None;
+        }
+    };
+    let api_url = match &k.api_url {
+        Some(text) => url_of(f, text, "kubernetes.api_url", &["https"]),
+        None => match (
+            reader.env("KUBERNETES_SERVICE_HOST"),
+            reader.env("KUBERNETES_SERVICE_PORT"),
+        ) {
+            (Some(host), port) => {
+                let host = if host.contains(':') { format!("[{host}]") } else { host };
+                Some(format!("https://{host}:{}", port.unwrap_or_else(|| "443".into())))
+            }
+            (None, _) => {
+                f.problem(
+                    Some(*table_at),
+                    "kubernetes.api_url",
+                    "not set, and KUBERNETES_SERVICE_HOST is not set either (outside a pod, give the API server's URL)",
+                );
+                None
+            }
+        },
+    };
+    let file_of = |value: &Option<Spanned<SecretRef>>, name: &str| -> Result<Option<PathBuf>, ()> {
+        match value.as_ref().map(|v| v.get_ref()) {
+            None => Ok(Some(Path::new(SERVICE_ACCOUNT_DIR).join(name))),
+            Some(SecretRef::Place(SecretPlace {
+                file: Some(path),
+                env: None,
+            })) => Ok(expand_env(path.get_ref(), reader).ok().map(PathBuf::from)),
+            _ => Err(()),
+        }
+    };
+    let read_file = |f: &mut Findings<'_>, key: &str, value: &Option<Spanned<SecretRef>>, name: &str| {
+        let place = value.as_ref().and_then(at).or(Some(*table_at));
+        match file_of(value, name) {
+            Ok(Some(path)) => match reader.file(&path) {
+                Ok(read) => Some((path, read.text)),
+                Err(e) => {
+                    let msg = format!("cannot read {}: {e}", path.display());
+                    f.problem(place, format!("kubernetes.{key}"), msg);
+                    None
+                }
+            },
+            _ => {
+                let msg = "give { file = \"/path\" }: the file is re-read as the kubelet rotates it";
+                f.problem(place, format!("kubernetes.{key}"), msg);
+                None
+            }
+        }
+    };
+    let ca = read_file(f, "ca", &k.ca, "ca.crt");
+    if let Some((path, pem)) = &ca
+        && let Err(e) = crate::tls::certificates(pem, "ca")
+    {
+        f.problem(
+            k.ca.as_ref().and_then(at).or(Some(*table_at)),
+            "kubernetes.ca",
+            format!("{}: {e}", path.display()),
+        );
+    }
+    let token = read_file(f, "token", &k.token, "token");
+    let cache_ttl = duration(f, &k.cache_ttl, "kubernetes.cache_ttl", DEFAULT_REVIEW_CACHE_TTL);
+    if cache_ttl > MAX_REVIEW_CACHE_TTL {
+        let msg = format!("must be at most {}s", MAX_REVIEW_CACHE_TTL.as_secs());
+        f.problem(offset(&k.cache_ttl), "kubernetes.cache_ttl", msg);
+    }
+    Some(KubernetesConfig {
+        audience,
+        api_url: api_url?,
+        ca_pem: ca?.1.into_bytes(),
+        token_file: token?.0,
+        cache_ttl,
+    })
+}
+
+fn validate_audit<R: SecretReader>(
+    f: &mut Findings<'_>,
+    section: Option<&(usize, AuditSection)>,
+    reader: &R,
+) -> Option<AuditConfig> {
+    let (table_at, a) = section?;
+    let sink = match &a.to {
+        None => AuditSink::Stdout,
+        Some(to) if to.get_ref() == "stdout" => AuditSink::Stdout,
+        Some(to) if to.get_ref().starts_with('/') => AuditSink::File(PathBuf::from(to.get_ref())),
+        Some(to) => {
+            f.problem(at(to), "audit.to", "\"stdout\", or an absolute file path to append to");
+            AuditSink::Stdout
+        }
+    };
+    let Some(key) = &a.fingerprint_key else {
+        f.missing(*table_at, "audit.fingerprint_key".into());
+        return None;
+    };
+    let (key_text, _) = secret(f, reader, key, "audit.fingerprint_key")?;
+    if key_text.expose().len() < MIN_AUDIT_KEY_BYTES {
+        let msg = format!("must be at least {MIN_AUDIT_KEY_BYTES} bytes (e.g. `openssl rand -hex 32`)");
+        f.problem(at(key), "audit.fingerprint_key", msg);
+        return None;
+    }
+    Some(AuditConfig {
+        sink,
+        key: crate::secret::SecretBytes::new(key_text.expose().as_bytes().to_vec()),
+    })
+}
+
+/// The shortest HMAC key the audit fingerprints accept.
+const MIN_AUDIT_KEY_BYTES: usize = 16;
+
+/// A URL of one of `schemes`, without a trailing slash.
+fn url_of(f: &mut Findings<'_>, text: &Text, key: &str, schemes: &[&str]) -> Option<String> {
+    match reqwest::Url::parse(text.get_ref()) {
+        Ok(url) if schemes.contains(&url.scheme()) && url.host_str().is_some() => {
+            Some(text.get_ref().trim_end_matches('/').to_owned())
+        }
+        _ => {
+            let msg = format!("`{}` is not a {} URL", text.get_ref(), schemes.join(" or "));
+            f.problem(at(text), key, msg);
+            None
+        }
+    }
 }
 
 fn validate_kraken(f: &mut Findings<'_>, s: &KrakenSection) -> KrakenConfig {
@@ -862,40 +1195,18 @@ fn validate_consumers(
     entries: &[Entry<ConsumerSection>],
     present: bool,
     accounts: &HashSet<String>,
+    ctx: &IdentityContext,
 ) -> Vec<ConsumerConfig> {
     let mut consumers = Vec::new();
     let mut names = HashSet::new();
-    let mut hashes: BTreeMap<[u8; 32], String> = BTreeMap::new();
+    let mut hashes: BTreeMap<String, String> = BTreeMap::new();
     if entries.is_empty() && !present {
         f.problem(None, "consumer", "no [[consumer]]: nobody could fetch a token");
     }
     for entry in entries {
         let c = &entry.section;
         let (prefix, name) = unique_name(f, &c.name, &entry.position, entry.at, "consumer", &mut names);
-        let hash_key = format!("{prefix}.credential_sha256");
-        let hash = match &c.credential_sha256 {
-            Some(text) => match parse_sha256(text.get_ref()) {
-                Some(hash) => {
-                    if let Some(other) = hashes.insert(hash, prefix.clone()) {
-                        let msg = format!("the same credential as {other}: give each consumer its own");
-                        f.problem(at(text), hash_key, msg);
-                    }
-                    Some(hash)
-                }
-                None => {
-                    f.problem(
-                        at(text),
-                        hash_key,
-                        "must be 64 hex characters (`kraken-token-broker credential new NAME` prints one)",
-                    );
-                    None
-                }
-            },
-            None => {
-                f.missing(entry.at, hash_key);
-                None
-            }
-        };
+        let identity = consumer_identity(f, c, &prefix, entry.at, &mut hashes, ctx);
         let accounts_key = format!("{prefix}.accounts");
         let granted = match &c.accounts {
             None => {
@@ -919,15 +1230,169 @@ fn validate_consumers(
                 Some(granted)
             }
         };
-        if let (Some(name), Some(credential_sha256), Some(accounts)) = (name, hash, granted) {
+        let rate_limit = consumer_rate_limit(f, c, &prefix);
+        if let (Some(name), Some(identity), Some(accounts)) = (name, identity, granted) {
             consumers.push(ConsumerConfig {
                 name,
-                credential_sha256,
+                identity,
                 accounts,
+                rate_limit,
             });
         }
     }
     consumers
+}
+
+/// What the consumers' identities depend on elsewhere in the config.
+struct IdentityContext {
+    kubernetes: bool,
+    mtls: bool,
+}
+
+/// The one identity a consumer has: a credential hash, a ServiceAccount, or
+/// a client certificate's SAN. Each must be unique across consumers.
+fn consumer_identity(
+    f: &mut Findings<'_>,
+    c: &ConsumerSection,
+    prefix: &str,
+    table_at: usize,
+    seen: &mut BTreeMap<String, String>,
+    ctx: &IdentityContext,
+) -> Option<Identity> {
+    let given = [
+        c.credential_sha256.is_some(),
+        c.kubernetes.is_some(),
+        c.client_cert.is_some(),
+    ];
+    match given.iter().filter(|g| **g).count() {
+        1 => {}
+        0 => {
+            let key = format!("{prefix}.credential_sha256");
+            if !f.malformed.contains(&key)
+                && !f.malformed.contains(&format!("{prefix}.kubernetes"))
+                && !f.malformed.contains(&format!("{prefix}.client_cert"))
+            {
+                f.problem(
+                    Some(table_at),
+                    prefix,
+                    "give one identity: credential_sha256, kubernetes = { namespace, service_account } or client_cert = { san }",
+                );
+            }
+            return None;
+        }
+        _ => {
+            f.problem(Some(table_at), prefix, "give exactly one identity, not several");
+            return None;
+        }
+    }
+    let mut unique = |f: &mut Findings<'_>, id: String, place: Option<usize>, key: String, what: &str| {
+        if let Some(other) = seen.insert(id, prefix.to_owned()) {
+            f.problem(
+                place,
+                key,
+                format!("the same {what} as {other}: give each consumer its own"),
+            );
+            false
+        } else {
+            true
+        }
+    };
+    if let Some(text) = &c.credential_sha256 {
+        let key = format!("{prefix}.credential_sha256");
+        let Some(sha256) = parse_sha256(text.get_ref()) else {
+            f.problem(
+                at(text),
+                key,
+                "must be 64 hex characters (`kraken-token-broker credential new NAME` prints one)",
+            );
+            return None;
+        };
+        let id = format!("credential:{}", hex::encode(sha256));
+        return unique(f, id, at(text), key, "credential").then_some(Identity::Credential { sha256 });
+    }
+    if let Some(sa) = &c.kubernetes {
+        let key = format!("{prefix}.kubernetes");
+        if !ctx.kubernetes {
+            f.problem(at(sa), key, "needs a [kubernetes] section (the TokenReview settings)");
+            return None;
+        }
+        let part = |v: &Option<Text>| {
+            v.as_ref()
+                .map(|t| t.get_ref().trim().to_owned())
+                .filter(|t| valid_k8s_name(t))
+        };
+        let (Some(namespace), Some(service_account)) =
+            (part(&sa.get_ref().namespace), part(&sa.get_ref().service_account))
+        else {
+            f.problem(
+                at(sa),
+                key,
+                "needs namespace and service_account, each a Kubernetes name ([a-z0-9.-], at most 253)",
+            );
+            return None;
+        };
+        let id = format!("sa:{namespace}:{service_account}");
+        return unique(f, id, at(sa), key, "ServiceAccount").then_some(Identity::ServiceAccount {
+            namespace,
+            service_account,
+        });
+    }
+    let cert = c.client_cert.as_ref().expect("one identity is given");
+    let key = format!("{prefix}.client_cert");
+    if !ctx.mtls {
+        f.problem(
+            at(cert),
+            key,
+            "needs listen.tls.client_ca: client certificates are verified against it",
+        );
+        return None;
+    }
+    let Some(san) = cert
+        .get_ref()
+        .san
+        .as_ref()
+        .map(|s| s.get_ref().trim().to_owned())
+        .filter(|s| !s.is_empty())
+    else {
+        f.problem(
+            at(cert),
+            key,
+            "needs san = \"...\" (a DNS name or a URI such as a SPIFFE ID)",
+        );
+        return None;
+    };
+    let id = format!("san:{san}");
+    unique(f, id, at(cert), key, "client certificate SAN").then_some(Identity::ClientCert { san })
+}
+
+/// A Kubernetes namespace or ServiceAccount name.
+fn valid_k8s_name(name: &str) -> bool {
+    (1..=253).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
+fn consumer_rate_limit(f: &mut Findings<'_>, c: &ConsumerSection, prefix: &str) -> RateLimit {
+    let Some(limit) = &c.rate_limit else {
+        return DEFAULT_RATE_LIMIT;
+    };
+    let l = limit.get_ref();
+    let per_second = l
+        .per_second
+        .as_ref()
+        .map_or(DEFAULT_RATE_LIMIT.per_second, |v| *v.get_ref());
+    let burst = l.burst.as_ref().map_or(per_second.max(1.0) * 3.0, |v| *v.get_ref());
+    let sane = per_second > 0.0 && per_second <= 10_000.0 && (1.0..=100_000.0).contains(&burst);
+    if !sane {
+        f.problem(
+            at(limit),
+            format!("{prefix}.rate_limit"),
+            "per_second must be above 0 (at most 10000) and burst at least 1",
+        );
+        return DEFAULT_RATE_LIMIT;
+    }
+    RateLimit { per_second, burst }
 }
 
 impl Config {
@@ -969,11 +1434,21 @@ impl Config {
             }
         };
         let sections = read_sections(&mut f, root.get_ref());
-        let listen = validate_listen(&mut f, &sections.listen);
+        let listen = validate_listen(&mut f, &sections.listen, reader);
         let kraken = validate_kraken(&mut f, &sections.kraken);
         let refresh = validate_refresh(&mut f, &sections.refresh);
         let (accounts, named) = validate_accounts(&mut f, &sections.accounts, sections.has_accounts_key, reader);
-        let consumers = validate_consumers(&mut f, &sections.consumers, sections.has_consumers_key, &named);
+        let kubernetes = validate_kubernetes(&mut f, sections.kubernetes.as_ref(), reader);
+        let audit = validate_audit(&mut f, sections.audit.as_ref(), reader);
+        let ctx = IdentityContext {
+            kubernetes: sections.kubernetes.is_some(),
+            mtls: sections
+                .listen
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.get_ref().client_ca.is_some()),
+        };
+        let consumers = validate_consumers(&mut f, &sections.consumers, sections.has_consumers_key, &named, &ctx);
         if f.problems.is_empty() {
             Ok(Config {
                 listen,
@@ -981,6 +1456,8 @@ impl Config {
                 refresh,
                 accounts,
                 consumers,
+                kubernetes,
+                audit,
                 warnings: f.warnings,
             })
         } else {
@@ -994,7 +1471,35 @@ impl Config {
         use std::fmt::Write as _;
         let mut s = String::new();
         let r = &self.refresh;
-        let _ = writeln!(s, "listen: api {} admin {}", self.listen.api, self.listen.admin);
+        let tls = match &self.listen.tls {
+            None => "plain HTTP".to_owned(),
+            Some(t) => {
+                let from: Vec<String> = t.sources.iter().map(|(k, src)| format!("{k} from {src}")).collect();
+                format!(
+                    "TLS{} ({})",
+                    if t.mtls { " with client certificates" } else { "" },
+                    from.join(", ")
+                )
+            }
+        };
+        let _ = writeln!(s, "listen: api {} ({tls}) admin {}", self.listen.api, self.listen.admin);
+        if let Some(k) = &self.kubernetes {
+            let _ = writeln!(
+                s,
+                "kubernetes: TokenReview at {} for audience {}, token file {}, cache {}",
+                k.api_url,
+                k.audience,
+                k.token_file.display(),
+                humantime::format_duration(k.cache_ttl)
+            );
+        }
+        if let Some(a) = &self.audit {
+            let to = match &a.sink {
+                AuditSink::Stdout => "stdout".to_owned(),
+                AuditSink::File(p) => p.display().to_string(),
+            };
+            let _ = writeln!(s, "audit: to {to}");
+        }
         let _ = writeln!(
             s,
             "kraken: rest {} ws {} timeout {}",
@@ -1029,7 +1534,22 @@ impl Config {
         }
         let _ = writeln!(s, "consumers: {}", self.consumers.len());
         for c in &self.consumers {
-            let _ = writeln!(s, "  {}: accounts {}", c.name, c.accounts.join(", "));
+            let who = match &c.identity {
+                Identity::Credential { .. } => "credential".to_owned(),
+                Identity::ServiceAccount {
+                    namespace,
+                    service_account,
+                } => format!("ServiceAccount {namespace}/{service_account}"),
+                Identity::ClientCert { san } => format!("client certificate {san}"),
+            };
+            let _ = writeln!(
+                s,
+                "  {}: accounts {} ({who}, {}/s, burst {})",
+                c.name,
+                c.accounts.join(", "),
+                c.rate_limit.per_second,
+                c.rate_limit.burst
+            );
         }
         s
     }
@@ -1126,7 +1646,10 @@ accounts = ["main"]
         assert_eq!(a.credentials.api_secret.expose().len(), 64);
         assert!(a.credentials.otp.is_none());
         assert_eq!(c.consumers[0].accounts, vec!["main"]);
-        assert_eq!(hex::encode(c.consumers[0].credential_sha256), HASH);
+        let Identity::Credential { sha256 } = &c.consumers[0].identity else {
+            panic!("a credential consumer");
+        };
+        assert_eq!(hex::encode(sha256), HASH);
     }
 
     #[test]

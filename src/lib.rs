@@ -33,6 +33,7 @@
 //! | [`signal`], [`telemetry`] | process signals, logging |
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod broker;
 pub mod clock;
 pub mod cmd;
@@ -46,4 +47,5 @@ pub mod secret;
 pub mod signal;
 pub mod sim;
 pub mod telemetry;
+pub mod tls;
 pub mod token;

@@ -37,6 +37,9 @@ enum Command {
     Credential(cmd::credential::CredentialCommand),
     /// Validate a config file and print a summary with no secret in it.
     CheckConfig(cmd::check_config::CheckConfigArgs),
+    /// The audit trail's tools.
+    #[command(subcommand)]
+    Audit(cmd::audit::AuditCommand),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
             Command::Fetch(args) => cmd::fetch::run(args).await,
             Command::Credential(command) => cmd::credential::run(command),
             Command::CheckConfig(args) => cmd::check_config::run(args).await,
+            Command::Audit(command) => cmd::audit::run(command).await,
         }
     });
     // Background tasks (a hung upstream call, an idle connection) must not

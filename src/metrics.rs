@@ -42,8 +42,11 @@ const ROUTE_STATUSES: &[(&str, &[u16])] = &[
     ("/healthz", &[200]),
     ("/readyz", &[200, 503]),
     ("/metrics", &[200]),
-    ("unmatched", &[404, 431]),
+    ("unmatched", &[400, 404, 414, 431]),
 ];
+
+/// Why a connection was refused or closed early, as labelled.
+pub const CONNECTION_REFUSALS: [&str; 4] = ["listener_full", "per_address", "evicted", "tls_handshake"];
 
 /// Why a consumer was turned away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +105,11 @@ struct Inner {
     rejected_calls_max: IntGauge,
     reloads: IntCounterVec,
     last_reload_ok: IntGauge,
+    token_reviews: IntCounterVec,
+    rate_limited: IntCounterVec,
+    audit_dropped: IntCounter,
+    connections_refused: IntCounterVec,
+    connections_open: IntGaugeVec,
 }
 
 /// Why a call to Kraken was not made, as labelled.
@@ -365,6 +373,64 @@ impl Metrics {
             reloads.with_label_values(&[result]);
         }
         last_reload_ok.set(1);
+        let token_reviews = register(
+            &registry,
+            IntCounterVec::new(
+                opts(
+                    "token_reviews_total",
+                    "TokenReviews of ServiceAccount tokens, by outcome (cache hits are not reviews).",
+                ),
+                &["result"],
+            )
+            .expect("valid"),
+        );
+        for result in ["authenticated", "rejected", "error"] {
+            token_reviews.with_label_values(&[result]);
+        }
+        let rate_limited = register(
+            &registry,
+            IntCounterVec::new(
+                opts(
+                    "rate_limited_total",
+                    "Requests refused with 429 because the consumer exceeded its own rate limit or share of forced refreshes.",
+                ),
+                &["consumer"],
+            )
+            .expect("valid"),
+        );
+        let audit_dropped = register(
+            &registry,
+            IntCounter::with_opts(opts(
+                "audit_events_dropped_total",
+                "Audit lines dropped because the audit sink did not keep up (serving never waits for it).",
+            ))
+            .expect("valid"),
+        );
+        let connections_refused = register(
+            &registry,
+            IntCounterVec::new(
+                opts(
+                    "connections_refused_total",
+                    "Connections closed at accept or evicted: listener full, too many from one address, a stalled TLS handshake.",
+                ),
+                &["listener", "reason"],
+            )
+            .expect("valid"),
+        );
+        let connections_open = register(
+            &registry,
+            IntGaugeVec::new(
+                opts("connections_open", "Open connections, by listener."),
+                &["listener"],
+            )
+            .expect("valid"),
+        );
+        for listener in ["api", "admin"] {
+            connections_open.with_label_values(&[listener]);
+            for reason in CONNECTION_REFUSALS {
+                connections_refused.with_label_values(&[listener, reason]);
+            }
+        }
         for reason in AuthFailure::ALL {
             auth_failures.with_label_values(&[reason.as_str()]);
         }
@@ -404,7 +470,37 @@ impl Metrics {
             rejected_calls_max,
             reloads,
             last_reload_ok,
+            token_reviews,
+            rate_limited,
+            audit_dropped,
+            connections_refused,
+            connections_open,
         }))
+    }
+
+    pub fn token_review(&self, result: &str) {
+        self.0.token_reviews.with_label_values(&[result]).inc();
+    }
+
+    /// `rate_limited_total{consumer}`, pre-set to 0.
+    pub fn rate_limited(&self, consumer: &str) -> IntCounter {
+        self.0.rate_limited.with_label_values(&[consumer])
+    }
+
+    pub fn remove_rate_limited(&self, consumer: &str) {
+        let _ = self.0.rate_limited.remove_label_values(&[consumer]);
+    }
+
+    pub fn audit_dropped(&self) {
+        self.0.audit_dropped.inc();
+    }
+
+    pub fn connection_refused(&self, listener: &str, reason: &str) {
+        self.0.connections_refused.with_label_values(&[listener, reason]).inc();
+    }
+
+    pub fn connections_open(&self, listener: &str) -> IntGauge {
+        self.0.connections_open.with_label_values(&[listener])
     }
 
     /// Records a reload's outcome.

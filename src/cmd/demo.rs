@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::{Error, bind};
 use crate::broker::{self, Listeners, Options};
-use crate::config::{AccountConfig, Config, ConsumerConfig, KrakenConfig, ListenConfig};
+use crate::config::{AccountConfig, Config, ConsumerConfig, DEFAULT_RATE_LIMIT, Identity, KrakenConfig, ListenConfig};
 use crate::http::auth::new_credential;
 use crate::kraken::{ApiCredentials, decode_secret};
 use crate::secret::SecretString;
@@ -75,6 +75,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Error> {
         listen: ListenConfig {
             api: api.local_addr().map_err(Error::Listener)?,
             admin: admin.local_addr().map_err(Error::Listener)?,
+            tls: None,
         },
         kraken: KrakenConfig {
             rest_url: sim.rest_url(),
@@ -95,9 +96,14 @@ pub async fn run(args: DemoArgs) -> Result<(), Error> {
         }],
         consumers: vec![ConsumerConfig {
             name: "demo-engine".into(),
-            credential_sha256,
+            identity: Identity::Credential {
+                sha256: credential_sha256,
+            },
             accounts: vec!["demo".into()],
+            rate_limit: DEFAULT_RATE_LIMIT,
         }],
+        kubernetes: None,
+        audit: None,
         warnings: Vec::new(),
     };
     print_banner(&config, credential.expose(), &sim.rest_url(), args.token_ttl);

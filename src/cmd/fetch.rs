@@ -57,6 +57,9 @@ pub async fn run(args: FetchArgs) -> Result<(), Error> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(args.timeout))
         .user_agent(crate::kraken::USER_AGENT)
+        // The credential goes to the URL given or nowhere: never follow a
+        // redirect (to another host, it would carry the credential along).
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| Error::Fetch(format!("cannot set up an HTTP client: {e}")))?;
     let response = client

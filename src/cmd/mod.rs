@@ -1,6 +1,7 @@
 //! The commands of the `kraken-token-broker` binary, one module each, so that
 //! `main.rs` only parses and dispatches.
 
+pub mod audit;
 pub mod check_config;
 pub mod credential;
 pub mod demo;

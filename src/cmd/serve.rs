@@ -37,6 +37,26 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     for warning in &config.warnings {
         warn!(warning = %warning, "config warning");
     }
+    if let Some(crate::config::AuditConfig {
+        sink: crate::config::AuditSink::File(path),
+        ..
+    }) = &config.audit
+    {
+        crate::audit::open(path).await.map_err(|e| {
+            Error::Usage(format!(
+                "cannot open the audit file {} for appending: {e}",
+                path.display()
+            ))
+        })?;
+    }
+    // The connection caps are sized to the open files the process may have.
+    let open_files = crate::http::server::raise_open_files_limit();
+    let limits = crate::http::server::ServerLimits::default().fitting(open_files);
+    info!(
+        open_files,
+        max_connections = limits.max_connections,
+        "connection limits"
+    );
     // SIGHUP and the poller feed one channel; a pending request absorbs the
     // next one.
     let (requests, reload_requests) = tokio::sync::mpsc::channel(1);
@@ -60,6 +80,10 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         path: args.config,
         requests: reload_requests,
     };
-    broker::run(config, listeners, Some(reloads), shutdown, Options::default()).await?;
+    let options = Options {
+        limits,
+        ..Options::default()
+    };
+    broker::run(config, listeners, Some(reloads), shutdown, options).await?;
     Ok(())
 }

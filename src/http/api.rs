@@ -4,9 +4,10 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::RawQuery;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -111,6 +112,14 @@ fn unavailable(u: Unavailable, account: &str) -> ApiError {
         Cause::ForcedRefreshLimited => {
             format!("account `{account}` has had too many forced refreshes lately; retry shortly")
         }
+        Cause::ConsumerShareSpent => {
+            return ApiError::RateLimited {
+                retry_after: u.retry_after,
+                detail: format!(
+                    "this consumer has spent its share of forced refreshes of account `{account}` (min_ttl above what is held, or reports of rejected tokens); the current token stays served"
+                ),
+            };
+        }
         Cause::NotAnswering => format!("no token could be had for account `{account}` in time"),
     };
     ApiError::Unavailable {
@@ -119,14 +128,41 @@ fn unavailable(u: Unavailable, account: &str) -> ApiError {
     }
 }
 
-/// Counts a token handed out (and names it at debug level, by fingerprint).
-fn count_served(grant: &Grant, consumer: &str, token: &CachedToken) {
+/// Counts a token handed out, names it at debug level (by fingerprint) and
+/// in the audit trail (by keyed fingerprint). A HEAD request is answered
+/// without the token, so it is not a token served.
+fn count_served(auth: &Authenticated, grant: &Grant, token: &CachedToken, method: &Method) {
+    if method == Method::HEAD {
+        return;
+    }
     grant.served.inc();
-    debug!(consumer, account = %grant.account, token = %token.fingerprint, "token served");
+    let consumer = &auth.consumer;
+    debug!(consumer = %consumer.name, account = %grant.account, token = %token.fingerprint, "token served");
+    if let Some(audit) = &auth.table.audit {
+        audit.record(
+            "token.served",
+            json!({
+                "consumer": consumer.name,
+                "identity": consumer.identity.kind(),
+                "account": grant.account,
+                "peer": auth.peer.map(|p| p.to_string()),
+                "token": &*audit.token_fingerprint(&token.sha256, token.token.expose()),
+                "expires_at": token.expires_at_rfc3339,
+            }),
+        );
+    }
+}
+
+/// The problem for a refused request, counting the consumer's own 429s.
+fn refused(auth: &Authenticated, u: Unavailable, account: &str) -> ApiError {
+    if u.cause == Cause::ConsumerShareSpent {
+        auth.consumer.rate_limited.inc();
+    }
+    unavailable(u, account)
 }
 
 /// `GET /v1/token?account=NAME&min_ttl=SECONDS`
-pub async fn get_token(auth: Authenticated, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+pub async fn get_token(auth: Authenticated, method: Method, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     let query = parse_query(raw.as_deref(), true)?;
     let grant = auth.grant(query.account.as_deref())?;
     let table = &auth.table;
@@ -134,15 +170,15 @@ pub async fn get_token(auth: Authenticated, RawQuery(raw): RawQuery) -> Result<R
     let now = Instant::now();
     // The hot path: a cached token good enough, no task hop, no lock.
     if let Some(token) = grant.handle.published().servable(min_ttl, now) {
-        count_served(grant, &auth.consumer.name, token);
+        count_served(&auth, grant, token, &method);
         return Ok(token_response(token, &grant.account, &table.ws_url, now));
     }
     let token = grant
         .handle
-        .want(min_ttl)
+        .want_as(&auth.consumer.name, min_ttl)
         .await
-        .map_err(|u| unavailable(u, &grant.account))?;
-    count_served(grant, &auth.consumer.name, &token);
+        .map_err(|u| refused(&auth, u, &grant.account))?;
+    count_served(&auth, grant, &token, &method);
     Ok(token_response(&token, &grant.account, &table.ws_url, Instant::now()))
 }
 
@@ -191,12 +227,26 @@ pub async fn invalidate(
         return Err(ApiError::BadRequest("`token` is empty".into()));
     }
     let table = &auth.table;
+    let reported_sha = token_sha256(&reported.token);
     let token = grant
         .handle
-        .invalidate(token_sha256(&reported.token), &auth.consumer.name)
+        .invalidate(reported_sha, &auth.consumer.name)
         .await
-        .map_err(|u| unavailable(u, &grant.account))?;
-    count_served(grant, &auth.consumer.name, &token);
+        .map_err(|u| refused(&auth, u, &grant.account))?;
+    if let Some(audit) = &table.audit {
+        audit.record(
+            "token.invalidated",
+            json!({
+                "consumer": auth.consumer.name,
+                "identity": auth.consumer.identity.kind(),
+                "account": grant.account,
+                "peer": auth.peer.map(|p| p.to_string()),
+                "reported": &*audit.token_fingerprint(&reported_sha, &reported.token),
+                "replaced": token.sha256 != reported_sha,
+            }),
+        );
+    }
+    count_served(&auth, grant, &token, &Method::POST);
     Ok(token_response(&token, &grant.account, &table.ws_url, Instant::now()))
 }
 

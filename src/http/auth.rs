@@ -1,27 +1,45 @@
 //! Consumer authentication as an extractor, so no handler can forget it.
 //!
-//! The bearer credential is hashed with SHA-256 and compared against every
-//! consumer's stored hash in constant time (`subtle`); the credential itself is
-//! never stored, logged or echoed.
+//! A consumer proves who it is in one of three ways, tried in this order:
+//! a client certificate verified by TLS whose SAN names a `client_cert`
+//! consumer (no bearer needed); a bearer that is a projected ServiceAccount
+//! token, checked with a TokenReview (`kubernetes.rs`); a bearer credential,
+//! hashed with SHA-256 and compared against every consumer's stored hash in
+//! constant time (`subtle`). The credential itself is never stored, logged
+//! or echoed.
+//!
+//! Order of the guards: identity first, then the consumer's own rate limit.
+//! The per-address throttle of failed authentications is consulted only for
+//! a request that failed: a request that proves a valid identity is never
+//! refused because another client at its address (a mesh sidecar's, say)
+//! sent bad credentials.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
+use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tokio::time::Instant;
 
+use super::kubernetes::{ReviewError, looks_like_jwt};
 use super::problem::ApiError;
 use super::{AppState, Consumer, Grant, ServeTable};
+use crate::config::Identity;
 use crate::metrics::{AuthFailure, Metrics};
+use crate::tls::ClientCertificate;
 
-/// A request whose bearer credential matched a consumer.
+/// A request whose consumer proved who it is.
 pub struct Authenticated {
     pub consumer: Arc<Consumer>,
     /// The serving table the consumer was found in, so the request sees one
     /// consistent configuration even if a reload lands meanwhile.
     pub table: Arc<ServeTable>,
+    /// The client's address, for audit lines.
+    pub peer: Option<SocketAddr>,
     /// To count a refused account; so handlers need not take the whole state.
     metrics: Metrics,
 }
@@ -43,15 +61,24 @@ impl Authenticated {
         };
         grant.ok_or_else(|| {
             self.metrics.auth_failure(AuthFailure::Forbidden);
+            audit_failure(&self.table, "forbidden", self.consumer.identity.kind(), self.peer);
             ApiError::Forbidden
         })
     }
 }
 
+/// Writes an `auth.failed` audit line, when auditing is on.
+fn audit_failure(table: &ServeTable, reason: &str, identity: &str, peer: Option<SocketAddr>) {
+    if let Some(audit) = &table.audit {
+        audit.record(
+            "auth.failed",
+            json!({ "reason": reason, "identity": identity, "peer": peer.map(|p| p.to_string()) }),
+        );
+    }
+}
+
 /// The credential of an `Authorization: Bearer <credential>` header.
-fn bearer(parts: &Parts) -> Result<&[u8], AuthFailure> {
-    let value = parts.headers.get(AUTHORIZATION).ok_or(AuthFailure::Missing)?;
-    let value = value.as_bytes();
+fn bearer(value: &[u8]) -> Result<&[u8], AuthFailure> {
     let (scheme, rest) = value.split_at(value.iter().position(|b| *b == b' ').ok_or(AuthFailure::Invalid)?);
     if !scheme.eq_ignore_ascii_case(b"bearer") {
         return Err(AuthFailure::Invalid);
@@ -76,50 +103,110 @@ fn digest_eq(a: &[u8; 32], b: &[u8; 32]) -> subtle::Choice {
     diff.ct_eq(&0)
 }
 
-/// The consumer whose credential hashes to `hash`: every stored hash is
-/// compared, each in constant time.
+/// The credential consumer whose credential hashes to `hash`: every stored
+/// hash is compared, each in constant time.
 pub fn find_consumer(table: &ServeTable, hash: &[u8; 32]) -> Option<Arc<Consumer>> {
     let mut found = None;
     for consumer in &table.consumers {
-        if bool::from(digest_eq(&consumer.credential_sha256, hash)) {
+        if let Identity::Credential { sha256 } = &consumer.identity
+            && bool::from(digest_eq(sha256, hash))
+        {
             found = Some(Arc::clone(consumer));
         }
     }
     found
 }
 
+/// Why a request has no consumer.
+enum Refusal {
+    /// No proof, or a wrong one.
+    Auth(AuthFailure, &'static str),
+    /// The request is malformed (two `Authorization` headers).
+    Malformed(&'static str),
+    /// The proof cannot be checked now (the API server is down or busy).
+    Unavailable(std::time::Duration),
+}
+
+/// Finds the consumer a request proves it is.
+async fn identify(parts: &Parts, table: &ServeTable) -> Result<Arc<Consumer>, Refusal> {
+    if let Some(cert) = parts.extensions.get::<ClientCertificate>()
+        && let Some(consumer) = table.by_san(&cert.sans)
+    {
+        return Ok(consumer);
+    }
+    let mut values = parts.headers.get_all(AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Err(Refusal::Auth(AuthFailure::Missing, "none"));
+    };
+    if values.next().is_some() {
+        return Err(Refusal::Malformed("send one Authorization header, not several"));
+    }
+    let credential = bearer(value.as_bytes()).map_err(|f| Refusal::Auth(f, "none"))?;
+    if let Some(reviewer) = &table.reviewer
+        && looks_like_jwt(credential)
+    {
+        let token =
+            std::str::from_utf8(credential).map_err(|_| Refusal::Auth(AuthFailure::Invalid, "service_account"))?;
+        return match reviewer.review(token).await {
+            Ok(username) => table
+                .by_service_account(&username)
+                .ok_or(Refusal::Auth(AuthFailure::Invalid, "service_account")),
+            Err(ReviewError::Rejected(_)) => Err(Refusal::Auth(AuthFailure::Invalid, "service_account")),
+            Err(ReviewError::Unavailable { retry_after }) => Err(Refusal::Unavailable(retry_after)),
+        };
+    }
+    let hash: [u8; 32] = Sha256::digest(credential).into();
+    find_consumer(table, &hash).ok_or(Refusal::Auth(AuthFailure::Invalid, "credential"))
+}
+
 impl FromRequestParts<AppState> for Authenticated {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let peer = super::peer_ip(parts);
-        if let Some(retry_after) = state.throttle.blocked(peer) {
-            return Err(ApiError::TooManyRequests { retry_after });
-        }
         let table = state.table.load_full();
-        let failure = match bearer(parts) {
-            Ok(credential) => {
-                let hash: [u8; 32] = Sha256::digest(credential).into();
-                match find_consumer(&table, &hash) {
-                    Some(consumer) => {
-                        return Ok(Self {
-                            consumer,
-                            table,
-                            metrics: state.metrics.clone(),
-                        });
-                    }
-                    None => AuthFailure::Invalid,
+        let peer = super::peer_addr(parts);
+        let ip = peer.map(|p| p.ip());
+        match identify(parts, &table).await {
+            Ok(consumer) => {
+                if let Err(retry_after) = consumer.limiter.check(Instant::now()) {
+                    consumer.rate_limited.inc();
+                    let limit = consumer.limiter.limit();
+                    return Err(ApiError::RateLimited {
+                        retry_after,
+                        detail: format!(
+                            "consumer `{}` sends requests faster than its rate limit ({}/s, burst {})",
+                            consumer.name, limit.per_second, limit.burst
+                        ),
+                    });
                 }
+                Ok(Self {
+                    consumer,
+                    table,
+                    peer,
+                    metrics: state.metrics.clone(),
+                })
             }
-            Err(failure) => failure,
-        };
-        state.metrics.auth_failure(failure);
-        if failure == AuthFailure::Invalid {
-            state.throttle.record_failure(peer);
+            Err(Refusal::Malformed(why)) => Err(ApiError::BadRequest(why.into())),
+            Err(Refusal::Unavailable(retry_after)) => Err(ApiError::Unavailable {
+                retry_after,
+                detail:
+                    "ServiceAccount tokens cannot be checked now (the Kubernetes API server is unreachable or busy)"
+                        .into(),
+            }),
+            Err(Refusal::Auth(failure, identity)) => {
+                state.metrics.auth_failure(failure);
+                audit_failure(&table, failure.as_str(), identity, peer);
+                if failure == AuthFailure::Invalid {
+                    state.throttle.record_failure(ip);
+                }
+                if let Some(retry_after) = state.throttle.blocked(ip) {
+                    return Err(ApiError::TooManyRequests { retry_after });
+                }
+                Err(ApiError::Unauthorized {
+                    missing: failure == AuthFailure::Missing,
+                })
+            }
         }
-        Err(ApiError::Unauthorized {
-            missing: failure == AuthFailure::Missing,
-        })
     }
 }
 

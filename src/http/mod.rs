@@ -6,6 +6,8 @@
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod kubernetes;
+pub mod limits;
 pub mod problem;
 pub mod server;
 pub mod throttle;
@@ -53,8 +55,31 @@ pub struct Grant {
 /// A consumer as the API knows it.
 pub struct Consumer {
     pub name: String,
-    pub credential_sha256: [u8; 32],
+    pub identity: crate::config::Identity,
     pub grants: Vec<Grant>,
+    /// Its request-rate limit (kept across reloads while unchanged).
+    pub limiter: Arc<limits::RateLimiter>,
+    /// `rate_limited_total{consumer}`, resolved once.
+    pub rate_limited: IntCounter,
+}
+
+impl Consumer {
+    /// A consumer with a fresh limiter of `rate_limit`.
+    pub fn new(
+        name: &str,
+        identity: crate::config::Identity,
+        grants: Vec<Grant>,
+        rate_limit: crate::config::RateLimit,
+        metrics: &Metrics,
+    ) -> Self {
+        Self {
+            name: name.to_owned(),
+            identity,
+            grants,
+            limiter: Arc::new(limits::RateLimiter::new(rate_limit)),
+            rate_limited: metrics.rate_limited(name),
+        }
+    }
 }
 
 /// Everything a request needs, swapped whole on reload so that a request
@@ -63,6 +88,45 @@ pub struct ServeTable {
     pub consumers: Vec<Arc<Consumer>>,
     pub accounts: BTreeMap<String, AccountHandle>,
     pub ws_url: String,
+    /// TokenReviews for ServiceAccount consumers, with `[kubernetes]`.
+    pub reviewer: Option<Arc<kubernetes::TokenReviewer>>,
+    /// The audit trail, with `[audit]`.
+    pub audit: Option<Arc<crate::audit::Auditor>>,
+}
+
+impl ServeTable {
+    /// An empty table (before the first config is applied, and in tests).
+    pub fn empty(ws_url: &str) -> Self {
+        Self {
+            consumers: Vec::new(),
+            accounts: BTreeMap::new(),
+            ws_url: ws_url.to_owned(),
+            reviewer: None,
+            audit: None,
+        }
+    }
+
+    /// The consumer a reviewed ServiceAccount username maps to.
+    pub fn by_service_account(&self, username: &str) -> Option<Arc<Consumer>> {
+        self.consumers
+            .iter()
+            .find(|c| match &c.identity {
+                crate::config::Identity::ServiceAccount {
+                    namespace,
+                    service_account,
+                } => kubernetes::username(namespace, service_account) == username,
+                _ => false,
+            })
+            .cloned()
+    }
+
+    /// The consumer a verified client certificate's SANs map to.
+    pub fn by_san(&self, sans: &[String]) -> Option<Arc<Consumer>> {
+        self.consumers
+            .iter()
+            .find(|c| matches!(&c.identity, crate::config::Identity::ClientCert { san } if sans.contains(san)))
+            .cloned()
+    }
 }
 
 /// Shared by every handler.
@@ -75,6 +139,14 @@ pub struct AppState {
     pub gate: Arc<crate::token::KrakenGate>,
     /// To show Unix times of monotonic deadlines.
     pub clock: crate::clock::WallClock,
+}
+
+/// The client's address and port, when the server recorded it.
+pub fn peer_addr(parts: &Parts) -> Option<SocketAddr> {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| *addr)
 }
 
 /// The client's address, when the server recorded it.

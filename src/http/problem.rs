@@ -44,6 +44,9 @@ pub enum ApiError {
     HeadTooLarge,
     /// 429: too many failed authentications from this address.
     TooManyRequests { retry_after: Duration },
+    /// 429: this consumer's own request-rate limit or share of forced
+    /// refreshes is spent.
+    RateLimited { retry_after: Duration, detail: String },
     /// 503: no good-enough token can be had now.
     Unavailable { retry_after: Duration, detail: String },
 }
@@ -69,7 +72,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooManyRequests { .. } | ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -86,13 +89,16 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "unsupported-media-type",
             ApiError::HeadTooLarge => "request-header-fields-too-large",
             ApiError::TooManyRequests { .. } => "too-many-requests",
+            ApiError::RateLimited { .. } => "rate-limited",
             ApiError::Unavailable { .. } => "token-unavailable",
         }
     }
 
     fn detail(&self) -> &str {
         match self {
-            ApiError::BadRequest(detail) | ApiError::Unavailable { detail, .. } => detail,
+            ApiError::BadRequest(detail)
+            | ApiError::Unavailable { detail, .. }
+            | ApiError::RateLimited { detail, .. } => detail,
             ApiError::Unauthorized { missing: true } => {
                 "send the consumer credential as `Authorization: Bearer <credential>`"
             }
@@ -119,6 +125,16 @@ fn problem_body(kind: String, status: StatusCode, detail: &str) -> Vec<u8> {
     serde_json::to_vec(&problem).expect("a problem always serialises")
 }
 
+/// A problem+json body for `status`, as every answer of the API has it.
+pub fn problem_json(status: StatusCode, detail: &str) -> Vec<u8> {
+    let slug = status
+        .canonical_reason()
+        .unwrap_or("error")
+        .to_lowercase()
+        .replace(' ', "-");
+    problem_body(format!("{TYPE_PREFIX}{slug}"), status, detail)
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
@@ -129,7 +145,9 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized { .. } => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            ApiError::Unavailable { retry_after, .. } | ApiError::TooManyRequests { retry_after } => {
+            ApiError::Unavailable { retry_after, .. }
+            | ApiError::TooManyRequests { retry_after }
+            | ApiError::RateLimited { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(*retry_after)));
             }
             _ => {}

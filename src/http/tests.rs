@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
 use super::*;
+use crate::config::{DEFAULT_RATE_LIMIT, Identity};
 use crate::metrics::Metrics;
 use crate::token::refresher::{self, Ambient};
 use crate::token::{AccountSetup, RefreshPolicy, ScriptedSource};
@@ -49,23 +50,28 @@ fn app() -> (Router, Metrics) {
         handle: handles[account].clone(),
         served: metrics.served(account, consumer),
     };
+    let credential = |c: &str| Identity::Credential { sha256: sha(c) };
     let consumers = vec![
-        Arc::new(Consumer {
-            name: "one".into(),
-            credential_sha256: sha("cred-one"),
-            grants: vec![grant("main", "one")],
-        }),
-        Arc::new(Consumer {
-            name: "two".into(),
-            credential_sha256: sha("cred-two"),
-            grants: vec![grant("main", "two"), grant("other", "two")],
-        }),
+        Arc::new(Consumer::new(
+            "one",
+            credential("cred-one"),
+            vec![grant("main", "one")],
+            DEFAULT_RATE_LIMIT,
+            &metrics,
+        )),
+        Arc::new(Consumer::new(
+            "two",
+            credential("cred-two"),
+            vec![grant("main", "two"), grant("other", "two")],
+            DEFAULT_RATE_LIMIT,
+            &metrics,
+        )),
     ];
     let state = AppState {
         table: Arc::new(ArcSwap::from_pointee(ServeTable {
             consumers,
             accounts: handles,
-            ws_url: WS_URL.into(),
+            ..ServeTable::empty(WS_URL)
         })),
         metrics: metrics.clone(),
         throttle: Arc::new(throttle::AuthThrottle::new()),

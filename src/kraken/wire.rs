@@ -30,6 +30,11 @@ pub struct WsToken {
     pub lifetime_clamped: bool,
 }
 
+/// Whether `b` is in Kraken's token alphabet (base64 and base64url).
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_')
+}
+
 fn malformed(what: &str) -> KrakenError {
     KrakenError::MalformedResponse(what.to_owned())
 }
@@ -62,8 +67,13 @@ pub fn parse_ws_token_response(body: &[u8]) -> Result<WsToken, KrakenError> {
     let token = match result.get("token") {
         Some(Value::String(t)) if t.is_empty() => return Err(malformed("the token is empty")),
         Some(Value::String(t)) if t.len() > MAX_TOKEN_LEN => return Err(malformed("the token is too long")),
-        Some(Value::String(t)) if t.chars().any(|c| c.is_whitespace() || c.is_control()) => {
-            return Err(malformed("the token holds whitespace or control characters"));
+        // Kraken's tokens are base64 (`A-Za-z0-9+/=`, or its URL-safe `-_`):
+        // anything else (whitespace, control, invisible or bidirectional
+        // Unicode that could hide in an engine's logs) is not a token.
+        Some(Value::String(t)) if !t.bytes().all(is_token_byte) => {
+            return Err(malformed(
+                "the token holds characters outside Kraken's token alphabet (whitespace, control or other Unicode)",
+            ));
         }
         Some(Value::String(t)) => SecretString::new(t.clone()),
         Some(_) => return Err(malformed("the token is not a string")),
@@ -133,6 +143,11 @@ mod tests {
         assert!(malformed_reason(r#"{"error":[],"result":{"expires":900}}"#).contains("no token"));
         assert!(malformed_reason(r#"{"error":[],"result":{"token":5,"expires":900}}"#).contains("not a string"));
         assert!(malformed_reason(r#"{"error":[],"result":{"token":"a b","expires":900}}"#).contains("whitespace"));
+        for hidden in ["ab\u{200b}cd", "ab\u{202e}cd", "t\u{00a0}k", "tök"] {
+            let body = serde_json::json!({"error": [], "result": {"token": hidden, "expires": 900}}).to_string();
+            assert!(malformed_reason(&body).contains("alphabet"), "{hidden:?}");
+        }
+        assert!(parse(r#"{"error":[],"result":{"token":"aB3+/=-_","expires":900}}"#).is_ok());
         let long = format!(
             r#"{{"error":[],"result":{{"token":"{}","expires":900}}}}"#,
             "a".repeat(2000)

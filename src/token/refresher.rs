@@ -34,12 +34,19 @@ use crate::clock::{WallClock, unix_secs_f64};
 use crate::kraken::{ApiCredentials, KeyLane, KrakenClient, KrakenError, MAX_TOKEN_LIFETIME, Reason, WsToken};
 use crate::metrics::AccountMetrics;
 
-/// On-demand refreshes (a `min_ttl` above what is held, a rejected token) an
-/// account allows in a burst ...
+/// On-demand refreshes (a `min_ttl` above what is held, a rejected token)
+/// each consumer may cause in a burst ...
 pub const FORCED_REFRESH_BURST: u32 = 3;
-/// ... and how often one more is allowed after that. Kraken's Starter tier
-/// decays one call in 3 s; this stays far below, whatever consumers do.
+/// ... and how often one more after that: each consumer's own share, so one
+/// consumer in a loop cannot spend another's.
 pub const FORCED_REFRESH_EVERY: Duration = Duration::from_secs(10);
+/// On-demand refreshes an account allows in a burst, whoever asks ...
+pub const ACCOUNT_FORCED_BURST: u32 = 10;
+/// ... and how often one more after that. Kraken's Starter tier decays one
+/// call in 3 s: many consumers together still cannot burn the key's counter.
+pub const ACCOUNT_FORCED_EVERY: Duration = Duration::from_secs(5);
+/// Consumers whose shares are remembered at most (consumers are few).
+const MAX_SHARES: usize = 1024;
 
 /// A future yielding one `GetWebSocketsToken` answer.
 pub type FetchFuture = Pin<Box<dyn Future<Output = Result<WsToken, KrakenError>> + Send>>;
@@ -157,8 +164,10 @@ pub enum Cause {
         lifetime: Duration,
         min_served_ttl: Duration,
     },
-    /// Too many on-demand refreshes lately.
+    /// Too many on-demand refreshes lately on this account, by all consumers.
     ForcedRefreshLimited,
+    /// This consumer has spent its own share of on-demand refreshes.
+    ConsumerShareSpent,
     /// More time left was asked for than a token ever has.
     Unsatisfiable { lifetime: Duration },
     /// The broker is stopping, or the refresher did not answer in time.
@@ -178,11 +187,12 @@ pub type Answer = Result<Arc<CachedToken>, Unavailable>;
 enum Request {
     Want {
         min_ttl: Duration,
+        consumer: Arc<str>,
         reply: oneshot::Sender<Answer>,
     },
     Invalidate {
         sha256: [u8; 32],
-        consumer: String,
+        consumer: Arc<str>,
         reply: oneshot::Sender<Answer>,
     },
 }
@@ -244,15 +254,27 @@ impl AccountHandle {
     }
 
     /// A token good enough for a consumer asking for `min_ttl` (zero: no
-    /// more than the serving rule), refreshing first if needed.
+    /// more than the serving rule), refreshing first if needed; a refresh
+    /// this forces comes out of `consumer`'s share.
+    pub async fn want_as(&self, consumer: &str, min_ttl: Duration) -> Answer {
+        let consumer = Arc::from(consumer);
+        self.ask(|reply| Request::Want {
+            min_ttl,
+            consumer,
+            reply,
+        })
+        .await
+    }
+
+    /// [`AccountHandle::want_as`] for no consumer in particular (tests, tools).
     pub async fn want(&self, min_ttl: Duration) -> Answer {
-        self.ask(|reply| Request::Want { min_ttl, reply }).await
+        self.want_as("", min_ttl).await
     }
 
     /// Reports the token with this SHA-256 as rejected by Kraken; answers the
     /// token to use now.
     pub async fn invalidate(&self, sha256: [u8; 32], consumer: &str) -> Answer {
-        let consumer = consumer.to_owned();
+        let consumer: Arc<str> = Arc::from(consumer);
         self.ask(|reply| Request::Invalidate {
             sha256,
             consumer,
@@ -314,7 +336,8 @@ pub fn spawn(
         last_lifetime: None,
         state: State::Due { at: now },
         waiters: Vec::new(),
-        budget: Budget::new(FORCED_REFRESH_BURST, FORCED_REFRESH_EVERY, now),
+        budget: Budget::new(ACCOUNT_FORCED_BURST, ACCOUNT_FORCED_EVERY, now),
+        shares: std::collections::HashMap::new(),
         valid_reported: None,
     };
     let task = tokio::spawn(refresher.run());
@@ -438,7 +461,10 @@ struct Refresher {
     last_lifetime: Option<Duration>,
     state: State,
     waiters: Vec<Waiter>,
+    /// On-demand refreshes of the account, whoever asks.
     budget: Budget,
+    /// Each consumer's own share of on-demand refreshes.
+    shares: std::collections::HashMap<Arc<str>, Budget>,
     /// The `token_valid` value last set, so it is only written on change.
     valid_reported: Option<bool>,
 }
@@ -763,12 +789,34 @@ impl Refresher {
 
     fn on_request(&mut self, request: Request) {
         match request {
-            Request::Want { min_ttl, reply } => self.serve_or_wait(min_ttl, reply),
+            Request::Want {
+                min_ttl,
+                consumer,
+                reply,
+            } => self.serve_or_wait(min_ttl, &consumer, reply),
             Request::Invalidate {
                 sha256,
                 consumer,
                 reply,
             } => {
+                let now = Instant::now();
+                let reported_current = self.current.as_ref().is_some_and(|t| t.sha256 == sha256);
+                // Beyond the reporter's share the token stays in place for
+                // everyone else: the refusal is the reporter's alone.
+                if reported_current
+                    && self.forced_now(now)
+                    && let Err(wait) = self.take_share(&consumer, now)
+                {
+                    warn!(
+                        account = %self.name, consumer = %consumer, retry_in = ?wait,
+                        "a consumer's report of a rejected token refused: its share of forced refreshes is spent; the token stays"
+                    );
+                    let _ = reply.send(Err(Unavailable {
+                        retry_after: wait,
+                        cause: Cause::ConsumerShareSpent,
+                    }));
+                    return;
+                }
                 if let Some(current) = self.current.take_if(|t| t.sha256 == sha256) {
                     warn!(
                         account = %self.name,
@@ -780,12 +828,49 @@ impl Refresher {
                     self.valid_reported = Some(false);
                     self.publish();
                 }
-                self.serve_or_wait(Duration::ZERO, reply);
+                // The share, if a refresh is forced, was taken above.
+                self.serve_or_wait_taken(Duration::ZERO, reply);
             }
         }
     }
 
-    fn serve_or_wait(&mut self, min_ttl: Duration, reply: oneshot::Sender<Answer>) {
+    /// Whether a call now would be an on-demand (forced) refresh: nothing
+    /// is due, nothing is under way, no failure is being waited out.
+    fn forced_now(&self, now: Instant) -> bool {
+        matches!(self.state, State::Due { at } if now < at)
+    }
+
+    /// Takes one forced refresh from `consumer`'s own share.
+    fn take_share(&mut self, consumer: &Arc<str>, now: Instant) -> Result<(), Duration> {
+        if self.shares.len() >= MAX_SHARES && !self.shares.contains_key(consumer) {
+            self.shares.clear();
+        }
+        self.shares
+            .entry(Arc::clone(consumer))
+            .or_insert_with(|| Budget::new(FORCED_REFRESH_BURST, FORCED_REFRESH_EVERY, now))
+            .take(now)
+    }
+
+    fn serve_or_wait(&mut self, min_ttl: Duration, consumer: &Arc<str>, reply: oneshot::Sender<Answer>) {
+        let now = Instant::now();
+        let need = self.rule().need(min_ttl);
+        let good_enough = self.current.as_ref().is_some_and(|t| t.lasts(need, now));
+        if !good_enough
+            && self.forced_now(now)
+            && min_ttl <= self.lifetime_hint()
+            && let Err(wait) = self.take_share(consumer, now)
+        {
+            let _ = reply.send(Err(Unavailable {
+                retry_after: wait,
+                cause: Cause::ConsumerShareSpent,
+            }));
+            return;
+        }
+        self.serve_or_wait_taken(min_ttl, reply);
+    }
+
+    /// Serves the token, or waits for one (a forced refresh's share taken).
+    fn serve_or_wait_taken(&mut self, min_ttl: Duration, reply: oneshot::Sender<Answer>) {
         let now = Instant::now();
         let need = self.rule().need(min_ttl);
         if let Some(token) = self.current.as_ref().filter(|t| t.lasts(need, now)) {
@@ -1487,7 +1572,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn forced_refreshes_are_rate_limited() {
+    async fn forced_refreshes_are_rate_limited_per_consumer_and_a_report_beyond_the_share_keeps_the_token() {
         let source = scripted(Duration::from_secs(900));
         let (handle, _m, _cancel) = start(&source, policy());
         let mut current = handle.want(MIN).await.unwrap();
@@ -1496,13 +1581,41 @@ mod tests {
         }
         assert_eq!(source.calls(), 1 + FORCED_REFRESH_BURST as usize);
         let refused = handle.invalidate(current.sha256, "noisy").await.unwrap_err();
-        assert_eq!(refused.cause, Cause::ForcedRefreshLimited);
+        assert_eq!(refused.cause, Cause::ConsumerShareSpent);
         assert!(refused.retry_after > Duration::ZERO && refused.retry_after <= FORCED_REFRESH_EVERY);
         assert_eq!(source.calls(), 1 + FORCED_REFRESH_BURST as usize);
-        // With nothing to serve, the broker refreshes once the budget allows.
-        tokio::time::sleep(FORCED_REFRESH_EVERY + Duration::from_secs(1)).await;
-        assert!(handle.want(MIN).await.is_ok());
+        // The noisy consumer's refused report left the token for everyone.
+        let kept = handle.published().token.clone().expect("still held");
+        assert_eq!(kept.sha256, current.sha256);
+        assert_eq!(handle.want_as("quiet", MIN).await.unwrap().sha256, current.sha256);
+        // Another consumer's own share is untouched: its report is honoured.
+        let fresh = handle.invalidate(current.sha256, "quiet").await.unwrap();
+        assert_ne!(fresh.sha256, current.sha256);
         assert_eq!(source.calls(), 2 + FORCED_REFRESH_BURST as usize);
+        // The noisy one gets another after its share refills.
+        tokio::time::sleep(FORCED_REFRESH_EVERY + Duration::from_secs(1)).await;
+        assert!(handle.invalidate(fresh.sha256, "noisy").await.is_ok());
+        assert_eq!(source.calls(), 3 + FORCED_REFRESH_BURST as usize);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn many_consumers_together_are_held_by_the_accounts_cap() {
+        let source = scripted(Duration::from_secs(900));
+        let (handle, _m, _cancel) = start(&source, policy());
+        let mut current = handle.want(MIN).await.unwrap();
+        let mut refused = None;
+        for i in 0..(ACCOUNT_FORCED_BURST + 2) {
+            match handle.invalidate(current.sha256, &format!("engine-{i}")).await {
+                Ok(next) => current = next,
+                Err(u) => {
+                    refused = Some(u);
+                    break;
+                }
+            }
+        }
+        let refused = refused.expect("the account's cap holds");
+        assert_eq!(refused.cause, Cause::ForcedRefreshLimited);
+        assert_eq!(source.calls(), 1 + ACCOUNT_FORCED_BURST as usize);
     }
 
     #[tokio::test(start_paused = true)]

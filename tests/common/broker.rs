@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use kraken_token_broker::broker::{self, Listeners, Options, ReloadOutcome, ReloadRequest, ReloadSummary};
 use kraken_token_broker::clock::WallClock;
-use kraken_token_broker::config::{AccountConfig, Config, ConsumerConfig, KrakenConfig, ListenConfig};
+use kraken_token_broker::config::{
+    AccountConfig, Config, ConsumerConfig, Identity, KrakenConfig, ListenConfig, RateLimit,
+};
 use kraken_token_broker::http::auth::new_credential;
 use kraken_token_broker::kraken::{ApiCredentials, decode_secret};
 use kraken_token_broker::metrics::Metrics;
@@ -30,6 +32,7 @@ pub fn test_config(
         listen: ListenConfig {
             api: "127.0.0.1:0".parse().unwrap(),
             admin: "127.0.0.1:0".parse().unwrap(),
+            tls: None,
         },
         kraken: KrakenConfig {
             rest_url: sim.rest_url(),
@@ -41,12 +44,25 @@ pub fn test_config(
         accounts,
         consumers: vec![ConsumerConfig {
             name: "engine".into(),
-            credential_sha256,
+            identity: Identity::Credential {
+                sha256: credential_sha256,
+            },
             accounts: names,
+            // Tests play many engines with this one consumer: a limit that
+            // never binds here (the limit's own tests set theirs).
+            rate_limit: UNLIMITED,
         }],
+        kubernetes: None,
+        audit: None,
         warnings: Vec::new(),
     }
 }
+
+/// A request-rate limit that never binds.
+pub const UNLIMITED: RateLimit = RateLimit {
+    per_second: 1e6,
+    burst: 1e6,
+};
 
 /// A broker running in this process against a simulator.
 pub struct Broker {
@@ -141,10 +157,8 @@ impl Broker {
     ) -> Broker {
         let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        config.listen = ListenConfig {
-            api: api.local_addr().unwrap(),
-            admin: admin.local_addr().unwrap(),
-        };
+        config.listen.api = api.local_addr().unwrap();
+        config.listen.admin = admin.local_addr().unwrap();
         let (api_addr, admin_addr) = (config.listen.api, config.listen.admin);
         let (reloads, reload, dir) = match files {
             Some((path, dir)) => {

@@ -70,6 +70,8 @@ api_secret = {{ file = "{dir}/api-secret" }}
 name = "engine"
 credential_sha256 = "{credential_sha256}"
 accounts = ["main"]
+# Tests play many engines with this one consumer: a limit that never binds.
+rate_limit = {{ per_second = 10000, burst = 100000 }}
 "#,
         rest = sim.rest_url(),
         ws = sim.ws_url(),
