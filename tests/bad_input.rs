@@ -253,3 +253,164 @@ async fn clients_trickling_headers_are_cut_off_and_good_consumers_are_not() {
     }
     broker.stop().await.unwrap();
 }
+
+/// Sends raw bytes and reads the whole answer (the request asks the server
+/// to close); empty if it closed without one.
+async fn raw_answer(addr: &str, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let _ = stream.write_all(request).await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the server answers and closes within 5 s");
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_requests_are_refused_in_problem_json_and_counted() {
+    let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+    let broker = Broker::start(&sim, &key, policy(450.0, 60.0, 30.0, (1.0, 60.0))).await;
+    good_consumer_is_served(&broker).await;
+    let addr = host(&broker.api);
+    let auth = format!("Authorization: Bearer {}\r\n", broker.credential);
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "no Host on HTTP/1.1",
+            format!("GET /v1/token HTTP/1.1\r\n{auth}Connection: close\r\n\r\n"),
+            "Host",
+        ),
+        (
+            "two Host headers",
+            format!("GET /v1/token HTTP/1.1\r\nHost: a\r\nHost: b\r\n{auth}Connection: close\r\n\r\n"),
+            "Host",
+        ),
+        (
+            "two Authorization headers",
+            format!("GET /v1/token HTTP/1.1\r\nHost: a\r\n{auth}{auth}Connection: close\r\n\r\n"),
+            "Authorization",
+        ),
+        (
+            "bad framing (hyper's own 400)",
+            format!("GET /v1/token HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n{auth}\r\n"),
+            "",
+        ),
+    ];
+    for (what, request, names) in &cases {
+        let answer = raw_answer(&addr, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{what}: {answer}");
+        let lower = answer.to_ascii_lowercase();
+        assert!(
+            lower.contains("content-type: application/problem+json"),
+            "{what}: {answer}"
+        );
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let problem: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("{what}: {answer}"));
+        assert_eq!(problem["status"], 400, "{what}");
+        assert!(problem["detail"].as_str().unwrap().contains(names), "{what}: {problem}");
+        assert!(
+            !answer.contains(&broker.credential),
+            "{what}: the credential is not echoed"
+        );
+    }
+    // None of them was served a token.
+    let metrics = broker.metrics.encode();
+    let served = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kraken_token_broker_tokens_served_total{account=\"main\",consumer=\"engine\"} "))
+        .unwrap();
+    assert_eq!(served.trim(), "5", "only the good consumer's 5 fetches were served");
+    // And each is counted as a 400.
+    let bad: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("kraken_token_broker_http_requests_total{") && l.contains("status=\"400\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(bad, cases.len() as f64, "{metrics}");
+
+    // HEAD answers the headers of a GET but serves no token.
+    let answer = raw_answer(
+        &addr,
+        format!("HEAD /v1/token HTTP/1.1\r\nHost: a\r\n{auth}Connection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(!answer.contains("\"token\""), "no body on HEAD: {answer}");
+    assert_eq!(
+        broker.metric("tokens_served_total{account=\"main\",consumer=\"engine\"}"),
+        5.0
+    );
+    good_consumer_is_served(&broker).await;
+    broker.stop().await.unwrap();
+}
+
+/// Connects from `source` (another loopback address) to `addr`.
+async fn connect_from(source: std::net::IpAddr, addr: &str) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(source, 0))?;
+    socket.connect(addr.parse().unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_of_unauthenticated_connections_stays_within_the_pods_memory_and_the_engine_is_served() {
+    // The chart's memory limit for the broker.
+    const POD_LIMIT_KIB: u64 = 128 * 1024;
+    let fds = kraken_token_broker::http::server::raise_open_files_limit();
+    let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+    let refresh = "refresh_before_expiry = \"450s\"\nmin_served_ttl = \"60s\"\n";
+    let mut served = Served::start(&sim, &key, refresh, &[]).await;
+    let pid = served.child.id();
+    let cred = served.credential.clone();
+    assert_eq!(served.get("/v1/token", Some(&cred)).await.0, 200);
+    let addr = host(&served.api);
+    // Four times the listener's cap, from four addresses other than the
+    // engine's (127.0.0.1), within this process's file budget.
+    let crowd =
+        (4 * kraken_token_broker::http::server::API_MAX_CONNECTIONS).min((fds as usize).saturating_sub(256) / 2);
+    let mut held = Vec::with_capacity(crowd);
+    let mut refused = 0usize;
+    for i in 0..crowd {
+        let source = std::net::IpAddr::from([127, 0, 0, 2 + (i % 4) as u8]);
+        match connect_from(source, &addr).await {
+            Ok(mut stream) => {
+                if i % 2 == 0 {
+                    let _ = stream.write_all(b"GET /v1/token HTTP/1.1\r\nHost: x\r\nX-Pad: ").await;
+                }
+                held.push(stream);
+            }
+            Err(_) => refused += 1,
+        }
+        if i % 512 == 511 {
+            // The engine, on new connections, while the crowd grows.
+            let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+            let r = http
+                .get(format!("{}/v1/token", served.api))
+                .bearer_auth(&cred)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "the engine is served with {i} strangers connected");
+        }
+    }
+    for _ in 0..20 {
+        assert_eq!(
+            served.get("/v1/token", Some(&cred)).await.0,
+            200,
+            "the engine is served"
+        );
+    }
+    let rss = rss_kib(pid);
+    let metrics = served.admin_text("/metrics").await;
+    let open = common::metric_value(&metrics, "connections_open{listener=\"api\"}");
+    println!("{crowd} strangers ({refused} refused at connect): broker RSS {rss} KiB, {open} API connections open");
+    assert!(rss < POD_LIMIT_KIB / 2, "RSS {rss} KiB, half the pod's limit at most");
+    assert!(
+        open <= kraken_token_broker::http::server::API_MAX_CONNECTIONS as f64,
+        "{open} connections open"
+    );
+    assert!(
+        metrics.contains("connections_refused_total{listener=\"api\",reason=\"evicted\"}"),
+        "strangers that never sent a request were evicted:\n{metrics}"
+    );
+    drop(held);
+    served.signal("TERM");
+    assert!(served.exit(Duration::from_secs(10)).await.success());
+}

@@ -125,10 +125,17 @@ enum Refusal {
     Malformed(&'static str),
     /// The proof cannot be checked now (the API server is down or busy).
     Unavailable(std::time::Duration),
+    /// An address whose failures are throttled sent a token that would need
+    /// a review: it gets none (so failing clients cannot drive reviews).
+    Throttled(std::time::Duration),
 }
 
 /// Finds the consumer a request proves it is.
-async fn identify(parts: &Parts, table: &ServeTable) -> Result<Arc<Consumer>, Refusal> {
+async fn identify(
+    parts: &Parts,
+    table: &ServeTable,
+    throttled: impl Fn() -> Option<std::time::Duration>,
+) -> Result<Arc<Consumer>, Refusal> {
     if let Some(cert) = parts.extensions.get::<ClientCertificate>()
         && let Some(consumer) = table.by_san(&cert.sans)
     {
@@ -147,7 +154,14 @@ async fn identify(parts: &Parts, table: &ServeTable) -> Result<Arc<Consumer>, Re
     {
         let token =
             std::str::from_utf8(credential).map_err(|_| Refusal::Auth(AuthFailure::Invalid, "service_account"))?;
-        return match reviewer.review(token).await {
+        let reviewed = match reviewer.cached(token) {
+            Some(username) => Ok(username),
+            None => match throttled() {
+                Some(retry_after) => return Err(Refusal::Throttled(retry_after)),
+                None => reviewer.review(token).await,
+            },
+        };
+        return match reviewed {
             Ok(username) => table
                 .by_service_account(&username)
                 .ok_or(Refusal::Auth(AuthFailure::Invalid, "service_account")),
@@ -166,7 +180,7 @@ impl FromRequestParts<AppState> for Authenticated {
         let table = state.table.load_full();
         let peer = super::peer_addr(parts);
         let ip = peer.map(|p| p.ip());
-        match identify(parts, &table).await {
+        match identify(parts, &table, || state.throttle.blocked(ip)).await {
             Ok(consumer) => {
                 if let Err(retry_after) = consumer.limiter.check(Instant::now()) {
                     consumer.rate_limited.inc();
@@ -187,6 +201,10 @@ impl FromRequestParts<AppState> for Authenticated {
                 })
             }
             Err(Refusal::Malformed(why)) => Err(ApiError::BadRequest(why.into())),
+            Err(Refusal::Throttled(retry_after)) => {
+                state.metrics.auth_failure(AuthFailure::Invalid);
+                Err(ApiError::TooManyRequests { retry_after })
+            }
             Err(Refusal::Unavailable(retry_after)) => Err(ApiError::Unavailable {
                 retry_after,
                 detail:

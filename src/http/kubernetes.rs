@@ -187,13 +187,22 @@ impl TokenReviewer {
         &self.config
     }
 
-    /// The reviewed username (`system:serviceaccount:NS:SA`) of `token`.
-    pub async fn review(&self, token: &str) -> Result<Arc<str>, ReviewError> {
+    /// The username of `token` if a review of it is still trusted.
+    pub fn cached(&self, token: &str) -> Option<Arc<str>> {
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let now = Instant::now();
-        if let Some(hit) = self.cache.get(&key).filter(|c| c.until > now) {
-            return Ok(Arc::clone(&hit.username));
+        self.cache
+            .get(&key)
+            .filter(|c| c.until > now)
+            .map(|hit| Arc::clone(&hit.username))
+    }
+
+    /// The reviewed username (`system:serviceaccount:NS:SA`) of `token`.
+    pub async fn review(&self, token: &str) -> Result<Arc<str>, ReviewError> {
+        if let Some(username) = self.cached(token) {
+            return Ok(username);
         }
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let Some(claims) = claims(token) else {
             return Err(ReviewError::Rejected("not a JWT"));
         };

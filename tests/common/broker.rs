@@ -147,6 +147,20 @@ impl Broker {
         .await
     }
 
+    /// A broker loading the config file `path` (in `dir`) as `serve` does;
+    /// `reload()` re-reads it. `credential` is what `get_token` sends. With
+    /// `[listen.tls]`, `api` is an `https://` URL and `http` must be given a
+    /// client trusting the server's CA.
+    pub async fn start_from_config(path: PathBuf, dir: tempfile::TempDir, credential: &str) -> Broker {
+        let config = Config::load(&path).unwrap_or_else(|e| panic!("a valid test config: {e}"));
+        let tls = config.listen.tls.is_some();
+        let mut broker = Self::launch(config, credential.to_owned(), Some((path, dir)), Default::default()).await;
+        if tls {
+            broker.api = broker.api.replacen("http://", "https://", 1);
+        }
+        broker
+    }
+
     /// Binds both listeners on 127.0.0.1:0 and runs the broker; with a
     /// config file, reloads re-read it.
     async fn launch(

@@ -4,7 +4,9 @@
 //! sleep), a consumer loop and readings of metrics and memory.
 #![allow(dead_code, unused_imports)]
 
+pub mod apiserver;
 pub mod broker;
+pub mod pki;
 pub mod process;
 pub mod sim;
 

@@ -1,0 +1,281 @@
+//! Consumers proving who they are with a projected ServiceAccount token,
+//! checked by a `TokenReview` against a fake API server over TLS: the
+//! right ServiceAccount and audience are served, everything else is 401,
+//! reviews are cached and coalesced, an API server outage is a 503 with
+//! `Retry-After` (never a token), the broker's own token rotates, and a
+//! flood of forged tokens makes a bounded number of reviews.
+
+mod common;
+
+use std::time::Duration;
+
+use common::apiserver::{FakeApiServer, jwt};
+use common::{Broker, sim_with_key, write};
+use kraken_token_broker::http::auth::new_credential;
+use kraken_token_broker::http::kubernetes::{REVIEW_BURST, REVIEWS_PER_SEC};
+use kraken_token_broker::sim::SimHandle;
+
+const AUDIENCE: &str = "kraken-token-broker";
+const ENGINE: &str = "system:serviceaccount:trading:mm-engine";
+
+struct Cluster {
+    broker: Broker,
+    api: FakeApiServer,
+    sim: SimHandle,
+    dir: tempfile::TempDir,
+}
+
+async fn cluster() -> Cluster {
+    let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+    let api = FakeApiServer::start("broker-sa-token-1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(d, "api-key", &format!("{}\n", key.api_key));
+    write(d, "api-secret", &format!("{}\n", key.api_secret));
+    write(d, "ca.crt", &api.ca_pem);
+    write(d, "token", "broker-sa-token-1\n");
+    let (credential, hash) = new_credential();
+    let text = format!(
+        r#"
+[listen]
+api = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+
+[kraken]
+rest_url = "{rest}"
+ws_url = "{ws}"
+timeout = "2s"
+
+[kubernetes]
+audience = "{AUDIENCE}"
+api_url = "{api_url}"
+ca = {{ file = "{d}/ca.crt" }}
+token = {{ file = "{d}/token" }}
+cache_ttl = "30s"
+
+[[account]]
+name = "main"
+api_key = {{ file = "{d}/api-key" }}
+api_secret = {{ file = "{d}/api-secret" }}
+
+[[consumer]]
+name = "mm-engine"
+kubernetes = {{ namespace = "trading", service_account = "mm-engine" }}
+accounts = ["main"]
+rate_limit = {{ per_second = 10000, burst = 100000 }}
+
+[[consumer]]
+name = "engine"
+credential_sha256 = "{hash}"
+accounts = ["main"]
+rate_limit = {{ per_second = 10000, burst = 100000 }}
+"#,
+        rest = sim.rest_url(),
+        ws = sim.ws_url(),
+        api_url = api.url,
+        d = d.display(),
+        hash = hex::encode(hash),
+    );
+    let path = write(d, "broker.toml", &text);
+    let broker = Broker::start_from_config(path, tempfile::tempdir().unwrap(), credential.expose()).await;
+    Cluster { broker, api, sim, dir }
+}
+
+impl Cluster {
+    async fn fetch(&self, bearer: &str) -> (u16, Option<String>, serde_json::Value) {
+        let r = self
+            .broker
+            .http
+            .get(format!("{}/v1/token", self.broker.api))
+            .bearer_auth(bearer)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let retry_after = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+        (status, retry_after, r.json().await.unwrap_or_default())
+    }
+}
+
+fn series(broker: &Broker, name: &str) -> f64 {
+    let text = broker.metrics.encode();
+    let wanted = format!("kraken_token_broker_{name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&wanted))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_right_service_account_is_served_and_reviews_are_cached_and_coalesced() {
+    let c = cluster().await;
+    let token = jwt(ENGINE, &[AUDIENCE], 600);
+    c.api.accept(&token, ENGINE, &[AUDIENCE]);
+    let (status, _, body) = c.fetch(&token).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(c.sim.state().token_is_valid(body["token"].as_str().unwrap()));
+    assert_eq!(c.api.reviews(), 1);
+    for _ in 0..10 {
+        assert_eq!(c.fetch(&token).await.0, 200);
+    }
+    assert_eq!(c.api.reviews(), 1, "a reviewed token is trusted for cache_ttl");
+    assert_eq!(
+        c.broker
+            .metric("tokens_served_total{account=\"main\",consumer=\"mm-engine\"}"),
+        11.0
+    );
+
+    // A new pod's token, asked for by 50 requests at once: one review.
+    let fresh = jwt(ENGINE, &[AUDIENCE], 600);
+    c.api.accept(&fresh, ENGINE, &[AUDIENCE]);
+    let asks: Vec<_> = (0..50)
+        .map(|_| {
+            let (http, url, fresh) = (
+                c.broker.http.clone(),
+                format!("{}/v1/token", c.broker.api),
+                fresh.clone(),
+            );
+            tokio::spawn(async move { http.get(url).bearer_auth(fresh).send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    for ask in asks {
+        assert_eq!(ask.await.unwrap(), 200);
+    }
+    assert_eq!(
+        c.api.reviews(),
+        2,
+        "50 concurrent requests with one new token make one review"
+    );
+    assert_eq!(series(&c.broker, "token_reviews_total{result=\"authenticated\"}"), 2.0);
+    c.broker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_service_accounts_audiences_and_forgeries_are_refused() {
+    let c = cluster().await;
+    // Another ServiceAccount of the cluster, valid for the broker: no
+    // consumer is mapped to it.
+    let other = jwt("system:serviceaccount:trading:reporting", &[AUDIENCE], 600);
+    c.api
+        .accept(&other, "system:serviceaccount:trading:reporting", &[AUDIENCE]);
+    assert_eq!(c.fetch(&other).await.0, 401);
+    // The engine's token for another audience (e.g. its default API token):
+    // refused before any review, by its claims ...
+    let for_api = jwt(ENGINE, &["https://kubernetes.default.svc"], 600);
+    c.api.accept(&for_api, ENGINE, &["https://kubernetes.default.svc"]);
+    let reviews = c.api.reviews();
+    assert_eq!(c.fetch(&for_api).await.0, 401);
+    assert_eq!(c.api.reviews(), reviews, "a token for another audience makes no review");
+    // ... and refused by the API server when its claims lie about it.
+    let lying = jwt(ENGINE, &[AUDIENCE], 600);
+    c.api.accept(&lying, ENGINE, &["https://kubernetes.default.svc"]);
+    assert_eq!(c.fetch(&lying).await.0, 401);
+    // A forged token with the right claims: the API server does not know it.
+    let forged = jwt(ENGINE, &[AUDIENCE], 600);
+    let (status, _, body) = c.fetch(&forged).await;
+    assert_eq!(status, 401);
+    assert!(body.get("token").is_none());
+    // An expired one: refused without a review.
+    let expired = jwt(ENGINE, &[AUDIENCE], -10);
+    c.api.accept(&expired, ENGINE, &[AUDIENCE]);
+    let reviews = c.api.reviews();
+    assert_eq!(c.fetch(&expired).await.0, 401);
+    assert_eq!(c.api.reviews(), reviews, "an expired token makes no review");
+    assert!(series(&c.broker, "token_reviews_total{result=\"rejected\"}") >= 2.0);
+    let logs_and_metrics = c.broker.metrics.encode();
+    for t in [&other, &for_api, &lying, &forged] {
+        assert!(!logs_and_metrics.contains(t.as_str()));
+    }
+    c.broker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_outage_is_a_503_with_retry_after_and_cached_reviews_keep_serving() {
+    let c = cluster().await;
+    let known = jwt(ENGINE, &[AUDIENCE], 600);
+    c.api.accept(&known, ENGINE, &[AUDIENCE]);
+    assert_eq!(c.fetch(&known).await.0, 200);
+
+    c.api.state.fail_500.store(true, std::sync::atomic::Ordering::SeqCst);
+    let new = jwt(ENGINE, &[AUDIENCE], 600);
+    c.api.accept(&new, ENGINE, &[AUDIENCE]);
+    let (status, retry_after, body) = c.fetch(&new).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(retry_after.is_some(), "Retry-After on a 503");
+    assert!(body.get("token").is_none());
+    assert_eq!(c.fetch(&known).await.0, 200, "a cached review keeps serving");
+
+    // Unreachable: the same.
+    c.api.stop();
+    let (status, retry_after, _) = c.fetch(&new).await;
+    assert_eq!(status, 503);
+    assert!(retry_after.is_some());
+    assert_eq!(c.fetch(&known).await.0, 200);
+    assert!(series(&c.broker, "token_reviews_total{result=\"error\"}") >= 2.0);
+    c.broker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_brokers_own_token_is_reread_when_the_kubelet_rotates_it() {
+    let c = cluster().await;
+    let first = jwt(ENGINE, &[AUDIENCE], 600);
+    c.api.accept(&first, ENGINE, &[AUDIENCE]);
+    assert_eq!(c.fetch(&first).await.0, 200);
+    // The kubelet writes a new token; the old one stops being accepted.
+    write(c.dir.path(), "token", "broker-sa-token-2\n");
+    *c.api.state.broker_token.lock().unwrap() = "broker-sa-token-2".into();
+    let second = jwt(ENGINE, &[AUDIENCE], 600);
+    c.api.accept(&second, ENGINE, &[AUDIENCE]);
+    assert_eq!(c.fetch(&second).await.0, 200, "re-read on a 401 and retried");
+    assert_eq!(
+        c.api.state.unauthorized.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one 401 with the old token"
+    );
+    c.broker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_forged_tokens_makes_a_bounded_number_of_reviews() {
+    let c = cluster().await;
+    let known = jwt(ENGINE, &[AUDIENCE], 600);
+    c.api.accept(&known, ENGINE, &[AUDIENCE]);
+    assert_eq!(c.fetch(&known).await.0, 200);
+    let before = c.api.reviews();
+    let started = std::time::Instant::now();
+    let flood: Vec<_> = (0..400)
+        .map(|_| {
+            let (http, url) = (c.broker.http.clone(), format!("{}/v1/token", c.broker.api));
+            tokio::spawn(async move {
+                let forged = jwt(ENGINE, &[AUDIENCE], 600);
+                http.get(url)
+                    .bearer_auth(forged)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    // While it runs, the engine with a reviewed token and a bearer consumer
+    // are served.
+    assert_eq!(c.fetch(&known).await.0, 200);
+    assert_eq!(c.fetch(&c.broker.credential.clone()).await.0, 200);
+    let mut statuses = std::collections::BTreeMap::new();
+    for f in flood {
+        *statuses.entry(f.await.unwrap()).or_insert(0) += 1;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let reviews = c.api.reviews() - before;
+    let bound = (REVIEW_BURST + REVIEWS_PER_SEC * elapsed).ceil() as usize + 1;
+    assert!(
+        reviews <= bound,
+        "{reviews} reviews for 400 forged tokens in {elapsed:.1}s (bound {bound}); statuses {statuses:?}"
+    );
+    assert!(
+        statuses.keys().all(|s| [401, 429, 503].contains(s)),
+        "forged tokens get 401, 429 or 503: {statuses:?}"
+    );
+    assert_eq!(c.fetch(&known).await.0, 200);
+    c.broker.stop().await.unwrap();
+}

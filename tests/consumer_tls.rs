@@ -1,0 +1,303 @@
+//! The consumer API over TLS: certificates from files, rotation under load
+//! without a failed request, a broken rotation refused, cleartext and
+//! stalled handshakes, and client certificates (mutual TLS) as a consumer
+//! identity beside bearer credentials.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::pki::{Ca, Leaf, client};
+use common::{Broker, sim_with_key, wait_for, write};
+use kraken_token_broker::http::auth::new_credential;
+use kraken_token_broker::sim::{SimHandle, SimKey};
+
+/// A config with `[listen.tls]` from files in `dir`, one bearer consumer
+/// `engine`, and `more` (extra consumers or sections).
+fn tls_config(
+    sim: &SimHandle,
+    key: &SimKey,
+    dir: &Path,
+    credential_sha256: &str,
+    client_ca: bool,
+    more: &str,
+) -> String {
+    write(dir, "api-key", &format!("{}\n", key.api_key));
+    write(dir, "api-secret", &format!("{}\n", key.api_secret));
+    let d = dir.display();
+    let client_ca = if client_ca {
+        format!("client_ca = {{ file = \"{d}/client-ca.pem\" }}")
+    } else {
+        String::new()
+    };
+    format!(
+        r#"
+[listen]
+api = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+
+[listen.tls]
+cert = {{ file = "{d}/tls.crt" }}
+key = {{ file = "{d}/tls.key" }}
+{client_ca}
+
+[kraken]
+rest_url = "{rest}"
+ws_url = "{ws}"
+timeout = "2s"
+
+[[account]]
+name = "main"
+api_key = {{ file = "{d}/api-key" }}
+api_secret = {{ file = "{d}/api-secret" }}
+
+[[consumer]]
+name = "engine"
+credential_sha256 = "{credential_sha256}"
+accounts = ["main"]
+rate_limit = {{ per_second = 10000, burst = 100000 }}
+{more}
+"#,
+        rest = sim.rest_url(),
+        ws = sim.ws_url(),
+    )
+}
+
+fn install(dir: &Path, leaf: &Leaf) {
+    // As a Secret volume update does: the new file appears whole.
+    for (name, text) in [("tls.crt", &leaf.cert), ("tls.key", &leaf.key)] {
+        let tmp = dir.join(format!(".{name}.new"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dir.join(name)).unwrap();
+    }
+}
+
+async fn status_of(http: &reqwest::Client, url: &str, credential: Option<&str>) -> Result<u16, String> {
+    let mut request = http.get(url);
+    if let Some(c) = credential {
+        request = request.bearer_auth(c);
+    }
+    match request.send().await {
+        Ok(r) => Ok(r.status().as_u16()),
+        Err(e) => Err(format!("{e:?}")),
+    }
+}
+
+/// Starts a TLS broker: (broker, its credential, the server CA).
+async fn tls_broker(client_ca: Option<&Ca>, more: &str) -> (Broker, SimHandle, Ca, tempfile::TempDir) {
+    let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("broker-ca-1");
+    install(dir.path(), &ca.leaf(&["127.0.0.1", "localhost"]));
+    if let Some(client_ca) = client_ca {
+        write(dir.path(), "client-ca.pem", &client_ca.pem);
+    }
+    let (credential, hash) = new_credential();
+    let text = tls_config(&sim, &key, dir.path(), &hex::encode(hash), client_ca.is_some(), more);
+    let path = write(dir.path(), "broker.toml", &text);
+    // The broker owns a copy of the directory's path; the test keeps the
+    // directory itself to rotate files in it.
+    let owned = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start_from_config(path, owned, credential.expose()).await;
+    broker.http = client(&[&ca.pem], None);
+    (broker, sim, ca, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_served_over_tls_and_cleartext_gets_no_http_answer() {
+    let (broker, sim, _ca, _dir) = tls_broker(None, "").await;
+    assert!(broker.api.starts_with("https://"));
+    let (status, _, body) = broker.get_token("").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(sim.state().token_is_valid(body["token"].as_str().unwrap()));
+
+    // A client that does not trust the broker's CA does not get through.
+    let stranger = client(&[&Ca::new("someone-else").pem], None);
+    let refused = status_of(&stranger, &format!("{}/v1/token", broker.api), Some(&broker.credential)).await;
+    assert!(
+        refused.is_err(),
+        "an untrusted server certificate fails the handshake: {refused:?}"
+    );
+
+    // Cleartext HTTP to the TLS port: no HTTP answer, and the credential in
+    // it goes nowhere (the handshake fails on the first bytes).
+    let addr = broker.api.trim_start_matches("https://").to_owned();
+    let mut plain = std::net::TcpStream::connect(&addr).unwrap();
+    plain.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // (The broker may close before the whole request is written.)
+    let _ = write!(
+        plain,
+        "GET /v1/token HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        broker.credential
+    );
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "no HTTP answer on the TLS port: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // A client that connects and never says hello is cut off.
+    let mut stalled = std::net::TcpStream::connect(&addr).unwrap();
+    stalled.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let started = std::time::Instant::now();
+    let read = stalled.read(&mut [0u8; 16]);
+    assert!(
+        matches!(read, Ok(0)) || read.is_err() && started.elapsed() < Duration::from_secs(29),
+        "a stalled handshake is closed by the broker: {read:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(29),
+        "closed by the broker, not by the read timeout"
+    );
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_is_taken_without_a_failed_request_and_a_broken_one_is_refused() {
+    let (broker, _sim, ca1, dir) = tls_broker(None, "").await;
+    let ca2 = Ca::new("broker-ca-2");
+    // Engines trusting both CAs during the rotation, on new connections
+    // every time (each request makes a handshake).
+    let both = reqwest::Client::builder()
+        .tls_certs_only([&ca1.pem, &ca2.pem].map(|p| reqwest::Certificate::from_pem(p.as_bytes()).unwrap()))
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let url = format!("{}/v1/token", broker.api);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let loops: Vec<_> = (0..4)
+        .map(|_| {
+            let (http, url, credential) = (both.clone(), url.clone(), broker.credential.clone());
+            let (stop, done) = (stop.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    answers.push(status_of(&http, &url, Some(&credential)).await);
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+                answers
+            })
+        })
+        .collect();
+    let at_least = |n: usize| {
+        let done = done.clone();
+        move || {
+            let reached = done.load(Ordering::SeqCst) >= n;
+            async move { reached.then_some(()) }
+        }
+    };
+    wait_for("the first answers", Duration::from_secs(10), at_least(20)).await;
+
+    install(dir.path(), &ca2.leaf(&["127.0.0.1"]));
+    broker.reload().await;
+    let after_rotation = done.load(Ordering::SeqCst);
+    wait_for(
+        "answers after the rotation",
+        Duration::from_secs(10),
+        at_least(after_rotation + 20),
+    )
+    .await;
+    let only_new = client(&[&ca2.pem], None);
+    assert_eq!(
+        status_of(&only_new, &url, Some(&broker.credential)).await,
+        Ok(200),
+        "a new connection meets the new certificate"
+    );
+    let only_old = client(&[&ca1.pem], None);
+    assert!(status_of(&only_old, &url, Some(&broker.credential)).await.is_err());
+
+    // A broken certificate: the reload is refused, the one in force stays.
+    std::fs::write(dir.path().join("tls.crt"), "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
+    let refused = broker
+        .reload_outcome()
+        .await
+        .expect_err("a broken certificate is refused");
+    assert!(refused.to_string().contains("listen.tls"), "{refused}");
+    // A key that does not fit the certificate: refused as well.
+    let other = ca2.leaf(&["127.0.0.1"]);
+    std::fs::write(dir.path().join("tls.crt"), &other.cert).unwrap();
+    std::fs::write(dir.path().join("tls.key"), ca2.leaf(&["127.0.0.1"]).key).unwrap();
+    let refused = broker
+        .reload_outcome()
+        .await
+        .expect_err("a key that does not fit is refused");
+    assert!(refused.to_string().contains("listen.tls"), "{refused}");
+    assert_eq!(status_of(&only_new, &url, Some(&broker.credential)).await, Ok(200));
+    let after_refusals = done.load(Ordering::SeqCst);
+    wait_for(
+        "answers after the refusals",
+        Duration::from_secs(10),
+        at_least(after_refusals + 20),
+    )
+    .await;
+
+    stop.store(true, Ordering::SeqCst);
+    let mut total = 0;
+    for l in loops {
+        let answers = l.await.unwrap();
+        total += answers.len();
+        let failed: Vec<_> = answers.iter().filter(|a| **a != Ok(200)).collect();
+        assert!(failed.is_empty(), "no request failed during the rotation: {failed:?}");
+    }
+    assert!(total > 60, "the loops ran through the rotation ({total} requests)");
+    let metrics = broker.admin_get("/metrics").await.1;
+    assert!(
+        metrics.contains("config_reloads_total{result=\"failure\"} 2"),
+        "{metrics}"
+    );
+    broker.stop().await.unwrap();
+}
+
+const ENGINE_SAN: &str = "spiffe://cluster.local/ns/trading/sa/mm-engine";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_is_an_identity_and_a_foreign_one_is_refused() {
+    let clients = Ca::new("client-ca");
+    let more = format!(
+        r#"
+[[consumer]]
+name = "mm-engine"
+client_cert = {{ san = "{ENGINE_SAN}" }}
+accounts = ["main"]
+"#
+    );
+    let (broker, sim, ca, _dir) = tls_broker(Some(&clients), &more).await;
+    let url = format!("{}/v1/token", broker.api);
+
+    // The engine's certificate alone is its identity: no bearer.
+    let engine = client(&[&ca.pem], Some(&clients.leaf(&[ENGINE_SAN])));
+    let r = engine.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(sim.state().token_is_valid(body["token"].as_str().unwrap()));
+    assert_eq!(
+        broker.metric("tokens_served_total{account=\"main\",consumer=\"mm-engine\"}"),
+        1.0
+    );
+
+    // A certificate of the right CA naming no consumer: 401, not a token.
+    let unknown = client(
+        &[&ca.pem],
+        Some(&clients.leaf(&["spiffe://cluster.local/ns/x/sa/other"])),
+    );
+    assert_eq!(status_of(&unknown, &url, None).await, Ok(401));
+
+    // A certificate of another CA with the engine's SAN: the handshake fails.
+    let forged = client(&[&ca.pem], Some(&Ca::new("client-ca").leaf(&[ENGINE_SAN])));
+    let result = status_of(&forged, &url, None).await;
+    assert!(result.is_err(), "a certificate of an unknown CA is refused: {result:?}");
+
+    // Bearer consumers need no certificate on the same listener.
+    assert_eq!(status_of(&broker.http, &url, Some(&broker.credential)).await, Ok(200));
+    // No certificate and no bearer: 401.
+    assert_eq!(status_of(&broker.http, &url, None).await, Ok(401));
+    broker.stop().await.unwrap();
+}
