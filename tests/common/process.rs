@@ -110,6 +110,24 @@ impl Served {
         let (credential, hash) = new_credential();
         let text = config_text_with(sim, dir.path(), &hex::encode(hash), kraken, refresh, extra_account);
         let config = write(dir.path(), "broker.toml", &text);
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap();
+        Self::spawn(&config, dir, credential.expose(), http, env).await
+    }
+
+    /// Runs `serve --config config` (files in `dir`), waits until it
+    /// listens; `http` is the client for its API (`https://` when the
+    /// config has `[listen.tls]`, which `http` must then trust).
+    pub async fn spawn(
+        config: &Path,
+        dir: tempfile::TempDir,
+        credential: &str,
+        http: reqwest::Client,
+        env: &[(&str, &str)],
+    ) -> Served {
+        let tls = std::fs::read_to_string(config).unwrap().contains("[listen.tls]");
         let mut command = Command::new(BIN);
         command
             .args(["serve", "--config"])
@@ -134,19 +152,17 @@ impl Served {
             logs,
             api: String::new(),
             admin: String::new(),
-            credential: credential.expose().to_owned(),
+            credential: credential.to_owned(),
             dir,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(20))
-                .build()
-                .unwrap(),
+            http,
         };
         let line = served
             .wait_log("the broker to listen", Duration::from_secs(10), |l| {
                 l["message"] == "broker serving"
             })
             .await;
-        served.api = format!("http://{}", line["api"].as_str().unwrap());
+        let scheme = if tls { "https" } else { "http" };
+        served.api = format!("{scheme}://{}", line["api"].as_str().unwrap());
         served.admin = format!("http://{}", line["admin"].as_str().unwrap());
         served
     }
