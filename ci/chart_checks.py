@@ -27,7 +27,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "kraken-token-broker"
 KUBE_VERSIONS = ["1.29.0", "1.33.0"]
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "Certificate"}
 
 checks = 0
 
@@ -49,8 +49,24 @@ def everything_enabled() -> dict:
     v["accounts"] = [{"name": "main", "otp": "none"}, {"name": "alt", "otp": "static"}, {"name": "twofa", "otp": "totp"}]
     v["consumers"] = [
         {"name": "mm-btc", "credentialSha256": "ab" * 32, "accounts": ["main"]},
-        {"name": "mm-eth", "credentialSha256": "cd" * 32, "accounts": ["main", "alt", "twofa"]},
+        {"name": "mm-eth", "credentialSha256": "cd" * 32, "accounts": ["main", "alt", "twofa"], "rateLimit": {"perSecond": 20, "burst": 40}},
+        {"name": "mm-sol", "serviceAccount": {"namespace": "trading", "name": "mm-sol"}, "accounts": ["main"]},
+        {"name": "mm-xrp", "clientCertSan": "spiffe://cluster.local/ns/trading/sa/mm-xrp", "accounts": ["alt"]},
     ]
+    v["tls"] = {
+        "enabled": True,
+        "secretName": "",
+        "certManager": {
+            "enabled": True,
+            "issuerRef": {"name": "internal-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"},
+            "duration": "2160h",
+            "renewBefore": "720h",
+            "dnsNames": ["ktb.trading.example.com"],
+        },
+        "clientCaSecret": "engines-ca",
+    }
+    v["kubernetes"] = {"enabled": True, "audience": "kraken-token-broker", "cacheTtl": "30s", "apiServerCidrs": ["10.0.0.1/32"], "apiServerPort": 6443}
+    v["audit"] = {"enabled": True, "fingerprintKeySecret": "ktb-audit"}
     data = {}
     for replica in range(2):
         for account, extra in [("main", None), ("alt", ("otp", "static-pass")), ("twofa", ("totp-secret", "JBSWY3DPEHPK3PXP"))]:
@@ -171,6 +187,7 @@ def check_workload(docs: list[dict], values: dict) -> None:
     for probe in ["startupProbe", "readinessProbe", "livenessProbe"]:
         check(c[probe]["httpGet"]["port"] == "admin", f"{probe} on the admin port")
     check(c["resources"]["limits"]["memory"] and c["resources"]["requests"]["cpu"], "resources set")
+    check_identity_mounts(pod, c, values)
     # Drain: twice kraken.timeout plus 5 s, which the grace period must exceed.
     timeout_s = int(values["kraken"]["timeout"].rstrip("s"))
     check(pod["terminationGracePeriodSeconds"] > 2 * timeout_s + 5, "grace period above the drain time")
@@ -197,6 +214,45 @@ def check_workload(docs: list[dict], values: dict) -> None:
     check(ports == {"api": 8080, "admin": 9090}, f"api and admin ports: {ports}")
 
 
+def check_identity_mounts(pod: dict, c: dict, values: dict) -> None:
+    """TLS, client CA, the broker's own ServiceAccount token and the audit key
+    are mounted exactly when enabled, read-only, not world-readable."""
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    tls = values["tls"]
+    wanted = {
+        "tls": tls["enabled"],
+        "client-ca": tls["enabled"] and bool(tls["clientCaSecret"]),
+        "kube-api-access": values["kubernetes"]["enabled"],
+        "audit-key": values["audit"]["enabled"],
+    }
+    for name, enabled in wanted.items():
+        check((name in mounts) == enabled and (name in volumes) == enabled, f"{name} mounted iff enabled")
+        if enabled:
+            check(mounts[name]["readOnly"] is True and "subPath" not in mounts[name], f"{name} read-only, no subPath")
+            source = volumes[name].get("secret") or volumes[name].get("projected")
+            check(source["defaultMode"] == 0o440, f"{name} not world-readable")
+    if wanted["kube-api-access"]:
+        sources = volumes["kube-api-access"]["projected"]["sources"]
+        (sa_token,) = [s["serviceAccountToken"] for s in sources if "serviceAccountToken" in s]
+        check(sa_token["expirationSeconds"] <= 3600, "the broker's own token is short-lived")
+        check("audience" not in sa_token, "the broker's own token is for the API server")
+        check(mounts["kube-api-access"]["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount", "where the broker looks")
+        check(pod["automountServiceAccountToken"] is False, "no automounted long-lived token beside it")
+    if wanted["tls"]:
+        check(volumes["tls"]["secret"]["secretName"] == "ktb-kraken-token-broker-tls", "the Secret cert-manager writes")
+
+
+def check_certificate(docs: list[dict], values: dict) -> None:
+    (cert,) = by_kind(docs, "Certificate")
+    spec = cert["spec"]
+    check(spec["secretName"] == "ktb-kraken-token-broker-tls", "the Certificate writes the mounted Secret")
+    check("ktb-kraken-token-broker.trading.svc" in spec["dnsNames"], f"the Service name in the certificate: {spec['dnsNames']}")
+    check("ktb.trading.example.com" in spec["dnsNames"], "extra DNS names")
+    check(spec["issuerRef"] == values["tls"]["certManager"]["issuerRef"], "the issuer given")
+    check(spec["privateKey"]["rotationPolicy"] == "Always", "a renewal rotates the key")
+
+
 def check_policies(docs: list[dict], values: dict) -> None:
     (pdb,) = by_kind(docs, "PodDisruptionBudget")
     check(pdb["spec"]["maxUnavailable"] == 1, "PDB maxUnavailable 1")
@@ -213,7 +269,21 @@ def check_policies(docs: list[dict], values: dict) -> None:
     monitoring = admin_rule["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
     check(monitoring == values["networkPolicy"]["monitoringNamespace"], "admin only from monitoring")
     egress_ports = sorted(p["port"] for rule in np["spec"]["egress"] for p in rule["ports"])
-    check(egress_ports == [53, 53, 443], f"egress only DNS and HTTPS: {egress_ports}")
+    expected = [53, 53, 443]
+    if values["kubernetes"]["enabled"]:
+        expected = sorted(expected + [values["kubernetes"]["apiServerPort"]])
+        (api_rule,) = [r for r in np["spec"]["egress"] if r["ports"][0]["port"] == values["kubernetes"]["apiServerPort"]]
+        cidrs = [t["ipBlock"]["cidr"] for t in api_rule["to"]]
+        check(cidrs == values["kubernetes"]["apiServerCidrs"], f"egress to the API server only at its addresses: {cidrs}")
+    check(egress_ports == expected, f"egress only DNS, HTTPS (and the API server): {egress_ports}")
+    bindings = by_kind(docs, "ClusterRoleBinding")
+    if values["kubernetes"]["enabled"]:
+        (binding,) = bindings
+        check(binding["roleRef"]["name"] == "system:auth-delegator", "TokenReview rights and no more")
+        (subject,) = binding["subjects"]
+        check(subject["name"] == sa["metadata"]["name"] and subject["namespace"] == "trading", "bound to the broker's ServiceAccount")
+    else:
+        check(not bindings, "no cluster-wide binding unless kubernetes.enabled")
 
 
 def check_config_accepted(docs: list[dict], binary: str, values: dict) -> None:
@@ -230,10 +300,34 @@ def check_config_accepted(docs: list[dict], binary: str, values: dict) -> None:
                 d.mkdir(parents=True)
                 for key, default in defaults.items():
                     (d / key).write_text(data.get(f"{account['name']}.{replica}.{key}", default) + "\n")
+        env_base = {"PATH": "/usr/bin:/bin"}
+        text = text.replace("/etc/kraken-token-broker/keys", tmp)
+        if values["tls"]["enabled"]:
+            # A certificate and key as cert-manager writes them, and a client CA.
+            for d, name in [("tls", "tls"), ("client-ca", "ca")]:
+                (Path(tmp) / d).mkdir()
+                subprocess.run(
+                    ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                     "-subj", "/CN=ktb", "-days", "2", "-keyout", f"{tmp}/{d}/{name}.key", "-out", f"{tmp}/{d}/{name}.crt"],
+                    check=True, capture_output=True,
+                )
+            for d in ["tls", "client-ca", "audit"]:
+                text = text.replace(f"/etc/kraken-token-broker/{d}", f"{tmp}/{d}")
+        if values["audit"]["enabled"]:
+            (Path(tmp) / "audit").mkdir()
+            (Path(tmp) / "audit" / "fingerprint-key").write_text("a-fingerprint-key-of-32-bytes-ok\n")
+        if values["kubernetes"]["enabled"]:
+            # What the projected volume holds, and what the kubelet sets.
+            sa = Path(tmp) / "sa"
+            sa.mkdir()
+            (sa / "token").write_text("the-brokers-own-token\n")
+            (sa / "ca.crt").write_text((Path(tmp) / "tls" / "tls.crt").read_text())
+            text = text.replace("[kubernetes]\n", f'[kubernetes]\nca = {{ file = "{sa}/ca.crt" }}\ntoken = {{ file = "{sa}/token" }}\n')
+            env_base.update(KUBERNETES_SERVICE_HOST="10.0.0.1", KUBERNETES_SERVICE_PORT="443")
         config = Path(tmp) / "broker.toml"
-        config.write_text(text.replace("/etc/kraken-token-broker/keys", tmp))
+        config.write_text(text)
         for replica in range(values["replicaCount"]):
-            env = {"PATH": "/usr/bin:/bin", "KTB_REPLICA": str(replica)}
+            env = {**env_base, "KTB_REPLICA": str(replica)}
             result = subprocess.run([binary, "check-config", "--config", str(config)], capture_output=True, text=True, env=env)
             check(result.returncode == 0, f"the broker accepts the rendered config (replica {replica}):\n{result.stderr}\n{text}")
             check(f"/{replica}/main/api-key" in result.stdout, f"replica {replica} reads its own key: {result.stdout}")
@@ -260,6 +354,20 @@ def check_schema_refusals(chart) -> None:
         ),
         "a bad key name in keysSecret.data": ("main.password", lambda v: v["keysSecret"].update(data={"main.password": "x"})),
         "an egress CIDR that is not one": ("egressCidrs", lambda v: v["networkPolicy"].update(egressCidrs=["kraken"])),
+        "a consumer with two identities": (
+            "consumers",
+            lambda v: v["consumers"][0].update(clientCertSan="spiffe://x/y"),
+        ),
+        "a consumer with no identity": ("consumers", lambda v: v["consumers"][0].pop("credentialSha256")),
+        "a ServiceAccount without a namespace": (
+            "namespace",
+            lambda v: v["consumers"].append({"name": "sa", "serviceAccount": {"name": "x"}, "accounts": ["main"]}),
+        ),
+        "a rate limit of zero": (
+            "perSecond",
+            lambda v: v["consumers"][0].update(rateLimit={"perSecond": 0, "burst": 1}),
+        ),
+        "an unknown tls key": ("certificate", lambda v: v["tls"].update(certificate="x")),
     }
     for what, (names, mutate) in bad.items():
         values = copy.deepcopy(defaults())
@@ -281,6 +389,27 @@ def check_template_refusals(chart) -> None:
             "a created Secret missing a key",
             lambda v: v["keysSecret"].update(create=True, data={"main.0.api-key": "K"}),
             "main.0.api-secret",
+        ),
+        (
+            "a ServiceAccount consumer without kubernetes.enabled",
+            lambda v: v["consumers"].append({"name": "sa", "serviceAccount": {"namespace": "t", "name": "x"}, "accounts": ["main"]}),
+            "set kubernetes.enabled",
+        ),
+        (
+            "a certificate consumer without client certificates",
+            lambda v: v["consumers"].append({"name": "c", "clientCertSan": "spiffe://x", "accounts": ["main"]}),
+            "tls.clientCaSecret",
+        ),
+        ("audit without a key", lambda v: v["audit"].update(enabled=True), "audit.fingerprintKeySecret"),
+        (
+            "TokenReviews without egress to the API server",
+            lambda v: v["kubernetes"].update(enabled=True),
+            "kubernetes.apiServerCidrs",
+        ),
+        (
+            "cert-manager without an issuer",
+            lambda v: v["tls"].update(enabled=True, certManager={**v["tls"]["certManager"], "enabled": True}),
+            "issuerRef.name",
         ),
     ]:
         values = defaults()
@@ -319,6 +448,7 @@ def main() -> None:
     check_workload(full, full_values)
     check_policies(full, full_values)
     check_prometheus_rule(full)
+    check_certificate(full, full_values)
     check_config_accepted(full, binary, full_values)
 
     check_schema_refusals(chart)

@@ -36,6 +36,17 @@ pub fn sources_digest(path: &Path) -> [u8; 32] {
                     }
                 }
             }
+            // The serving certificate, key and client CA (cert-manager
+            // renews them in place), the cluster CA, the audit key.
+            if let Some(tls) = &config.listen.tls {
+                h.update(tls.digest);
+            }
+            if let Some(k) = &config.kubernetes {
+                h.update(Sha256::digest(&k.ca_pem));
+            }
+            if let Some(audit) = &config.audit {
+                h.update(Sha256::digest(audit.key.expose()));
+            }
         }
         Err(e) => h.update(e.to_string().as_bytes()),
     }
@@ -114,5 +125,44 @@ mod tests {
                 .is_err(),
             "one change, one reload"
         );
+    }
+
+    fn leaf() -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn a_renewed_certificate_changes_the_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("key"), "KEY").unwrap();
+        std::fs::write(d.join("secret"), "AAECAw==").unwrap();
+        let (cert, key) = leaf();
+        std::fs::write(d.join("tls.crt"), cert).unwrap();
+        std::fs::write(d.join("tls.key"), key).unwrap();
+        let config = d.join("broker.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[listen.tls]\ncert = {{ file = \"{0}/tls.crt\" }}\nkey = {{ file = \"{0}/tls.key\" }}\n\
+                 [[account]]\nname = \"main\"\napi_key = {{ file = \"{0}/key\" }}\napi_secret = {{ file = \"{0}/secret\" }}\n\
+                 [[consumer]]\nname = \"c\"\ncredential_sha256 = \"{1}\"\naccounts = [\"main\"]\n",
+                d.display(),
+                "0".repeat(64)
+            ),
+        )
+        .unwrap();
+        Config::load(&config).expect("a valid config");
+        let before = sources_digest(&config);
+        assert_eq!(before, sources_digest(&config));
+        let (cert, key) = leaf();
+        std::fs::write(d.join("tls.crt"), cert).unwrap();
+        std::fs::write(d.join("tls.key"), key).unwrap();
+        assert_ne!(before, sources_digest(&config), "a renewed certificate is a change to reload");
     }
 }

@@ -131,7 +131,7 @@ impl Served {
         let mut command = Command::new(BIN);
         command
             .args(["serve", "--config"])
-            .arg(&config)
+            .arg(config)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -61,3 +61,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if eq .otp "totp" }}{{ $files = append $files "totp-secret" }}{{ end }}
 {{- toJson $files }}
 {{- end }}
+
+{{/* The Secret with the consumer API's serving certificate. */}}
+{{- define "ktb.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "ktb.fullname" .)) .Values.tls.secretName }}
+{{- end }}
+
+{{- define "ktb.tlsDir" -}}/etc/kraken-token-broker/tls{{- end }}
+{{- define "ktb.clientCaDir" -}}/etc/kraken-token-broker/client-ca{{- end }}
+{{- define "ktb.auditDir" -}}/etc/kraken-token-broker/audit{{- end }}
