@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "ci"))
 from ktb_harness import free_port, start_simulator, stop_all, wait, write_broker_config  # noqa: E402
 
 DURATION = os.environ.get("BENCH_DURATION", "10s")
+UNLIMITED = "rate_limit = { per_second = 1000000, burst = 1000000 }"
 SWEEP_DURATION = os.environ.get("BENCH_SWEEP_DURATION", "5s")
 
 
@@ -49,8 +50,10 @@ def to_ms(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def wrk(url: str, connections: int, duration: str, threads: int = 2, header: str | None = None) -> dict:
-    args = ["wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{duration}", "--latency"]
+def wrk(url: str, connections: int, duration: str, threads: int = 2, header: str | None = None,
+        prefix: tuple[str, ...] = ()) -> dict:
+    """wrk's figures; `prefix` runs it under e.g. `taskset -c 1`."""
+    args = [*prefix, "wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{duration}", "--latency"]
     if header:
         args += ["-H", header]
     out = subprocess.run(args + [url], capture_output=True, text=True, check=True).stdout
@@ -107,7 +110,9 @@ def main() -> None:
         procs.append(sim_proc)
         sim = f"http://{addr}"
         api_port, admin_port = free_port(), free_port()
-        credential = write_broker_config(tmp, addr, f"[::]:{api_port}", f"127.0.0.1:{admin_port}")
+        # wrk plays many engines with one consumer: a rate limit that never binds.
+        credential = write_broker_config(tmp, addr, f"[::]:{api_port}", f"127.0.0.1:{admin_port}",
+                                         consumer_extra=UNLIMITED)
         config = tmp / "broker.toml"
         env = dict(os.environ, RUST_LOG="warn")
 

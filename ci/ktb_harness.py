@@ -51,9 +51,10 @@ def start_simulator(binary: str, tmp: Path, *args: str) -> tuple[subprocess.Pope
     return proc, addr
 
 
-def write_broker_config(tmp: Path, sim_addr: str, api: str, admin: str, extra: str = "") -> str:
+def write_broker_config(tmp: Path, sim_addr: str, api: str, admin: str, extra: str = "", consumer_extra: str = "") -> str:
     """A config for one account `main` (the simulator's key) and one consumer
-    `engine`; returns the consumer's credential."""
+    `engine` (with `consumer_extra` lines, e.g. a rate_limit); returns the
+    consumer's credential."""
     credential = "ktb_" + secrets.token_urlsafe(32)
     (tmp / "broker.toml").write_text(f"""
 [listen]
@@ -71,6 +72,7 @@ api_secret = {{ file = "{tmp}/api-secret" }}
 name = "engine"
 credential_sha256 = "{hashlib.sha256(credential.encode()).hexdigest()}"
 accounts = ["main"]
+{consumer_extra}
 """)
     return credential
 
