@@ -82,6 +82,51 @@ http {{
     return conf
 
 
+def fake_api_server(tmp: Path, audience: str, username: str) -> tuple[int, list[int]]:
+    """A TokenReview endpoint over TLS (the bench certificate) that
+    authenticates every token as `username`; returns its port and a counter
+    of the reviews it answered."""
+    import http.server
+    import ssl
+    import threading
+
+    reviews = [0]
+
+    class Review(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            spec = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["spec"]
+            reviews[0] += 1
+            body = json.dumps({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec,
+                               "status": {"authenticated": True, "audiences": [audience],
+                                          "user": {"username": username}}}).encode()
+            self.send_response(201)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Review)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp / "tls.crt", tmp / "tls.key")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server.server_address[1], reviews
+
+
+def jwt(audience: str, subject: str) -> str:
+    import base64
+    import time
+
+    def b64(b: bytes) -> str:
+        return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+    claims = {"aud": [audience], "sub": subject, "exp": int(time.time()) + 3600}
+    header = b64(json.dumps({"alg": "RS256"}).encode())
+    return f"{header}.{b64(json.dumps(claims).encode())}.{b64(b'signature')}"
+
+
 def pinned(cores: str, args: list[str]) -> list[str]:
     return ["taskset", "-c", cores, *args]
 
@@ -151,9 +196,21 @@ def main() -> None:
             plain_dir.mkdir()
             for f in ["api-key", "api-secret"]:
                 (plain_dir / f).write_text((tmp / f).read_text())
+            # A second consumer with a ServiceAccount token, reviewed by a
+            # fake API server once and then served from the review cache.
+            username = "system:serviceaccount:bench:engine"
+            api_port, reviews = fake_api_server(tmp, "kraken-token-broker", username)
+            (plain_dir / "sa-token").write_text("the-brokers-own-token\n")
+            kubernetes = (f'[kubernetes]\naudience = "kraken-token-broker"\napi_url = "https://127.0.0.1:{api_port}"\n'
+                          f'ca = {{ file = "{tmp}/ca.crt" }}\ntoken = {{ file = "{plain_dir}/sa-token" }}\ncache_ttl = "600s"\n')
+            sa_consumer = (f'\n[[consumer]]\nname = "sa-engine"\nkubernetes = {{ namespace = "bench", service_account = "engine" }}\n'
+                           f'accounts = ["main"]\n{UNLIMITED}\n')
             credential = write_broker_config(plain_dir, addr, f"127.0.0.1:{port}", f"127.0.0.1:{admin}",
-                                             consumer_extra=UNLIMITED)
+                                             extra="", consumer_extra=UNLIMITED + sa_consumer)
+            text = (plain_dir / "broker.toml").read_text().replace("[[account]]", kubernetes + "[[account]]", 1)
+            (plain_dir / "broker.toml").write_text(text)
             auth = f"Authorization: Bearer {credential}"
+            sa_auth = f"Authorization: Bearer {jwt('kraken-token-broker', username)}"
             broker = subprocess.Popen(pinned("0", [binary, "serve", "--config", str(plain_dir / "broker.toml")]),
                                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(broker)
@@ -177,6 +234,16 @@ def main() -> None:
                 pinned_results[str(c)] = {"broker": b, "nginx": n, "ratio": b["rps"] / n["rps"]}
                 print(f"pinned plain HTTP at {c}:", json.dumps(pinned_results[str(c)]), flush=True)
             results["pinned_plain"] = {"server_cores": "0", "load_cores": load_cores, "runs": pinned_results}
+
+            # A ServiceAccount-token request served from the review cache,
+            # against a credential request, in the same pinned setup.
+            assert get(url, {"Authorization": sa_auth.split(": ", 1)[1]})[0] == 200
+            load(url, 32, sa_auth)  # warm-up
+            cred = load(url, 32, auth)
+            sa = load(url, 32, sa_auth)
+            results["service_account_vs_credential_32"] = {
+                "credential": cred, "service_account": sa, "ratio": sa["rps"] / cred["rps"], "reviews": reviews[0]}
+            print("ServiceAccount token vs credential:", json.dumps(results["service_account_vs_credential_32"]), flush=True)
     finally:
         stop_all(procs)
         subprocess.run(["rm", "-rf", str(tmp)], check=False)

@@ -301,3 +301,76 @@ accounts = ["main"]
     assert_eq!(status_of(&broker.http, &url, None).await, Ok(401));
     broker.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_client_ca_is_taken_under_load_without_a_failed_request() {
+    let old_ca = Ca::new("engines-ca-1");
+    let more = format!(
+        r#"
+[[consumer]]
+name = "mm-engine"
+client_cert = {{ san = "{ENGINE_SAN}" }}
+accounts = ["main"]
+rate_limit = {{ per_second = 10000, burst = 100000 }}
+"#
+    );
+    let (broker, _sim, server_ca, dir) = tls_broker(Some(&old_ca), &more).await;
+    let url = format!("{}/v1/token", broker.api);
+    let new_ca = Ca::new("engines-ca-2");
+    let (old_leaf, new_leaf) = (old_ca.leaf(&[ENGINE_SAN]), new_ca.leaf(&[ENGINE_SAN]));
+    // Engines with certificates of the old CA, a new connection per request.
+    let engine = |leaf: &Leaf| {
+        let pem = format!("{}{}", leaf.cert, leaf.key);
+        reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(server_ca.pem.as_bytes()).unwrap()])
+            .identity(reqwest::Identity::from_pem(pem.as_bytes()).unwrap())
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let loops: Vec<_> = (0..3)
+        .map(|_| {
+            let (http, url, stop, done) = (engine(&old_leaf), url.clone(), stop.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    answers.push(status_of(&http, &url, None).await);
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+                answers
+            })
+        })
+        .collect();
+    let at_least = |n: usize| {
+        let done = done.clone();
+        move || {
+            let reached = done.load(Ordering::SeqCst) >= n;
+            async move { reached.then_some(()) }
+        }
+    };
+    wait_for("the first answers", Duration::from_secs(10), at_least(20)).await;
+    assert!(status_of(&engine(&new_leaf), &url, None).await.is_err(), "the new CA is not trusted yet");
+
+    // Step 1 of a CA rotation: trust both.
+    write(dir.path(), "client-ca.pem", &format!("{}{}", old_ca.pem, new_ca.pem));
+    broker.reload().await;
+    assert_eq!(status_of(&engine(&new_leaf), &url, None).await, Ok(200), "the new CA is trusted");
+    let n = done.load(Ordering::SeqCst);
+    wait_for("answers with both CAs", Duration::from_secs(10), at_least(n + 20)).await;
+    stop.store(true, Ordering::SeqCst);
+    for l in loops {
+        let answers = l.await.unwrap();
+        let failed: Vec<_> = answers.iter().filter(|a| **a != Ok(200)).collect();
+        assert!(failed.is_empty(), "no engine of the old CA failed while both were trusted: {failed:?}");
+    }
+
+    // Step 2: the old CA goes; its certificates fail the handshake.
+    write(dir.path(), "client-ca.pem", &new_ca.pem);
+    broker.reload().await;
+    assert_eq!(status_of(&engine(&new_leaf), &url, None).await, Ok(200));
+    assert!(status_of(&engine(&old_leaf), &url, None).await.is_err(), "the old CA is no longer trusted");
+    broker.stop().await.unwrap();
+}
