@@ -163,6 +163,10 @@ mod tests {
         let (cert, key) = leaf();
         std::fs::write(d.join("tls.crt"), cert).unwrap();
         std::fs::write(d.join("tls.key"), key).unwrap();
-        assert_ne!(before, sources_digest(&config), "a renewed certificate is a change to reload");
+        assert_ne!(
+            before,
+            sources_digest(&config),
+            "a renewed certificate is a change to reload"
+        );
     }
 }

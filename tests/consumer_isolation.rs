@@ -116,7 +116,10 @@ async fn a_consumer_reporting_every_token_in_a_loop_never_starves_a_quiet_one() 
         assert_eq!(status, 200, "the quiet consumer is always served: {body}");
         assert!(t.sim.state().token_is_valid(body["token"].as_str().unwrap()));
         let (ready, readyz) = t.broker.admin_get("/readyz").await;
-        assert_eq!(ready, 200, "one consumer's loop never makes the broker unready: {readyz}");
+        assert_eq!(
+            ready, 200,
+            "one consumer's loop never makes the broker unready: {readyz}"
+        );
         quiet.push(status);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -277,5 +277,33 @@ async fn a_flood_of_forged_tokens_makes_a_bounded_number_of_reviews() {
         "forged tokens get 401, 429 or 503: {statuses:?}"
     );
     assert_eq!(c.fetch(&known).await.0, 200);
+
+    // The flood's address (127.0.0.1) is throttled now; a new engine pod
+    // there with a valid token is still served once a review can be had:
+    // valid proof of identity is never refused for another client's failures.
+    let new_pod = jwt(ENGINE, &[AUDIENCE], 600);
+    c.api.accept(&new_pod, ENGINE, &[AUDIENCE]);
+    let statuses = std::sync::Mutex::new(Vec::new());
+    common::wait_for("the new pod to be served", Duration::from_secs(10), || async {
+        let status = c.fetch(&new_pod).await.0;
+        statuses.lock().unwrap().push(status);
+        (status == 200).then_some(())
+    })
+    .await;
+    let seen = statuses.into_inner().unwrap();
+    assert!(!seen.contains(&429), "never refused for the flood's failures: {seen:?}");
+
+    // Forged tokens naming no consumer make no review at all.
+    let before = c.api.reviews();
+    for i in 0..50 {
+        let stranger = jwt(&format!("system:serviceaccount:x:s{i}"), &[AUDIENCE], 600);
+        let status = c.fetch(&stranger).await.0;
+        assert!([401, 429].contains(&status), "{status}");
+    }
+    assert_eq!(
+        c.api.reviews(),
+        before,
+        "no review for a subject that names no consumer"
+    );
     c.broker.stop().await.unwrap();
 }

@@ -352,25 +352,38 @@ rate_limit = {{ per_second = 10000, burst = 100000 }}
         }
     };
     wait_for("the first answers", Duration::from_secs(10), at_least(20)).await;
-    assert!(status_of(&engine(&new_leaf), &url, None).await.is_err(), "the new CA is not trusted yet");
+    assert!(
+        status_of(&engine(&new_leaf), &url, None).await.is_err(),
+        "the new CA is not trusted yet"
+    );
 
     // Step 1 of a CA rotation: trust both.
     write(dir.path(), "client-ca.pem", &format!("{}{}", old_ca.pem, new_ca.pem));
     broker.reload().await;
-    assert_eq!(status_of(&engine(&new_leaf), &url, None).await, Ok(200), "the new CA is trusted");
+    assert_eq!(
+        status_of(&engine(&new_leaf), &url, None).await,
+        Ok(200),
+        "the new CA is trusted"
+    );
     let n = done.load(Ordering::SeqCst);
     wait_for("answers with both CAs", Duration::from_secs(10), at_least(n + 20)).await;
     stop.store(true, Ordering::SeqCst);
     for l in loops {
         let answers = l.await.unwrap();
         let failed: Vec<_> = answers.iter().filter(|a| **a != Ok(200)).collect();
-        assert!(failed.is_empty(), "no engine of the old CA failed while both were trusted: {failed:?}");
+        assert!(
+            failed.is_empty(),
+            "no engine of the old CA failed while both were trusted: {failed:?}"
+        );
     }
 
     // Step 2: the old CA goes; its certificates fail the handshake.
     write(dir.path(), "client-ca.pem", &new_ca.pem);
     broker.reload().await;
     assert_eq!(status_of(&engine(&new_leaf), &url, None).await, Ok(200));
-    assert!(status_of(&engine(&old_leaf), &url, None).await.is_err(), "the old CA is no longer trusted");
+    assert!(
+        status_of(&engine(&old_leaf), &url, None).await.is_err(),
+        "the old CA is no longer trusted"
+    );
     broker.stop().await.unwrap();
 }

@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
-use super::kubernetes::{ReviewError, looks_like_jwt};
+use super::kubernetes::{ReviewError, looks_like_jwt, unverified_subject};
 use super::problem::ApiError;
 use super::{AppState, Consumer, Grant, ServeTable};
 use crate::config::Identity;
@@ -125,17 +125,10 @@ enum Refusal {
     Malformed(&'static str),
     /// The proof cannot be checked now (the API server is down or busy).
     Unavailable(std::time::Duration),
-    /// An address whose failures are throttled sent a token that would need
-    /// a review: it gets none (so failing clients cannot drive reviews).
-    Throttled(std::time::Duration),
 }
 
 /// Finds the consumer a request proves it is.
-async fn identify(
-    parts: &Parts,
-    table: &ServeTable,
-    throttled: impl Fn() -> Option<std::time::Duration>,
-) -> Result<Arc<Consumer>, Refusal> {
+async fn identify(parts: &Parts, table: &ServeTable) -> Result<Arc<Consumer>, Refusal> {
     if let Some(cert) = parts.extensions.get::<ClientCertificate>()
         && let Some(consumer) = table.by_san(&cert.sans)
     {
@@ -154,14 +147,15 @@ async fn identify(
     {
         let token =
             std::str::from_utf8(credential).map_err(|_| Refusal::Auth(AuthFailure::Invalid, "service_account"))?;
-        let reviewed = match reviewer.cached(token) {
-            Some(username) => Ok(username),
-            None => match throttled() {
-                Some(retry_after) => return Err(Refusal::Throttled(retry_after)),
-                None => reviewer.review(token).await,
-            },
-        };
-        return match reviewed {
+        // A token whose (unverified) subject names no consumer would end in
+        // 401 whatever the review said: refuse it without one.
+        let invalid = Refusal::Auth(AuthFailure::Invalid, "service_account");
+        if reviewer.cached(token).is_none()
+            && !unverified_subject(token).is_some_and(|sub| table.by_service_account(&sub).is_some())
+        {
+            return Err(invalid);
+        }
+        return match reviewer.review(token).await {
             Ok(username) => table
                 .by_service_account(&username)
                 .ok_or(Refusal::Auth(AuthFailure::Invalid, "service_account")),
@@ -180,7 +174,7 @@ impl FromRequestParts<AppState> for Authenticated {
         let table = state.table.load_full();
         let peer = super::peer_addr(parts);
         let ip = peer.map(|p| p.ip());
-        match identify(parts, &table, || state.throttle.blocked(ip)).await {
+        match identify(parts, &table).await {
             Ok(consumer) => {
                 if let Err(retry_after) = consumer.limiter.check(Instant::now()) {
                     consumer.rate_limited.inc();
@@ -201,10 +195,6 @@ impl FromRequestParts<AppState> for Authenticated {
                 })
             }
             Err(Refusal::Malformed(why)) => Err(ApiError::BadRequest(why.into())),
-            Err(Refusal::Throttled(retry_after)) => {
-                state.metrics.auth_failure(AuthFailure::Invalid);
-                Err(ApiError::TooManyRequests { retry_after })
-            }
             Err(Refusal::Unavailable(retry_after)) => Err(ApiError::Unavailable {
                 retry_after,
                 detail:

@@ -15,8 +15,10 @@
 //!   which only the API server knows.
 //! - Concurrent requests with one token make one review (single flight).
 //! - Before any review, cheap local checks on the token's unverified claims:
-//!   its shape, `exp` not past, our audience in `aud`. A forged token can
-//!   pass them; it then meets the last two bounds:
+//!   its shape, `exp` not past, our audience in `aud`, a `sub` that names a
+//!   configured consumer. A forged token can pass them; it then meets the
+//!   last two bounds (which never depend on the client's address: behind a
+//!   mesh sidecar, every engine shares the attacker's):
 //! - at most [`MAX_CONCURRENT_REVIEWS`] reviews at once, and at most
 //!   [`REVIEWS_PER_SEC`] new reviews per second (burst [`REVIEW_BURST`]);
 //!   beyond that, 503 with `Retry-After`, without a review;
@@ -71,6 +73,7 @@ pub enum ReviewError {
 #[derive(Deserialize)]
 struct Claims {
     exp: Option<f64>,
+    sub: Option<String>,
     #[serde(default)]
     aud: Audience,
 }
@@ -103,6 +106,13 @@ pub fn looks_like_jwt(bearer: &[u8]) -> bool {
             p.iter()
                 .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_' || *b == b'=')
         })
+}
+
+/// The token's `sub` claim, unverified: `system:serviceaccount:NS:SA` in a
+/// ServiceAccount token. Only to refuse early a token naming no consumer;
+/// never to accept one.
+pub fn unverified_subject(token: &str) -> Option<String> {
+    claims(token)?.sub
 }
 
 fn claims(token: &str) -> Option<Claims> {
@@ -219,6 +229,11 @@ impl TokenReviewer {
         let cell = Arc::clone(self.inflight.entry(key).or_default().value());
         let outcome = cell
             .get_or_init(|| async {
+                // A flight that ended between our cache check and our taking
+                // this cell has cached its answer: no second review.
+                if let Some(username) = self.cached(token) {
+                    return Ok(username);
+                }
                 let outcome = self.ask(token).await;
                 if let Ok(username) = &outcome
                     && let Some(left) = left
