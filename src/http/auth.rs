@@ -151,7 +151,7 @@ async fn identify(parts: &Parts, table: &ServeTable) -> Result<Arc<Consumer>, Re
         // 401 whatever the review said: refuse it without one.
         let invalid = Refusal::Auth(AuthFailure::Invalid, "service_account");
         if reviewer.cached(token).is_none()
-            && !unverified_subject(token).is_some_and(|sub| table.by_service_account(&sub).is_some())
+            && unverified_subject(token).is_none_or(|sub| table.by_service_account(&sub).is_none())
         {
             return Err(invalid);
         }
