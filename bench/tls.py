@@ -4,8 +4,8 @@
   made here with the openssl CLI), broker and nginx with the same certificate
   and a body of the same size;
 - TLS handshakes: the same with `Connection: close`, so every request makes a
-  new connection and a full handshake (both servers resume no sessions:
-  nginx's session cache is off, as the broker has none);
+  new connection and a full handshake (wrk never offers a session to resume;
+  nginx's session cache and tickets are off all the same);
 - plain HTTP with the server and the load generator on separate cores
   (`taskset`): the server on core 0 (the broker's runtime then has one worker
   thread; nginx one worker process), wrk on the others. This is how the
