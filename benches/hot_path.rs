@@ -125,6 +125,7 @@ fn cached_token(c: &mut Criterion) {
             metrics,
             throttle: Arc::new(AuthThrottle::new()),
             gate: Arc::default(),
+            streams: Default::default(),
             clock: kraken_token_broker::clock::WallClock::system(),
         };
         router(state)

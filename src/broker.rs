@@ -159,6 +159,7 @@ pub struct Broker {
     reviewer: Option<Arc<TokenReviewer>>,
     auditor: Option<Arc<Auditor>>,
     table: Arc<ArcSwap<ServeTable>>,
+    streams: crate::http::watch::Streams,
     throttle: Arc<AuthThrottle>,
     accounts: BTreeMap<String, RunningAccount>,
     /// One nonce lane per API key, shared by accounts using the same key.
@@ -205,6 +206,7 @@ impl Broker {
             auditor: None,
             options,
             table: Arc::new(ArcSwap::from_pointee(empty)),
+            streams: crate::http::watch::Streams::default(),
             throttle: Arc::new(AuthThrottle::new()),
             accounts: BTreeMap::new(),
             lanes: HashMap::new(),
@@ -223,6 +225,7 @@ impl Broker {
             throttle: Arc::clone(&self.throttle),
             gate: Arc::clone(&self.gate),
             clock: self.options.clock.clone(),
+            streams: self.streams.clone(),
         }
     }
 
@@ -344,12 +347,22 @@ impl Broker {
                     })
                 })
                 .collect();
+            // So are its open watch streams' permits.
+            let watchers = old.consumers.iter().find(|o| o.name == c.name).map_or_else(
+                || {
+                    Arc::new(tokio::sync::Semaphore::new(
+                        crate::http::watch::MAX_WATCHERS_PER_CONSUMER,
+                    ))
+                },
+                |o| Arc::clone(&o.watchers),
+            );
             consumers.push(Arc::new(Consumer {
                 name: c.name.clone(),
                 identity: c.identity.clone(),
                 grants,
                 limiter,
                 rate_limited: metrics.rate_limited(&c.name),
+                watchers,
             }));
         }
         for gone in old
@@ -383,6 +396,7 @@ impl Broker {
             reviewer: self.reviewer.clone(),
             audit: self.auditor.clone(),
         }));
+        self.streams.tables.send_modify(|version| *version += 1);
     }
 
     /// The TokenReview client and the auditor for `config`: kept while their
@@ -676,6 +690,8 @@ pub async fn run(
     if let Some(reading) = queue.reading.take() {
         reading.abort();
     }
+    // Watch streams end first, so the drain waits only for short requests.
+    state.streams.stop.cancel();
     stop_serving.cancel();
     let _ = tokio::time::timeout(timeout + Duration::from_secs(1), async {
         if !api_done {

@@ -27,6 +27,7 @@ const HTTP_BUCKETS: &[f64] = &[
 pub const ROUTES: &[&str] = &[
     "/v1/token",
     "/v1/token/invalidate",
+    "/v1/token/watch",
     "/healthz",
     "/readyz",
     "/metrics",
@@ -39,6 +40,7 @@ const ROUTE_STATUSES: &[(&str, &[u16])] = &[
         "/v1/token/invalidate",
         &[200, 400, 401, 403, 405, 413, 415, 429, 431, 503],
     ),
+    ("/v1/token/watch", &[200, 400, 401, 403, 405, 429, 431, 503]),
     ("/healthz", &[200]),
     ("/readyz", &[200, 503]),
     ("/metrics", &[200]),
@@ -110,6 +112,7 @@ struct Inner {
     audit_dropped: IntCounter,
     connections_refused: IntCounterVec,
     connections_open: IntGaugeVec,
+    watch_streams: IntGaugeVec,
 }
 
 /// Why a call to Kraken was not made, as labelled.
@@ -431,6 +434,14 @@ impl Metrics {
                 connections_refused.with_label_values(&[listener, reason]);
             }
         }
+        let watch_streams = register(
+            &registry,
+            IntGaugeVec::new(
+                opts("watch_streams", "Open GET /v1/token/watch streams, by account."),
+                &["account"],
+            )
+            .expect("valid"),
+        );
         for reason in AuthFailure::ALL {
             auth_failures.with_label_values(&[reason.as_str()]);
         }
@@ -475,6 +486,7 @@ impl Metrics {
             audit_dropped,
             connections_refused,
             connections_open,
+            watch_streams,
         }))
     }
 
@@ -541,6 +553,7 @@ impl Metrics {
         for reason in HeldReason::ALL {
             self.0.calls_held.with_label_values(&[account, reason.as_str()]);
         }
+        self.0.watch_streams.with_label_values(&[account]);
         AccountMetrics {
             account: account.to_owned(),
             metrics: self.clone(),
@@ -594,6 +607,11 @@ impl Metrics {
     }
 
     /// The counter of tokens served to `consumer` from `account`, pre-set to 0.
+    /// `watch_streams{account}`.
+    pub fn watch_streams(&self, account: &str) -> IntGauge {
+        self.0.watch_streams.with_label_values(&[account])
+    }
+
     pub fn served(&self, account: &str, consumer: &str) -> IntCounter {
         self.0.tokens_served.with_label_values(&[account, consumer])
     }

@@ -31,6 +31,13 @@ struct TokenBody<'a> {
 }
 
 fn token_response(token: &CachedToken, account: &str, ws_url: &str, now: Instant) -> Response {
+    let json = token_json(token, account, ws_url, now);
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], json).into_response()
+}
+
+/// The 200 body of the token endpoints, and the `data` of a watch stream's
+/// `token` event.
+pub(super) fn token_json(token: &CachedToken, account: &str, ws_url: &str, now: Instant) -> Vec<u8> {
     let body = TokenBody {
         token: token.token.expose(),
         account,
@@ -39,17 +46,16 @@ fn token_response(token: &CachedToken, account: &str, ws_url: &str, now: Instant
         expires_in: token.remaining(now).as_secs(),
         ws_url,
     };
-    let json = serde_json::to_vec(&body).expect("a token body always serialises");
-    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], json).into_response()
+    serde_json::to_vec(&body).expect("a token body always serialises")
 }
 
 /// The query's parameters; unknown, repeated or badly encoded ones are refused.
-struct Query {
-    account: Option<String>,
+pub(super) struct Query {
+    pub(super) account: Option<String>,
     min_ttl: Option<u64>,
 }
 
-fn parse_query(raw: Option<&str>, allow_min_ttl: bool) -> Result<Query, ApiError> {
+pub(super) fn parse_query(raw: Option<&str>, allow_min_ttl: bool) -> Result<Query, ApiError> {
     let mut query = Query {
         account: None,
         min_ttl: None,
@@ -85,7 +91,7 @@ fn parse_query(raw: Option<&str>, allow_min_ttl: bool) -> Result<Query, ApiError
     Ok(query)
 }
 
-fn unavailable(u: Unavailable, account: &str) -> ApiError {
+pub(super) fn unavailable(u: Unavailable, account: &str) -> ApiError {
     let detail = match u.cause {
         Cause::Unsatisfiable { lifetime } => {
             return ApiError::BadRequest(format!(
@@ -135,19 +141,32 @@ fn count_served(auth: &Authenticated, grant: &Grant, token: &CachedToken, method
     if method == Method::HEAD {
         return;
     }
+    record_served(&auth.table, &auth.consumer, grant, auth.peer, token, "get");
+}
+
+/// Counts one token handed to `consumer` (by `via`: `get`, `invalidate`,
+/// `watch`), in the metric, the debug log and the audit trail.
+pub(super) fn record_served(
+    table: &super::ServeTable,
+    consumer: &super::Consumer,
+    grant: &Grant,
+    peer: Option<std::net::SocketAddr>,
+    token: &CachedToken,
+    via: &'static str,
+) {
     grant.served.inc();
-    let consumer = &auth.consumer;
-    debug!(consumer = %consumer.name, account = %grant.account, token = %token.fingerprint, "token served");
-    if let Some(audit) = &auth.table.audit {
+    debug!(consumer = %consumer.name, account = %grant.account, token = %token.fingerprint, via, "token served");
+    if let Some(audit) = &table.audit {
         audit.record(
             "token.served",
             json!({
                 "consumer": consumer.name,
                 "identity": consumer.identity.kind(),
                 "account": grant.account,
-                "peer": auth.peer.map(|p| p.to_string()),
+                "peer": peer.map(|p| p.to_string()),
                 "token": &*audit.token_fingerprint(&token.sha256, token.token.expose()),
                 "expires_at": token.expires_at_rfc3339,
+                "via": via,
             }),
         );
     }
@@ -246,7 +265,7 @@ pub async fn invalidate(
             }),
         );
     }
-    count_served(&auth, grant, &token, &Method::POST);
+    record_served(&auth.table, &auth.consumer, grant, auth.peer, &token, "invalidate");
     Ok(token_response(&token, &grant.account, &table.ws_url, Instant::now()))
 }
 

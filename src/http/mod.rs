@@ -11,6 +11,7 @@ pub mod limits;
 pub mod problem;
 pub mod server;
 pub mod throttle;
+pub mod watch;
 
 #[cfg(test)]
 mod tests;
@@ -61,6 +62,9 @@ pub struct Consumer {
     pub limiter: Arc<limits::RateLimiter>,
     /// `rate_limited_total{consumer}`, resolved once.
     pub rate_limited: IntCounter,
+    /// Its open watch streams, at most [`watch::MAX_WATCHERS_PER_CONSUMER`]
+    /// (kept across reloads, as the limiter is).
+    pub watchers: Arc<tokio::sync::Semaphore>,
 }
 
 impl Consumer {
@@ -78,6 +82,7 @@ impl Consumer {
             grants,
             limiter: Arc::new(limits::RateLimiter::new(rate_limit)),
             rate_limited: metrics.rate_limited(name),
+            watchers: Arc::new(tokio::sync::Semaphore::new(watch::MAX_WATCHERS_PER_CONSUMER)),
         }
     }
 }
@@ -139,6 +144,8 @@ pub struct AppState {
     pub gate: Arc<crate::token::KrakenGate>,
     /// To show Unix times of monotonic deadlines.
     pub clock: crate::clock::WallClock,
+    /// Ends watch streams on shutdown and tells them of reloads.
+    pub streams: watch::Streams,
 }
 
 /// The client's address and port, when the server recorded it.
@@ -237,7 +244,11 @@ async fn not_found() -> Response {
 
 /// The consumer API's routes and methods, as `router` serves them and as
 /// proto-docs/openapi.yaml documents them (a test holds the three together).
-pub const API_ROUTES: &[(&str, &str)] = &[("/v1/token", "GET"), ("/v1/token/invalidate", "POST")];
+pub const API_ROUTES: &[(&str, &str)] = &[
+    ("/v1/token", "GET"),
+    ("/v1/token/invalidate", "POST"),
+    ("/v1/token/watch", "GET"),
+];
 
 /// The consumer API. Every wait inside it is bounded where it happens (a
 /// refresh by the refresher's answer deadline, a body by
@@ -247,6 +258,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/token", get(api::get_token))
         .route("/v1/token/invalidate", post(api::invalidate))
+        .route("/v1/token/watch", get(watch::watch))
         .fallback(not_found)
         .with_state(state)
         .layer(middleware::from_fn_with_state(metrics, api_layer))

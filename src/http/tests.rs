@@ -76,6 +76,7 @@ fn app() -> (Router, Metrics) {
         metrics: metrics.clone(),
         throttle: Arc::new(throttle::AuthThrottle::new()),
         gate: Arc::default(),
+        streams: Default::default(),
         clock: crate::clock::WallClock::system(),
     };
     (router(state), metrics)

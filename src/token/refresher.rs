@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -222,6 +222,8 @@ const REQUEST_QUEUE: usize = 1024;
 pub struct AccountHandle {
     name: Arc<str>,
     published: Arc<ArcSwap<Published>>,
+    /// Ticks whenever a new state is published (watch streams follow it).
+    changes: watch::Receiver<()>,
     requests: mpsc::Sender<Request>,
     control: mpsc::UnboundedSender<Control>,
     answer_timeout: Duration,
@@ -235,6 +237,12 @@ impl AccountHandle {
     /// The current published state, lock-free.
     pub fn published(&self) -> arc_swap::Guard<Arc<Published>> {
         self.published.load()
+    }
+
+    /// Wakes at every new published state (a refresh, an invalidation, a
+    /// failure); errs once the account's refresher has ended.
+    pub fn changes(&self) -> watch::Receiver<()> {
+        self.changes.clone()
     }
 
     async fn ask(&self, request: impl FnOnce(oneshot::Sender<Answer>) -> Request) -> Answer {
@@ -317,6 +325,7 @@ pub fn spawn(
         min_served_ttl: setup.policy.min_served_ttl,
     };
     let published = Arc::new(ArcSwap::from_pointee(Published::starting(rule)));
+    let (changed, changes) = watch::channel(());
     let (requests_tx, requests) = mpsc::channel(REQUEST_QUEUE);
     let (control_tx, control) = mpsc::unbounded_channel();
     // Room for one call, its nonce retry, and slack.
@@ -328,6 +337,7 @@ pub fn spawn(
         setup,
         ambient,
         published: Arc::clone(&published),
+        changed,
         metrics,
         requests,
         control,
@@ -345,6 +355,7 @@ pub fn spawn(
         AccountHandle {
             name,
             published,
+            changes,
             requests: requests_tx,
             control: control_tx,
             answer_timeout,
@@ -451,6 +462,7 @@ struct Refresher {
     setup: AccountSetup,
     ambient: Ambient,
     published: Arc<ArcSwap<Published>>,
+    changed: watch::Sender<()>,
     metrics: AccountMetrics,
     requests: mpsc::Receiver<Request>,
     control: mpsc::UnboundedReceiver<Control>,
@@ -598,6 +610,7 @@ impl Refresher {
             health: self.health(),
             rule: self.rule(),
         }));
+        self.changed.send_replace(());
     }
 
     /// Starts a call: a scheduled refresh, an attempt after a failure, or an

@@ -9,6 +9,7 @@ pub mod broker;
 pub mod pki;
 pub mod process;
 pub mod sim;
+pub mod sse;
 
 use std::future::Future;
 use std::sync::Arc;
