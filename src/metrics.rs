@@ -582,6 +582,7 @@ impl Metrics {
         let _ = self.0.token_valid.remove_label_values(&[account]);
         let _ = self.0.key_expiry.remove_label_values(&[account]);
         let _ = self.0.unservable.remove_label_values(&[account]);
+        let _ = self.0.watch_streams.remove_label_values(&[account]);
         for reason in HeldReason::ALL {
             let _ = self.0.calls_held.remove_label_values(&[account, reason.as_str()]);
         }
