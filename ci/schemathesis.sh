@@ -25,4 +25,7 @@ done
 cd "$(mktemp -d)"   # schemathesis writes its cache to the working directory
 "$ST" --config-file "$ROOT/ci/schemathesis.toml" run "$ROOT/proto-docs/openapi.yaml" \
   --url "$API" --mode all --max-examples 50 --seed 42 --checks all \
+  --exclude-operation-id watchToken \
   -H "Authorization: Bearer $CRED"
+# (watchToken, GET /v1/token/watch, is an event stream that never ends, which a
+# request/response checker cannot judge; tests/watch.rs covers it.)
