@@ -32,6 +32,8 @@ enum Command {
     Simulate(cmd::simulate::SimulateArgs),
     /// Fetch a token as a consumer (credential from KTB_CONSUMER_CREDENTIAL).
     Fetch(cmd::fetch::FetchArgs),
+    /// Keep a file holding the current token, following the broker (a sidecar).
+    Agent(cmd::agent::AgentArgs),
     /// Manage consumer credentials.
     #[command(subcommand)]
     Credential(cmd::credential::CredentialCommand),
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => cmd::demo::run(args).await,
             Command::Simulate(args) => cmd::simulate::run(args).await,
             Command::Fetch(args) => cmd::fetch::run(args).await,
+            Command::Agent(args) => cmd::agent::run(args).await,
             Command::Credential(command) => cmd::credential::run(command),
             Command::CheckConfig(args) => cmd::check_config::run(args).await,
             Command::Audit(command) => cmd::audit::run(command).await,

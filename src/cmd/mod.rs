@@ -1,8 +1,10 @@
 //! The commands of the `kraken-token-broker` binary, one module each, so that
 //! `main.rs` only parses and dispatches.
 
+pub mod agent;
 pub mod audit;
 pub mod check_config;
+pub mod client;
 pub mod credential;
 pub mod demo;
 pub mod fetch;

@@ -1,0 +1,284 @@
+//! `kraken-token-broker agent`: the token file read 10,000 times while it is
+//! rewritten (never partial, never empty), SIGTERM, a refused credential, a
+//! broker restart under the agent, `--once`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{BIN, Served, sim_with_key, wait_for, write};
+
+/// Tokens of 3 s at the simulator, refreshed 1.5 s ahead: a new one about
+/// every 1.5 s.
+const FAST: &str = r#"
+refresh_before_expiry = "1500ms"
+min_served_ttl = "1s"
+jitter = "200ms"
+retry_initial = "200ms"
+retry_max = "1s"
+"#;
+
+struct Agent {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Agent {
+    fn start(args: &[&str], env: &[(&str, &str)]) -> Agent {
+        let mut command = Command::new(BIN);
+        command
+            .arg("agent")
+            .args(args)
+            .env_remove("KTB_CONSUMER_CREDENTIAL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&stderr);
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Agent { child, stderr }
+    }
+
+    fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    async fn exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        let until = Instant::now() + deadline;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < until,
+                "the agent did not exit within {deadline:?}: {}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn token_in(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["token"].as_str().map(str::to_owned)
+}
+
+async fn file_token(path: PathBuf, deadline: Duration, not: Option<String>) -> String {
+    wait_for("a token in the file", deadline, || {
+        let token = token_in(&path).filter(|t| Some(t) != not.as_ref());
+        async move { token }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_is_never_partial_or_empty_while_tokens_rotate_and_sigterm_exits_0() {
+    let (sim, key) = sim_with_key(Duration::from_secs(3)).await;
+    let served = Served::start(&sim, &key, FAST, &[]).await;
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("token.json");
+    let out_text = out.to_str().unwrap().to_owned();
+    let mut agent = Agent::start(
+        &["--url", &served.api, "--out", &out_text],
+        &[("KTB_CONSUMER_CREDENTIAL", &served.credential)],
+    );
+    let first = file_token(out.clone(), Duration::from_secs(10), None).await;
+    assert!(sim.state().token_is_valid(&first));
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // Read it as fast as possible while the broker rotates tokens.
+    let reader = {
+        let out = out.clone();
+        tokio::task::spawn_blocking(move || {
+            let (mut reads, mut tokens) = (0usize, std::collections::BTreeSet::new());
+            let started = Instant::now();
+            while (reads < 10_000 || tokens.len() < 3) && started.elapsed() < Duration::from_secs(30) {
+                let text = std::fs::read_to_string(&out).expect("the file is always there");
+                assert!(!text.is_empty(), "never empty");
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).unwrap_or_else(|e| panic!("never partial ({e}): {text:?}"));
+                tokens.insert(v["token"].as_str().expect("a token").to_owned());
+                reads += 1;
+            }
+            (reads, tokens)
+        })
+    };
+    let (reads, tokens) = reader.await.unwrap();
+    println!("{reads} reads saw {} tokens, every read whole", tokens.len());
+    assert!(
+        reads >= 10_000 && tokens.len() >= 3,
+        "{reads} reads, {} tokens",
+        tokens.len()
+    );
+    let left: Vec<_> = std::fs::read_dir(out_dir.path()).unwrap().collect();
+    assert_eq!(left.len(), 1, "no temporary file left behind");
+    let logs = agent.stderr();
+    assert!(logs.contains("token file replaced"), "{logs}");
+    for t in &tokens {
+        assert!(!logs.contains(t.as_str()), "the agent never logs a token");
+    }
+    assert!(!logs.contains(&served.credential));
+
+    agent.signal("TERM");
+    assert!(agent.exit(Duration::from_secs(5)).await.success(), "SIGTERM exits 0");
+    assert!(token_in(&out).is_some(), "the file stays");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_credential_exits_non_zero_at_once() {
+    let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+    let served = Served::start(&sim, &key, "", &[]).await;
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("token.json");
+    const WRONG: &str = "ktb_not-the-right-credential-0123456789abcdef";
+    let mut agent = Agent::start(
+        &["--url", &served.api, "--out", out.to_str().unwrap()],
+        &[("KTB_CONSUMER_CREDENTIAL", WRONG)],
+    );
+    let status = agent.exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(1));
+    let logs = agent.stderr();
+    assert!(logs.contains("HTTP 401"), "{logs}");
+    assert!(!logs.contains(WRONG), "the credential is not echoed");
+    assert!(!out.exists(), "no file for a refused consumer");
+
+    // No identity at all: a usage error naming the ways to give one.
+    let mut agent = Agent::start(&["--url", &served.api, "--out", out.to_str().unwrap()], &[]);
+    assert_eq!(agent.exit(Duration::from_secs(10)).await.code(), Some(1));
+    assert!(agent.stderr().contains("KTB_CONSUMER_CREDENTIAL"), "{}", agent.stderr());
+}
+
+/// A config for `serve` on a fixed API port.
+fn config_on(
+    sim: &kraken_token_broker::sim::SimHandle,
+    key: &kraken_token_broker::sim::SimKey,
+    dir: &Path,
+    port: u16,
+) -> (PathBuf, String) {
+    write(dir, "api-key", &format!("{}\n", key.api_key));
+    write(dir, "api-secret", &format!("{}\n", key.api_secret));
+    let (credential, hash) = kraken_token_broker::http::auth::new_credential();
+    let text = common::config_text(sim, dir, &hex::encode(hash), "", "")
+        .replace("api = \"127.0.0.1:0\"", &format!("api = \"127.0.0.1:{port}\""));
+    (write(dir, "broker.toml", &text), credential.expose().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_rides_out_a_broker_restart() {
+    let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let (config, credential) = config_on(&sim, &key, dir.path(), port);
+    let http = reqwest::Client::new();
+    let keep = tempfile::tempdir().unwrap();
+    let mut first = Served::spawn(&config, keep, &credential, http.clone(), &[]).await;
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("token.json");
+    let mut agent = Agent::start(
+        &[
+            "--url",
+            &format!("http://127.0.0.1:{port}"),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[("KTB_CONSUMER_CREDENTIAL", &credential)],
+    );
+    let before = file_token(out.clone(), Duration::from_secs(10), None).await;
+
+    first.signal("TERM");
+    assert!(first.exit(Duration::from_secs(10)).await.success());
+    // While the broker is down the file keeps the last token.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(token_in(&out).as_deref(), Some(before.as_str()));
+    // A new broker process mints its own token; the agent reconnects to it.
+    let _second = Served::spawn(&config, tempfile::tempdir().unwrap(), &credential, http, &[]).await;
+    let after = file_token(out.clone(), Duration::from_secs(40), Some(before.clone())).await;
+    assert!(sim.state().token_is_valid(&after));
+    assert!(agent.stderr().contains("reconnecting"), "{}", agent.stderr());
+    agent.signal("TERM");
+    assert!(agent.exit(Duration::from_secs(5)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_writes_the_token_and_exits_0() {
+    let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+    let served = Served::start(&sim, &key, "", &[]).await;
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("token.json");
+    let mut agent = Agent::start(
+        &[
+            "--url",
+            &served.api,
+            "--out",
+            out.to_str().unwrap(),
+            "--once",
+            "--mode",
+            "640",
+        ],
+        &[("KTB_CONSUMER_CREDENTIAL", &served.credential)],
+    );
+    assert!(
+        agent.exit(Duration::from_secs(10)).await.success(),
+        "{}",
+        agent.stderr()
+    );
+    let token = token_in(&out).expect("a token");
+    assert!(sim.state().token_is_valid(&token));
+    assert_eq!(std::fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o640);
+    // A world-readable mode is refused before anything is written.
+    let mut agent = Agent::start(
+        &[
+            "--url",
+            &served.api,
+            "--out",
+            out.to_str().unwrap(),
+            "--once",
+            "--mode",
+            "644",
+        ],
+        &[("KTB_CONSUMER_CREDENTIAL", &served.credential)],
+    );
+    assert_eq!(
+        agent.exit(Duration::from_secs(10)).await.code(),
+        Some(2),
+        "a usage error"
+    );
+}
