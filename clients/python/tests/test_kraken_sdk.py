@@ -1,0 +1,112 @@
+"""python-kraken-sdk through the broker: an engine subscribes to `executions`
+with no API key in its process; the simulator revokes the token and drops the
+connection; the provider reports the token and resubscribes with the new
+one. The engine's environment and memory never held the key, and its DEBUG
+logs never a token."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ktb_client import Broker
+
+pytest.importorskip("kraken.spot")
+
+ENGINE = Path(__file__).parent / "engines" / "sdk_engine.py"
+
+
+class Engine:
+    def __init__(self, demo, script: Path):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KTB_")}
+        env.update(KTB_URL=demo.api, KTB_ACCOUNT=demo.account, KTB_CONSUMER_CREDENTIAL=demo.credential)
+        self.proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env)
+        self.events: queue.Queue = queue.Queue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._read_out, daemon=True).start()
+        threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
+
+    def _read_out(self):
+        for line in self.proc.stdout:
+            self.events.put(json.loads(line))
+
+    def expect(self, pred, seconds: float = 30.0) -> dict:
+        deadline = time.monotonic() + seconds
+        seen = []
+        while time.monotonic() < deadline:
+            try:
+                event = self.events.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            seen.append(event)
+            if pred(event):
+                return event
+        raise AssertionError(f"no such event; saw {seen}\nstderr:\n{''.join(self.stderr)[-3000:]}")
+
+    def memory_holds(self, needle: bytes) -> bool:
+        """Scans the engine's readable memory for `needle`."""
+        found = False
+        with open(f"/proc/{self.proc.pid}/maps") as maps, open(f"/proc/{self.proc.pid}/mem", "rb", 0) as mem:
+            for line in maps:
+                addr, perms = line.split()[:2]
+                if not perms.startswith("r"):
+                    continue
+                start, end = (int(x, 16) for x in addr.split("-"))
+                try:
+                    mem.seek(start)
+                    if needle in mem.read(end - start):
+                        found = True
+                        break
+                except (OSError, ValueError, OverflowError):
+                    continue
+        return found
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def subscribed(event: dict) -> bool:
+    return event["kind"] == "subscribe" and event["success"] is True
+
+
+def test_the_sdk_subscribes_and_recovers_a_revoked_token_with_no_key(demo):
+    broker = Broker(demo.api, account=demo.account, credential=demo.credential)
+    engine = Engine(demo, ENGINE)
+    try:
+        first = engine.expect(subscribed)
+        engine.expect(lambda e: e["kind"] == "executions")
+        held = [broker.fetch().token]  # the token the engine holds now
+        calls_before = len(demo.sim_get("/_sim/calls")["calls"])
+
+        # Kraken forgets the token, and the connection drops.
+        demo.sim_post("/_sim/tokens/revoke")
+        demo.sim_post("/_sim/ws/drop")
+        again = engine.expect(lambda e: subscribed(e) and e["token"] != first["token"], seconds=60)
+        assert again["token"] != first["token"], "resubscribed with a new token"
+        calls = demo.sim_get("/_sim/calls")["calls"][calls_before:]
+        assert len(calls) == 1, f"one Kraken call for the new token: {calls}"
+        held.append(broker.fetch().token)
+        assert held[1] != held[0]
+
+        key = demo.api_key()
+        environ = Path(f"/proc/{engine.proc.pid}/environ").read_bytes()
+        assert key.encode() not in environ, "the key is not in the engine's environment"
+        assert not engine.memory_holds(key.encode()), "the key is nowhere in the engine's memory"
+    finally:
+        engine.stop()
+    logs = "".join(engine.stderr)
+    assert "Recover authenticated subscriptions" in logs, "the SDK logged its resubscription (DEBUG on)"
+    for token in held:
+        assert token not in logs, "no token in the SDK's logs, at DEBUG"
