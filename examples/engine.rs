@@ -1,26 +1,37 @@
-//! How a trading engine uses the broker: fetch a token, open Kraken's private
-//! WebSocket with it, and if Kraken rejects it, report it and try once more
-//! with the fresh token the broker answers.
+//! How a trading engine uses the broker, as a loop that runs until stopped:
+//!
+//! - a task follows the broker's watch stream (`GET /v1/token/watch`), so a
+//!   fresh token is at hand before every reconnect (no fetch on the
+//!   reconnect path); it reconnects with back-off, honouring `Retry-After`;
+//! - the engine opens Kraken's private WebSocket with the latest token,
+//!   subscribes to `executions` and reads;
+//! - when Kraken answers `ESession:Invalid session`, it reports the token
+//!   (`POST /v1/token/invalidate`) and subscribes again with the token the
+//!   broker answers, on the same connection;
+//! - when the connection drops (a network blip, Kraken's maintenance), it
+//!   reconnects with back-off and jitter, with the latest token.
 //!
 //! Against the demo (`cargo run --release -- demo`, then in another shell):
 //!
 //! ```text
 //! export KTB_CONSUMER_CREDENTIAL=ktb_...   # printed by the demo
-//! cargo run --example engine -- http://127.0.0.1:8080 30
+//! cargo run --example engine -- http://127.0.0.1:8080 demo
+//! # then, to see the recovery paths, against the demo's simulator:
+//! curl -X POST -H 'Content-Type: application/json' http://127.0.0.1:<sim>/_sim/tokens/revoke
+//! curl -X POST -H 'Content-Type: application/json' http://127.0.0.1:<sim>/_sim/ws/drop
 //! ```
-//!
-//! The second argument is `min_ttl`: seconds the token must still have to
-//! open a connection (the demo's tokens live 60 s; Kraken's 900 s).
 
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
-/// The broker's answer to `GET /v1/token`.
-#[derive(Deserialize)]
+/// The broker's token JSON (the body of `GET /v1/token`, the data of a
+/// watch stream's `token` event).
+#[derive(Deserialize, Clone)]
 struct Token {
     token: String,
     account: String,
@@ -28,28 +39,73 @@ struct Token {
     ws_url: String,
 }
 
+#[derive(Clone)]
 struct Broker {
     http: reqwest::Client,
     base: String,
+    account: String,
     credential: String,
 }
 
+/// Exponential back-off with full jitter, capped at 30 s.
+fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(500)
+        .saturating_mul(1 << attempt.min(6))
+        .min(Duration::from_secs(30));
+    base.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+}
+
+fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    let secs = response.headers().get("retry-after")?.to_str().ok()?.parse().ok()?;
+    Some(Duration::from_secs(secs))
+}
+
 impl Broker {
-    /// A token with at least `min_ttl` seconds left to open a connection.
-    async fn token(&self, min_ttl: u64) -> anyhow::Result<Token> {
-        let response = self
-            .http
-            .get(format!("{}/v1/token?min_ttl={min_ttl}", self.base))
-            .bearer_auth(&self.credential)
-            .send()
-            .await?;
-        if !response.status().is_success() {
-            // problem+json: `detail` says why; on 503, Retry-After says when.
-            let status = response.status();
-            let problem: Value = response.json().await.unwrap_or_default();
-            anyhow::bail!("broker answered {status}: {}", problem["detail"]);
+    /// Follows the watch stream for ever, publishing each token.
+    async fn follow(self, latest: watch::Sender<Option<Token>>) {
+        let mut attempt = 0;
+        loop {
+            let url = format!("{}/v1/token/watch?account={}", self.base, self.account);
+            let wait = match self.http.get(url).bearer_auth(&self.credential).send().await {
+                Ok(mut response) if response.status().is_success() => {
+                    let mut buffer = String::new();
+                    // The broker sends a keep-alive every 15 s: 45 s of silence is a lost stream.
+                    while let Ok(Ok(Some(chunk))) =
+                        tokio::time::timeout(Duration::from_secs(45), response.chunk()).await
+                    {
+                        buffer.push_str(&String::from_utf8_lossy(&chunk));
+                        while let Some(end) = buffer.find("\n\n") {
+                            let event: String = buffer.drain(..end + 2).collect();
+                            if event.lines().any(|l| l == "event: token")
+                                && let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: "))
+                                && let Ok(token) = serde_json::from_str::<Token>(data)
+                            {
+                                println!("watch: new token ({} s left)", token.expires_in);
+                                latest.send_replace(Some(token));
+                                attempt = 0;
+                            } else if event.lines().any(|l| l == "event: unavailable") {
+                                println!("watch: the broker has no good token now");
+                            }
+                        }
+                    }
+                    None
+                }
+                Ok(response) if matches!(response.status().as_u16(), 401 | 403) => {
+                    eprintln!(
+                        "the broker refuses this consumer ({}): fix the credential",
+                        response.status()
+                    );
+                    std::process::exit(1);
+                }
+                Ok(response) => retry_after(&response),
+                Err(e) => {
+                    eprintln!("watch: cannot reach the broker: {}", e.without_url());
+                    None
+                }
+            };
+            attempt += 1;
+            tokio::time::sleep(wait.unwrap_or_else(|| backoff(attempt))).await;
         }
-        Ok(response.json().await?)
     }
 
     /// Reports a token Kraken rejected; answers the token to use instead.
@@ -63,35 +119,57 @@ impl Broker {
             .bearer_auth(&self.credential)
             .json(&json!({ "token": rejected.token }))
             .send()
-            .await?
-            .error_for_status()?;
+            .await?;
+        if !response.status().is_success() {
+            let (status, wait) = (response.status(), retry_after(&response));
+            let problem: Value = response.json().await.unwrap_or_default();
+            if let Some(wait) = wait {
+                tokio::time::sleep(wait).await; // 429/503: as the broker says
+            }
+            anyhow::bail!("the broker answered {status}: {}", problem["detail"]);
+        }
         Ok(response.json().await?)
     }
 }
 
-/// Subscribes to `executions`; `Ok(true)` when acknowledged, `Ok(false)`
-/// when Kraken rejects the token.
-async fn subscribe(token: &Token) -> anyhow::Result<bool> {
-    let (mut socket, _) = tokio_tungstenite::connect_async(token.ws_url.as_str()).await?;
+fn subscribe_message(token: &Token, req_id: u64) -> Message {
     let request = json!({
         "method": "subscribe",
-        "params": { "channel": "executions", "token": token.token },
-        "req_id": 1
+        "params": { "channel": "executions", "token": token.token, "snap_orders": true },
+        "req_id": req_id,
     });
-    socket.send(Message::Text(request.to_string().into())).await?;
-    while let Some(frame) = tokio::time::timeout(Duration::from_secs(10), socket.next()).await? {
+    Message::Text(request.to_string().into())
+}
+
+/// One connection: subscribe, read until it drops. A rejected token is
+/// reported and replaced on the same connection.
+async fn connection(broker: &Broker, mut token: Token) -> anyhow::Result<()> {
+    let (mut socket, _) = tokio_tungstenite::connect_async(token.ws_url.as_str()).await?;
+    let mut req_id = 1;
+    socket.send(subscribe_message(&token, req_id)).await?;
+    let mut reports = 0;
+    while let Some(frame) = socket.next().await {
         let Message::Text(text) = frame? else { continue };
         let message: Value = serde_json::from_str(text.as_str())?;
-        if message["method"] == "subscribe" {
-            if message["success"] == true {
-                println!("subscribed to executions: {}", message["result"]);
-                return Ok(true);
+        match (message["method"].as_str(), message["channel"].as_str()) {
+            (Some("subscribe"), _) if message["success"] == true => {
+                println!("subscribed to executions");
+                reports = 0;
             }
-            println!("Kraken rejected the subscription: {}", message["error"]);
-            return Ok(false);
+            (Some("subscribe"), _) if message["error"].as_str() == Some("ESession:Invalid session") => {
+                reports += 1;
+                anyhow::ensure!(reports <= 3, "Kraken keeps rejecting fresh tokens");
+                println!("Kraken rejected the token: reporting it");
+                token = broker.report_rejected(&token).await?;
+                req_id += 1;
+                socket.send(subscribe_message(&token, req_id)).await?;
+            }
+            (Some("subscribe"), _) => anyhow::bail!("subscription refused: {}", message["error"]),
+            (_, Some("executions")) => println!("executions {}", message["type"]),
+            _ => {}
         }
     }
-    anyhow::bail!("the socket closed before an answer")
+    Ok(())
 }
 
 #[tokio::main]
@@ -99,22 +177,29 @@ async fn main() -> anyhow::Result<()> {
     let base = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "http://127.0.0.1:8080".into());
-    let min_ttl: u64 = std::env::args().nth(2).map_or(Ok(30), |s| s.parse())?;
+    let account = std::env::args().nth(2).unwrap_or_else(|| "main".into());
     let credential = std::env::var("KTB_CONSUMER_CREDENTIAL")
         .map_err(|_| anyhow::anyhow!("set KTB_CONSUMER_CREDENTIAL to the consumer credential"))?;
     let broker = Broker {
-        http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?,
-        base,
+        http: reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?,
+        base: base.trim_end_matches('/').to_owned(),
+        account,
         credential,
     };
-    // On start and on every reconnect: a token with time to spare, used at once.
-    let token = broker.token(min_ttl).await?;
-    println!("token for account {} ({} s left)", token.account, token.expires_in);
-    if !subscribe(&token).await? {
-        // ESession:Invalid session: report it; the broker mints one new token
-        // however many engines report the same one.
-        let fresh = broker.report_rejected(&token).await?;
-        anyhow::ensure!(subscribe(&fresh).await?, "a fresh token was rejected too");
+    let (latest_tx, mut latest) = watch::channel(None);
+    tokio::spawn(broker.clone().follow(latest_tx));
+    let mut attempt = 0;
+    loop {
+        // The latest token from the stream: no fetch on the reconnect path.
+        let token = latest.wait_for(Option::is_some).await?.clone().expect("is some");
+        match connection(&broker, token).await {
+            Ok(()) => println!("the connection closed; reconnecting"),
+            Err(e) => println!("the connection failed ({e}); reconnecting"),
+        }
+        attempt += 1;
+        tokio::time::sleep(backoff(attempt.min(4))).await;
     }
-    Ok(())
 }
