@@ -86,6 +86,8 @@ def everything_enabled() -> dict:
     v["podAnnotations"] = {"example.com/team": "mm"}
     v["nodeSelector"] = {"kubernetes.io/os": "linux"}
     v["tolerations"] = [{"key": "dedicated", "operator": "Equal", "value": "trading", "effect": "NoSchedule"}]
+    v["extraEnv"] = [{"name": "HTTPS_PROXY", "value": "http://egress-proxy.infra.svc:3128"}, {"name": "NO_PROXY", "value": ".svc"}]
+    v["networkPolicy"]["egressPorts"] = [443, 3128]
     return v
 
 
@@ -210,6 +212,16 @@ def check_workload(docs: list[dict], values: dict) -> None:
     )
     check("--reload-poll" in c["args"], "the broker re-reads rotated secrets")
     check("checksum/config" in deploy["spec"]["template"]["metadata"]["annotations"], "config checksum rolls pods")
+    for extra in values.get("extraEnv", []):
+        check(env[extra["name"]]["value"] == extra["value"], f"extra env {extra['name']}")
+    spread = pod["topologySpreadConstraints"]
+    if values["topologySpreadConstraints"]:
+        check(spread == values["topologySpreadConstraints"], "own spread constraints replace the default")
+    else:
+        (default,) = spread
+        check(default["topologyKey"] == "kubernetes.io/hostname" and default["whenUnsatisfiable"] == "ScheduleAnyway",
+              f"replicas spread across nodes by default: {default}")
+        check(default["labelSelector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"], "spread over this release's pods")
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     check(ports == {"api": 8080, "admin": 9090}, f"api and admin ports: {ports}")
 
@@ -269,7 +281,7 @@ def check_policies(docs: list[dict], values: dict) -> None:
     monitoring = admin_rule["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
     check(monitoring == values["networkPolicy"]["monitoringNamespace"], "admin only from monitoring")
     egress_ports = sorted(p["port"] for rule in np["spec"]["egress"] for p in rule["ports"])
-    expected = [53, 53, 443]
+    expected = sorted([53, 53] + values["networkPolicy"]["egressPorts"])
     if values["kubernetes"]["enabled"]:
         expected = sorted(expected + [values["kubernetes"]["apiServerPort"]])
         (api_rule,) = [r for r in np["spec"]["egress"] if r["ports"][0]["port"] == values["kubernetes"]["apiServerPort"]]
@@ -368,6 +380,8 @@ def check_schema_refusals(chart) -> None:
             lambda v: v["consumers"][0].update(rateLimit={"perSecond": 0, "burst": 1}),
         ),
         "an unknown tls key": ("certificate", lambda v: v["tls"].update(certificate="x")),
+        "an extra env var that overrides KTB_REPLICA": ("extraEnv", lambda v: v.update(extraEnv=[{"name": "KTB_REPLICA", "value": "0"}])),
+        "an egress port out of range": ("egressPorts", lambda v: v["networkPolicy"].update(egressPorts=[0])),
     }
     for what, (names, mutate) in bad.items():
         values = copy.deepcopy(defaults())

@@ -61,5 +61,11 @@ pub fn run(command: CredentialCommand) -> Result<(), super::Error> {
     println!("name = \"{}\"", args.name);
     println!("credential_sha256 = \"{}\"", hex::encode(hash));
     println!("accounts = {accounts}");
+    println!();
+    println!("Or, with the Helm chart, under `consumers` in your values:");
+    println!();
+    println!("  - name: {}", args.name);
+    println!("    credentialSha256: \"{}\"", hex::encode(hash));
+    println!("    accounts: {}", accounts.replace('"', ""));
     Ok(())
 }
