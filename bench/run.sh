@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Load benchmark: wrk against the broker's GET /v1/token and, in the same run,
 # against nginx serving a static body of the same size on loopback; writes
-# bench/results.json, bench/results-tls.json (TLS, handshakes, pinned cores)
-# and proto-docs/performance.png. Takes about 5 minutes.
+# bench/results.json, bench/results-tls.json (TLS, handshakes, pinned cores),
+# bench/results-watch.json (watch streams) and proto-docs/performance.png. Takes about 5 minutes.
 #   bash bench/run.sh            (BENCH_DURATION=10s BENCH_SWEEP_DURATION=5s by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,4 +27,5 @@ VENV=.venv-bench
 cargo build --release --locked
 "$VENV/bin/python" bench/bench.py target/release/kraken-token-broker bench/results.json
 "$VENV/bin/python" bench/tls.py target/release/kraken-token-broker bench/results-tls.json
+"$VENV/bin/python" bench/watch.py target/release/kraken-token-broker bench/results-watch.json
 "$VENV/bin/python" bench/plot.py bench/results.json proto-docs/performance.png
