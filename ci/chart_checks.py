@@ -347,6 +347,23 @@ def check_config_accepted(docs: list[dict], binary: str, values: dict) -> None:
                 check(value not in result.stdout, "check-config prints no secret")
 
 
+def check_notes(chart) -> None:
+    """NOTES' command for the keys Secret names every file the pods mount,
+    2FA files included."""
+    values = defaults()
+    values["replicaCount"] = 2
+    values["accounts"] = [{"name": "main", "otp": "none"}, {"name": "alt", "otp": "static"}, {"name": "twofa", "otp": "totp"}]
+    values["consumers"][0]["accounts"] = ["main"]
+    out = chart.render(values, name="ktb", namespace="trading")
+    notes = next(text for path, text in out.items() if path.endswith("NOTES.txt"))
+    docs = [d for path, text in out.items() if not path.endswith("NOTES.txt") for d in yaml.safe_load_all(text) if d]
+    (sts,) = by_kind(docs, "StatefulSet")
+    keys = next(v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == "keys")["secret"]["items"]
+    for item in keys:
+        check(f"--from-file={item['key']}=" in notes, f"NOTES creates {item['key']}, which the pods mount")
+    check(notes.count("--from-file=") == len(keys), "and nothing else")
+
+
 def check_schema_refusals(chart) -> None:
     chart.validate_schema(defaults())
     chart.validate_schema(everything_enabled())
@@ -467,6 +484,7 @@ def main() -> None:
 
     check_schema_refusals(chart)
     check_template_refusals(chart)
+    check_notes(chart)
     check_runbooks()
     print(f"chart checks passed ({checks} assertions)")
 

@@ -432,6 +432,17 @@ fn credential_new_prints_the_credential_once_and_only_its_hash_for_the_config() 
         "{stdout}"
     );
     assert_eq!(stdout.matches(&credential).count(), 1, "shown once");
+    // The chart's values form too, with the chart's key names.
+    assert!(
+        stdout.contains(&format!("credentialSha256: \"{hash}\"")) && stdout.contains("accounts: [main]"),
+        "{stdout}"
+    );
+    let values = stdout
+        .split("under `consumers` in your values:")
+        .nth(1)
+        .expect("a values snippet");
+    let parsed = yaml_rust2::YamlLoader::load_from_str(values).expect("the snippet is YAML");
+    assert_eq!(parsed[0][0]["credentialSha256"].as_str(), Some(hash.as_str()));
     let (_, again, _) = run_bin(&["credential", "new", "mm-btc"], &[]);
     assert!(!again.contains(&credential), "a fresh one each time");
     let (status, _, stderr) = run_bin(&["credential", "new", "Not Valid"], &[]);
