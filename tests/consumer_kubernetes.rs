@@ -26,6 +26,10 @@ struct Cluster {
 }
 
 async fn cluster() -> Cluster {
+    cluster_with("30s").await
+}
+
+async fn cluster_with(cache_ttl: &str) -> Cluster {
     let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
     let api = FakeApiServer::start("broker-sa-token-1").await;
     let dir = tempfile::tempdir().unwrap();
@@ -51,7 +55,7 @@ audience = "{AUDIENCE}"
 api_url = "{api_url}"
 ca = {{ file = "{d}/ca.crt" }}
 token = {{ file = "{d}/token" }}
-cache_ttl = "30s"
+cache_ttl = "{cache_ttl}"
 
 [[account]]
 name = "main"
@@ -305,5 +309,27 @@ async fn a_flood_of_forged_tokens_makes_a_bounded_number_of_reviews() {
         before,
         "no review for a subject that names no consumer"
     );
+    c.broker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_stream_opened_with_a_service_account_token_ends_when_its_review_does() {
+    let c = cluster_with("1s").await;
+    let token = jwt(ENGINE, &[AUDIENCE], 600);
+    c.api.accept(&token, ENGINE, &[AUDIENCE]);
+    let url = format!("{}/v1/token/watch", c.broker.api);
+    let mut stream = common::sse::SseReader::open(&c.broker.http, &url, &token).await;
+    assert!(stream.next(Duration::from_secs(10)).await.unwrap().token().is_some());
+    let opened = std::time::Instant::now();
+    assert!(
+        stream.ended(Duration::from_secs(10)).await,
+        "the stream ends when the review expires"
+    );
+    assert!(opened.elapsed() < Duration::from_secs(5), "after cache_ttl, not later");
+    // The pod is deleted meanwhile: its reconnect is refused.
+    c.api.state.valid.lock().unwrap().clear();
+    let r = c.broker.http.get(&url).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(r.status(), 401, "a deleted pod's token opens no stream");
+    assert_eq!(c.api.reviews(), 2, "the reconnect was reviewed again");
     c.broker.stop().await.unwrap();
 }

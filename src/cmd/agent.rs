@@ -93,6 +93,9 @@ enum End {
     Stopped,
     /// `--once`: the file is written.
     Done,
+    /// The broker ended the stream cleanly (a reload, its shutdown, or a
+    /// ServiceAccount token to prove again): reconnect soon.
+    Ended,
 }
 
 pub async fn run(args: AgentArgs) -> Result<(), Error> {
@@ -110,6 +113,15 @@ pub async fn run(args: AgentArgs) -> Result<(), Error> {
             End::Stopped | End::Done => return Ok(()),
             End::Refused(why) => return Err(Error::Fetch(why)),
             End::Retry(wait, why) => (wait, why),
+            End::Ended => {
+                info!("the broker ended the watch stream; reconnecting");
+                let delay = Duration::from_millis(rand::rng().random_range(100..=500));
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(delay) => {}
+                }
+                continue;
+            }
         };
         attempt = attempt.saturating_add(1);
         let delay = wait.unwrap_or_else(|| backoff(attempt));
@@ -211,7 +223,7 @@ async fn follow(consumer: &Consumer, out: &Output, stop: &CancellationToken, att
         };
         let bytes = match chunk {
             Ok(Ok(Some(bytes))) => bytes,
-            Ok(Ok(None)) => return End::Retry(None, "the broker ended the stream".into()),
+            Ok(Ok(None)) => return End::Ended,
             Ok(Err(e)) => return End::Retry(None, format!("the stream broke: {}", error_chain(&e.without_url()))),
             Err(_) => return End::Retry(None, format!("nothing from the broker for {} s", IDLE_LIMIT.as_secs())),
         };

@@ -9,8 +9,11 @@
 //! A stream holds no queue: on each wake it reads what is published now, so
 //! a reader too slow to keep up gets the latest token, never a backlog, and
 //! the broker never waits for it (the socket's own buffer is the only
-//! buffer). It ends when the broker shuts down, and when a reload removes
-//! the consumer, its identity, or its grant of the account.
+//! buffer). It ends when the broker shuts down, when a reload removes the
+//! consumer, its identity, or its grant of the account, and, for a consumer
+//! proven by a ServiceAccount token, after `[kubernetes] cache_ttl` (as long
+//! as a review is trusted): the client reconnects with its current token, so
+//! a deleted pod's stream stops as soon as its `GET` would.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -81,6 +84,10 @@ struct Watcher {
     sent: Sent,
     /// Since when no token is held while no refresh has failed.
     waiting_since: Option<Instant>,
+    /// When the identity must be proven again (a ServiceAccount token is
+    /// trusted as long as a review is: `cache_ttl`); the stream ends then and
+    /// the client reconnects with its current token.
+    reprove_at: Option<Instant>,
     _permit: OwnedSemaphorePermit,
     _open: OpenGauge,
 }
@@ -170,6 +177,12 @@ impl Watcher {
                     None => std::future::pending().await,
                 }
             };
+            let reprove = async {
+                match self.reprove_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = self.stop.cancelled() => return None,
                 changed = self.changes.changed() => {
@@ -183,6 +196,7 @@ impl Watcher {
                     }
                 }
                 () = expiry => {}
+                () = reprove => return None,
             }
         }
     }
@@ -217,6 +231,12 @@ pub async fn watch(
     {
         let _ = grant.handle.want_as(&auth.consumer.name, Duration::ZERO).await;
     }
+    let reprove_at = match (&auth.consumer.identity, &auth.table.reviewer) {
+        (crate::config::Identity::ServiceAccount { .. }, Some(reviewer)) => {
+            Some(Instant::now() + reviewer.config().cache_ttl)
+        }
+        _ => None,
+    };
     let gauge = state.metrics.watch_streams(&account);
     gauge.inc();
     let mut changes = grant.handle.changes();
@@ -232,6 +252,7 @@ pub async fn watch(
         stop: state.streams.stop.clone(),
         sent: Sent::Nothing,
         waiting_since: None,
+        reprove_at,
         _permit: permit,
         _open: OpenGauge(gauge),
     };
