@@ -132,6 +132,10 @@ Fetch a token (in another terminal, after the export above):
   curl -s -H "Authorization: Bearer $KTB_CONSUMER_CREDENTIAL" "{api}/v1/token?min_ttl=30"
   cargo run --release -- fetch --url {api}
 
+Follow every new token (a stream), or keep a file holding it:
+  curl -sN -H "Authorization: Bearer $KTB_CONSUMER_CREDENTIAL" {api}/v1/token/watch
+  cargo run --release -- agent --url {api} --out ./token.json
+
 Report a token Kraken rejected (the broker mints a new one):
   curl -s -X POST -H "Authorization: Bearer $KTB_CONSUMER_CREDENTIAL" -H 'Content-Type: application/json' \
        -d '{{"token":"<token>"}}' "{api}/v1/token/invalidate?account=demo"
