@@ -402,7 +402,10 @@ async fn a_crowd_of_unauthenticated_connections_stays_within_the_pods_memory_and
     let open = common::metric_value(&metrics, "connections_open{listener=\"api\"}");
     println!("{crowd} strangers ({refused} refused at connect): broker RSS {rss} KiB, {open} API connections open");
     // (A debug build: 54 MiB measured here; less in release.)
-    assert!(rss < POD_LIMIT_KIB * 3 / 4, "RSS {rss} KiB, within three quarters of the pod's limit");
+    assert!(
+        rss < POD_LIMIT_KIB * 3 / 4,
+        "RSS {rss} KiB, within three quarters of the pod's limit"
+    );
     assert!(
         open <= kraken_token_broker::http::server::API_MAX_CONNECTIONS as f64,
         "{open} connections open"
