@@ -326,15 +326,12 @@ impl Broker {
         let old = self.table.load();
         let mut consumers = Vec::new();
         for c in &config.consumers {
-            // A consumer's limiter survives a reload that leaves its limit be.
-            let limiter = old
-                .consumers
-                .iter()
-                .find(|o| o.name == c.name && o.limiter.limit() == c.rate_limit)
-                .map_or_else(
-                    || Arc::new(crate::http::limits::RateLimiter::new(c.rate_limit)),
-                    |o| Arc::clone(&o.limiter),
-                );
+            let before = old.consumers.iter().find(|o| o.name == c.name);
+            // A consumer's limiter survives a reload that leaves its limit be ...
+            let limiter = before.filter(|o| o.limiter.limit() == c.rate_limit).map_or_else(
+                || Arc::new(crate::http::limits::RateLimiter::new(c.rate_limit)),
+                |o| Arc::clone(&o.limiter),
+            );
             let grants = c
                 .accounts
                 .iter()
@@ -347,8 +344,8 @@ impl Broker {
                     })
                 })
                 .collect();
-            // So are its open watch streams' permits.
-            let watchers = old.consumers.iter().find(|o| o.name == c.name).map_or_else(
+            // ... and its open watch streams' permits, any reload.
+            let watchers = before.map_or_else(
                 || {
                     Arc::new(tokio::sync::Semaphore::new(
                         crate::http::watch::MAX_WATCHERS_PER_CONSUMER,

@@ -151,6 +151,16 @@ fn classify(status: reqwest::StatusCode, retry: Option<Duration>, body: &str) ->
     }
 }
 
+/// The broker could not be reached: try again after back-off.
+fn unreachable(consumer: &Consumer, e: reqwest::Error) -> End {
+    let why = format!(
+        "cannot reach the broker at {}: {}",
+        consumer.origin(),
+        error_chain(&e.without_url())
+    );
+    End::Retry(None, why)
+}
+
 /// `--once`: `GET /v1/token`, write it, done.
 async fn once(consumer: &Consumer, out: &Output, stop: &CancellationToken) -> End {
     let request = match consumer.get(consumer.url("/v1/token", &[])) {
@@ -163,16 +173,7 @@ async fn once(consumer: &Consumer, out: &Output, stop: &CancellationToken) -> En
     };
     let response = match response {
         Ok(r) => r,
-        Err(e) => {
-            return End::Retry(
-                None,
-                format!(
-                    "cannot reach the broker at {}: {}",
-                    consumer.origin(),
-                    error_chain(&e.without_url())
-                ),
-            );
-        }
+        Err(e) => return unreachable(consumer, e),
     };
     let (status, retry) = (response.status(), retry_after(&response));
     let body = response.text().await.unwrap_or_default();
@@ -197,16 +198,7 @@ async fn follow(consumer: &Consumer, out: &Output, stop: &CancellationToken, att
     };
     let mut response = match response {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            return End::Retry(
-                None,
-                format!(
-                    "cannot reach the broker at {}: {}",
-                    consumer.origin(),
-                    error_chain(&e.without_url())
-                ),
-            );
-        }
+        Ok(Err(e)) => return unreachable(consumer, e),
         Err(_) => return End::Retry(None, "the broker did not answer within 30 s".into()),
     };
     let (status, retry) = (response.status(), retry_after(&response));

@@ -145,23 +145,24 @@ async fn identify(parts: &Parts, table: &ServeTable) -> Result<Arc<Consumer>, Re
     if let Some(reviewer) = &table.reviewer
         && looks_like_jwt(credential)
     {
-        let token =
-            std::str::from_utf8(credential).map_err(|_| Refusal::Auth(AuthFailure::Invalid, "service_account"))?;
-        // A token whose (unverified) subject names no consumer would end in
-        // 401 whatever the review said: refuse it without one.
-        let invalid = Refusal::Auth(AuthFailure::Invalid, "service_account");
-        if reviewer.cached(token).is_none()
-            && unverified_subject(token).is_none_or(|sub| table.by_service_account(&sub).is_none())
-        {
-            return Err(invalid);
-        }
-        return match reviewer.review(token).await {
-            Ok(username) => table
-                .by_service_account(&username)
-                .ok_or(Refusal::Auth(AuthFailure::Invalid, "service_account")),
-            Err(ReviewError::Rejected(_)) => Err(Refusal::Auth(AuthFailure::Invalid, "service_account")),
-            Err(ReviewError::Unavailable { retry_after }) => Err(Refusal::Unavailable(retry_after)),
+        let invalid = || Refusal::Auth(AuthFailure::Invalid, "service_account");
+        let token = std::str::from_utf8(credential).map_err(|_| invalid())?;
+        let username = match reviewer.cached(token) {
+            Some(username) => username,
+            None => {
+                // A token whose (unverified) subject names no consumer would
+                // end in 401 whatever the review said: refuse it without one.
+                if unverified_subject(token).is_none_or(|sub| table.by_service_account(&sub).is_none()) {
+                    return Err(invalid());
+                }
+                match reviewer.review(token).await {
+                    Ok(username) => username,
+                    Err(ReviewError::Rejected(_)) => return Err(invalid()),
+                    Err(ReviewError::Unavailable { retry_after }) => return Err(Refusal::Unavailable(retry_after)),
+                }
+            }
         };
+        return table.by_service_account(&username).ok_or_else(invalid);
     }
     let hash: [u8; 32] = Sha256::digest(credential).into();
     find_consumer(table, &hash).ok_or(Refusal::Auth(AuthFailure::Invalid, "credential"))

@@ -388,9 +388,14 @@ impl TokenReviewer {
     }
 }
 
-/// `system:serviceaccount:NS:SA` for a namespace and ServiceAccount.
-pub fn username(namespace: &str, service_account: &str) -> String {
-    format!("system:serviceaccount:{namespace}:{service_account}")
+/// Whether `username` is `system:serviceaccount:NS:SA` for this namespace
+/// and ServiceAccount (compared in place: no string is built per request).
+pub fn is_service_account(username: &str, namespace: &str, service_account: &str) -> bool {
+    username
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|rest| rest.strip_prefix(namespace))
+        .and_then(|rest| rest.strip_prefix(':'))
+        == Some(service_account)
 }
 
 #[cfg(test)]
@@ -405,6 +410,23 @@ mod tests {
             b64(payload.to_string().as_bytes()),
             b64(b"sig")
         )
+    }
+
+    #[test]
+    fn service_account_usernames_are_matched_exactly() {
+        assert!(is_service_account("system:serviceaccount:trading:mm", "trading", "mm"));
+        assert!(!is_service_account(
+            "system:serviceaccount:trading:mm2",
+            "trading",
+            "mm"
+        ));
+        assert!(!is_service_account(
+            "system:serviceaccount:trading-x:mm",
+            "trading",
+            "mm"
+        ));
+        assert!(!is_service_account("system:serviceaccount:tradingmm", "trading", "mm"));
+        assert!(!is_service_account("system:node:trading:mm", "trading", "mm"));
     }
 
     #[test]

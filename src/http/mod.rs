@@ -119,7 +119,7 @@ impl ServeTable {
                 crate::config::Identity::ServiceAccount {
                     namespace,
                     service_account,
-                } => kubernetes::username(namespace, service_account) == username,
+                } => kubernetes::is_service_account(username, namespace, service_account),
                 _ => false,
             })
             .cloned()

@@ -1309,12 +1309,15 @@ mod tests {
     #[test]
     fn lockouts_are_per_address_and_stop_every_key_called_from_it() {
         let (bad, good) = (key(), key());
-        let s = SimState::new(SimConfig {
-            keys: vec![good.clone()],
-            lockout_threshold: 3,
-            ..SimConfig::default()
-        })
-        .unwrap();
+        let locking = || {
+            SimState::new(SimConfig {
+                keys: vec![good.clone()],
+                lockout_threshold: 3,
+                ..SimConfig::default()
+            })
+            .unwrap()
+        };
+        let s = locking();
         // A key the simulator does not know, three times from 10.0.0.1.
         for n in 1..=3 {
             assert_eq!(
@@ -1333,12 +1336,7 @@ mod tests {
             "another address is not"
         );
         // Successes do not wipe the count: failures within the window add up.
-        let s = SimState::new(SimConfig {
-            keys: vec![good.clone()],
-            lockout_threshold: 3,
-            ..SimConfig::default()
-        })
-        .unwrap();
+        let s = locking();
         for n in 1..=2 {
             call_from(&s, &bad, n, "10.0.0.1");
             assert_eq!(error_of(&call_from(&s, &good, 100 + n, "10.0.0.1")), None);

@@ -462,7 +462,11 @@ mod tests {
     use crate::sim::state::{PrivateCall, Reply, SimConfig, SimKey, SystemStatus};
 
     fn state_with_token() -> (SimState, String) {
-        let key = SimKey::generate();
+        state_with_token_of(SimKey::generate())
+    }
+
+    /// A simulator holding `key`, and a token minted with it.
+    fn state_with_token_of(key: SimKey) -> (SimState, String) {
         let state = SimState::new(SimConfig {
             keys: vec![key.clone()],
             ..SimConfig::default()
@@ -620,25 +624,8 @@ mod tests {
     fn a_key_without_trading_permission_cannot_place_orders() {
         let mut key = SimKey::generate();
         key.trade_permission = false;
-        let state = SimState::new(SimConfig {
-            keys: vec![key.clone()],
-            ..SimConfig::default()
-        })
-        .unwrap();
-        let body = "nonce=1";
-        let secret = crate::kraken::decode_secret(&key.api_secret).unwrap();
-        let sig = crate::kraken::sign(&secret, crate::kraken::WS_TOKEN_PATH, "1", body.as_bytes());
-        let decision = state.private_call(&PrivateCall {
-            peer: None,
-            http_method: "POST",
-            path: crate::kraken::WS_TOKEN_PATH,
-            api_key: Some(&key.api_key),
-            api_sign: Some(&sig),
-            content_type: Some("application/x-www-form-urlencoded"),
-            body: body.as_bytes(),
-        });
-        let Reply::Json(v) = decision.reply else { panic!("json") };
-        let token = v["result"]["token"].as_str().unwrap();
+        let (state, token) = state_with_token_of(key);
+        let token = token.as_str();
         let add = json!({"method":"add_order","params":{"order_type":"market","side":"buy","order_qty":1,
             "symbol":"BTC/USD","token":token},"req_id":3});
         let reply = &respond(&add.to_string(), &state, &mut Session::default())[0];
