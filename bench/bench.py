@@ -71,6 +71,46 @@ def wrk(url: str, connections: int, duration: str, threads: int = 2, header: str
     }
 
 
+def nginx_conf(tmp: Path, root: Path, port: int, tls: bool, workers: str) -> Path:
+    """nginx serving root/token.json at /v1/token on 127.0.0.1:port (TLS with
+    tmp/tls.crt and tmp/tls.key when `tls`, resuming no sessions)."""
+    for d in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"]:
+        (tmp / d).mkdir(exist_ok=True)
+    listen = f"127.0.0.1:{port}" + (" ssl" if tls else "")
+    ssl = f"""
+    ssl_certificate {tmp}/tls.crt;
+    ssl_certificate_key {tmp}/tls.key;
+    ssl_protocols TLSv1.3;
+    ssl_session_cache off;
+    ssl_session_tickets off;""" if tls else ""
+    conf = tmp / f"nginx-{port}.conf"
+    conf.write_text(f"""
+worker_processes {workers};
+pid {tmp}/nginx-{port}.pid;
+error_log {tmp}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/client_body;
+  proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi;
+  uwsgi_temp_path {tmp}/uwsgi;
+  scgi_temp_path {tmp}/scgi;
+  keepalive_requests 1000000;
+  server {{
+    listen {listen};{ssl}
+    location = /v1/token {{
+      default_type application/json;
+      add_header Cache-Control no-store;
+      alias {root}/token.json;
+    }}
+  }}
+}}
+""")
+    return conf
+
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -156,32 +196,7 @@ def main() -> None:
         root = tmp / "www"
         root.mkdir()
         (root / "token.json").write_bytes(body)
-        for d in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"]:
-            (tmp / d).mkdir()
-        (tmp / "nginx.conf").write_text(f"""
-worker_processes auto;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {tmp}/client_body;
-  proxy_temp_path {tmp}/proxy;
-  fastcgi_temp_path {tmp}/fastcgi;
-  uwsgi_temp_path {tmp}/uwsgi;
-  scgi_temp_path {tmp}/scgi;
-  keepalive_requests 1000000;
-  server {{
-    listen 127.0.0.1:{nginx_port};
-    location = /v1/token {{
-      default_type application/json;
-      add_header Cache-Control no-store;
-      alias {root}/token.json;
-    }}
-  }}
-}}
-""")
-        procs.append(subprocess.Popen(["nginx", "-c", str(tmp / "nginx.conf"), "-p", str(tmp), "-g", "daemon off;"],
+        procs.append(subprocess.Popen(["nginx", "-c", str(nginx_conf(tmp, root, nginx_port, False, "auto")), "-p", str(tmp), "-g", "daemon off;"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         nginx_url = f"http://127.0.0.1:{nginx_port}/v1/token"
         wait("nginx", 10, lambda: get(nginx_url)[0] == 200)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "ci"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import UNLIMITED, get, wrk  # noqa: E402
+from bench import UNLIMITED, get, nginx_conf, wrk  # noqa: E402
 from ktb_harness import free_port, start_simulator, stop_all, wait, write_broker_config  # noqa: E402
 
 DURATION = os.environ.get("BENCH_DURATION", "10s")
@@ -43,43 +43,6 @@ def certificates(d: Path) -> None:
     ext.write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
     openssl("x509", "-req", "-in", str(d / "tls.csr"), "-CA", str(d / "ca.crt"), "-CAkey", str(d / "ca.key"),
             "-days", "2", "-out", str(d / "tls.crt"), "-extfile", str(ext))
-
-
-def nginx_conf(tmp: Path, root: Path, port: int, tls: bool, workers: str) -> Path:
-    for d in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"]:
-        (tmp / d).mkdir(exist_ok=True)
-    listen = f"127.0.0.1:{port}" + (" ssl" if tls else "")
-    ssl = f"""
-    ssl_certificate {tmp}/tls.crt;
-    ssl_certificate_key {tmp}/tls.key;
-    ssl_protocols TLSv1.3;
-    ssl_session_cache off;
-    ssl_session_tickets off;""" if tls else ""
-    conf = tmp / f"nginx-{port}.conf"
-    conf.write_text(f"""
-worker_processes {workers};
-pid {tmp}/nginx-{port}.pid;
-error_log {tmp}/nginx-error.log;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {tmp}/client_body;
-  proxy_temp_path {tmp}/proxy;
-  fastcgi_temp_path {tmp}/fastcgi;
-  uwsgi_temp_path {tmp}/uwsgi;
-  scgi_temp_path {tmp}/scgi;
-  keepalive_requests 1000000;
-  server {{
-    listen {listen};{ssl}
-    location = /v1/token {{
-      default_type application/json;
-      add_header Cache-Control no-store;
-      alias {root}/token.json;
-    }}
-  }}
-}}
-""")
-    return conf
 
 
 def fake_api_server(tmp: Path, audience: str, username: str) -> tuple[int, list[int]]:

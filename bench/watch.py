@@ -22,17 +22,12 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "ci"))
-from ktb_harness import free_port, start_simulator, stop_all, wait  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import rss_kib  # noqa: E402
+from ktb_harness import free_port, start_simulator, stop_all, wait, write_broker_config  # noqa: E402
 
 CONSUMERS = 20
 PER_CONSUMER = 50
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 class Watcher:
@@ -109,23 +104,13 @@ def main() -> None:
         sim, addr = start_simulator(binary, tmp, "--tier", "pro")
         procs.append(sim)
         api_port, admin_port = free_port(), free_port()
-        credentials = ["ktb_" + secrets.token_urlsafe(32) for _ in range(CONSUMERS)]
-        consumers = "".join(
-            f'[[consumer]]\nname = "engine-{i}"\ncredential_sha256 = "{hashlib.sha256(c.encode()).hexdigest()}"\n'
-            f'accounts = ["main"]\n\n' for i, c in enumerate(credentials))
-        (tmp / "broker.toml").write_text(f"""
-[listen]
-api = "127.0.0.1:{api_port}"
-admin = "127.0.0.1:{admin_port}"
-[kraken]
-rest_url = "http://{addr}"
-ws_url = "ws://{addr}/v2"
-[[account]]
-name = "main"
-api_key = {{ file = "{tmp}/api-key" }}
-api_secret = {{ file = "{tmp}/api-secret" }}
-
-{consumers}""")
+        # The harness's consumer `engine` and CONSUMERS - 1 more.
+        more = ["ktb_" + secrets.token_urlsafe(32) for _ in range(CONSUMERS - 1)]
+        extra = "".join(
+            f'\n[[consumer]]\nname = "engine-{i}"\ncredential_sha256 = "{hashlib.sha256(c.encode()).hexdigest()}"\n'
+            f'accounts = ["main"]\n' for i, c in enumerate(more))
+        credentials = [write_broker_config(tmp, addr, f"127.0.0.1:{api_port}", f"127.0.0.1:{admin_port}",
+                                           consumer_extra=extra)] + more
         broker = subprocess.Popen([binary, "serve", "--config", str(tmp / "broker.toml")],
                                   env=dict(os.environ, RUST_LOG="warn"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(broker)
