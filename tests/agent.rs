@@ -11,17 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Served, sim_with_key, wait_for, write};
-
-/// Tokens of 3 s at the simulator, refreshed 1.5 s ahead: a new one about
-/// every 1.5 s.
-const FAST: &str = r#"
-refresh_before_expiry = "1500ms"
-min_served_ttl = "1s"
-jitter = "200ms"
-retry_initial = "200ms"
-retry_max = "1s"
-"#;
+use common::{BIN, FAST_REFRESH, Served, sim_with_key, wait_for, write};
 
 struct Agent {
     child: Child,
@@ -107,7 +97,7 @@ async fn file_token(path: PathBuf, deadline: Duration, not: Option<String>) -> S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_file_is_never_partial_or_empty_while_tokens_rotate_and_sigterm_exits_0() {
     let (sim, key) = sim_with_key(Duration::from_secs(3)).await;
-    let served = Served::start(&sim, &key, FAST, &[]).await;
+    let served = Served::start(&sim, &key, FAST_REFRESH, &[]).await;
     let out_dir = tempfile::tempdir().unwrap();
     let out = out_dir.path().join("token.json");
     let out_text = out.to_str().unwrap().to_owned();
@@ -243,18 +233,19 @@ async fn once_writes_the_token_and_exits_0() {
     let served = Served::start(&sim, &key, "", &[]).await;
     let out_dir = tempfile::tempdir().unwrap();
     let out = out_dir.path().join("token.json");
-    let mut agent = Agent::start(
-        &[
+    let once = |mode: &str| {
+        let args = [
             "--url",
             &served.api,
             "--out",
             out.to_str().unwrap(),
             "--once",
             "--mode",
-            "640",
-        ],
-        &[("KTB_CONSUMER_CREDENTIAL", &served.credential)],
-    );
+            mode,
+        ];
+        Agent::start(&args, &[("KTB_CONSUMER_CREDENTIAL", &served.credential)])
+    };
+    let mut agent = once("640");
     assert!(
         agent.exit(Duration::from_secs(10)).await.success(),
         "{}",
@@ -264,18 +255,7 @@ async fn once_writes_the_token_and_exits_0() {
     assert!(sim.state().token_is_valid(&token));
     assert_eq!(std::fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o640);
     // A world-readable mode is refused before anything is written.
-    let mut agent = Agent::start(
-        &[
-            "--url",
-            &served.api,
-            "--out",
-            out.to_str().unwrap(),
-            "--once",
-            "--mode",
-            "644",
-        ],
-        &[("KTB_CONSUMER_CREDENTIAL", &served.credential)],
-    );
+    let mut agent = once("644");
     assert_eq!(
         agent.exit(Duration::from_secs(10)).await.code(),
         Some(2),

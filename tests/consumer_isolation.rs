@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{Broker, sim_with_key, write};
+use common::{Broker, config_tables, sim_with_key, write, write_key};
 use kraken_token_broker::http::auth::new_credential;
 use kraken_token_broker::sim::SimHandle;
 use kraken_token_broker::token::refresher::{ACCOUNT_FORCED_BURST, FORCED_REFRESH_BURST, FORCED_REFRESH_EVERY};
@@ -25,26 +25,11 @@ async fn two_consumers(loud_limit: &str) -> Two {
     let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    write(d, "api-key", &format!("{}\n", key.api_key));
-    write(d, "api-secret", &format!("{}\n", key.api_secret));
+    write_key(d, &key);
     let (loud, loud_hash) = new_credential();
     let (quiet, quiet_hash) = new_credential();
     let text = format!(
-        r#"
-[listen]
-api = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-
-[kraken]
-rest_url = "{rest}"
-ws_url = "{ws}"
-timeout = "2s"
-
-[[account]]
-name = "main"
-api_key = {{ file = "{d}/api-key" }}
-api_secret = {{ file = "{d}/api-secret" }}
-
+        r#"{tables}
 [[consumer]]
 name = "loud"
 credential_sha256 = "{loud_hash}"
@@ -56,9 +41,7 @@ name = "quiet"
 credential_sha256 = "{quiet_hash}"
 accounts = ["main"]
 "#,
-        rest = sim.rest_url(),
-        ws = sim.ws_url(),
-        d = d.display(),
+        tables = config_tables(&sim, d, "", ""),
         loud_hash = hex::encode(loud_hash),
         quiet_hash = hex::encode(quiet_hash),
     );

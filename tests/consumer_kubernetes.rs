@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::apiserver::{FakeApiServer, jwt};
-use common::{Broker, sim_with_key, write};
+use common::{Broker, config_tables, credential_consumer, sim_with_key, write, write_key};
 use kraken_token_broker::http::auth::new_credential;
 use kraken_token_broker::http::kubernetes::{REVIEW_BURST, REVIEWS_PER_SEC};
 use kraken_token_broker::sim::SimHandle;
@@ -34,22 +34,12 @@ async fn cluster_with(cache_ttl: &str) -> Cluster {
     let api = FakeApiServer::start("broker-sa-token-1").await;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    write(d, "api-key", &format!("{}\n", key.api_key));
-    write(d, "api-secret", &format!("{}\n", key.api_secret));
+    write_key(d, &key);
     write(d, "ca.crt", &api.ca_pem);
     write(d, "token", "broker-sa-token-1\n");
     let (credential, hash) = new_credential();
     let text = format!(
-        r#"
-[listen]
-api = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-
-[kraken]
-rest_url = "{rest}"
-ws_url = "{ws}"
-timeout = "2s"
-
+        r#"{tables}
 [kubernetes]
 audience = "{AUDIENCE}"
 api_url = "{api_url}"
@@ -57,28 +47,16 @@ ca = {{ file = "{d}/ca.crt" }}
 token = {{ file = "{d}/token" }}
 cache_ttl = "{cache_ttl}"
 
-[[account]]
-name = "main"
-api_key = {{ file = "{d}/api-key" }}
-api_secret = {{ file = "{d}/api-secret" }}
-
 [[consumer]]
 name = "mm-engine"
 kubernetes = {{ namespace = "trading", service_account = "mm-engine" }}
 accounts = ["main"]
 rate_limit = {{ per_second = 10000, burst = 100000 }}
-
-[[consumer]]
-name = "engine"
-credential_sha256 = "{hash}"
-accounts = ["main"]
-rate_limit = {{ per_second = 10000, burst = 100000 }}
-"#,
-        rest = sim.rest_url(),
-        ws = sim.ws_url(),
+{engine}"#,
+        tables = config_tables(&sim, d, "", ""),
+        engine = credential_consumer("engine", &hex::encode(hash)),
         api_url = api.url,
         d = d.display(),
-        hash = hex::encode(hash),
     );
     let path = write(d, "broker.toml", &text);
     let broker = Broker::start_from_config(path, tempfile::tempdir().unwrap(), credential.expose()).await;

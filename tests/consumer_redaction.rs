@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::apiserver::{FakeApiServer, jwt};
 use common::pki::{Ca, client};
-use common::{Served, sim_with_key, write};
+use common::{Served, config_tables, credential_consumer, sim_with_key, write, write_key};
 use kraken_token_broker::http::auth::new_credential;
 
 const AUDIENCE: &str = "kraken-token-broker";
@@ -28,8 +28,7 @@ async fn no_service_account_token_key_or_credential_reaches_any_output() {
     let engine_leaf = client_ca.leaf(&[SAN]);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    write(d, "api-key", &format!("{}\n", key.api_key));
-    write(d, "api-secret", &format!("{}\n", key.api_secret));
+    write_key(d, &key);
     write(d, "tls.crt", &server_leaf.cert);
     write(d, "tls.key", &server_leaf.key);
     write(d, "client-ca.pem", &client_ca.pem);
@@ -38,19 +37,11 @@ async fn no_service_account_token_key_or_credential_reaches_any_output() {
     write(d, "audit-key", AUDIT_KEY);
     let (credential, hash) = new_credential();
     let text = format!(
-        r#"
-[listen]
-api = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-
+        r#"{tables}
 [listen.tls]
 cert = {{ file = "{d}/tls.crt" }}
 key = {{ file = "{d}/tls.key" }}
 client_ca = {{ file = "{d}/client-ca.pem" }}
-
-[kraken]
-rest_url = "{rest}"
-ws_url = "{ws}"
 
 [kubernetes]
 audience = "{AUDIENCE}"
@@ -62,11 +53,6 @@ token = {{ file = "{d}/token" }}
 to = "{d}/audit.jsonl"
 fingerprint_key = {{ file = "{d}/audit-key" }}
 
-[[account]]
-name = "main"
-api_key = {{ file = "{d}/api-key" }}
-api_secret = {{ file = "{d}/api-secret" }}
-
 [[consumer]]
 name = "sa-engine"
 kubernetes = {{ namespace = "trading", service_account = "mm-engine" }}
@@ -76,17 +62,11 @@ accounts = ["main"]
 name = "cert-engine"
 client_cert = {{ san = "{SAN}" }}
 accounts = ["main"]
-
-[[consumer]]
-name = "engine"
-credential_sha256 = "{hash}"
-accounts = ["main"]
-"#,
-        rest = sim.rest_url(),
-        ws = sim.ws_url(),
+{engine}"#,
+        tables = config_tables(&sim, d, "", ""),
+        engine = credential_consumer("engine", &hex::encode(hash)),
         api_url = api.url,
         d = d.display(),
-        hash = hex::encode(hash),
     );
     let config = write(d, "broker.toml", &text);
     let http = client(&[&server_ca.pem], None);

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::pki::{Ca, Leaf, client};
-use common::{Broker, sim_with_key, wait_for, write};
+use common::{Broker, config_tables, credential_consumer, sim_with_key, wait_for, write, write_key};
 use kraken_token_broker::http::auth::new_credential;
 use kraken_token_broker::sim::{SimHandle, SimKey};
 
@@ -26,8 +26,7 @@ fn tls_config(
     client_ca: bool,
     more: &str,
 ) -> String {
-    write(dir, "api-key", &format!("{}\n", key.api_key));
-    write(dir, "api-secret", &format!("{}\n", key.api_secret));
+    write_key(dir, key);
     let d = dir.display();
     let client_ca = if client_ca {
         format!("client_ca = {{ file = \"{d}/client-ca.pem\" }}")
@@ -35,35 +34,9 @@ fn tls_config(
         String::new()
     };
     format!(
-        r#"
-[listen]
-api = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-
-[listen.tls]
-cert = {{ file = "{d}/tls.crt" }}
-key = {{ file = "{d}/tls.key" }}
-{client_ca}
-
-[kraken]
-rest_url = "{rest}"
-ws_url = "{ws}"
-timeout = "2s"
-
-[[account]]
-name = "main"
-api_key = {{ file = "{d}/api-key" }}
-api_secret = {{ file = "{d}/api-secret" }}
-
-[[consumer]]
-name = "engine"
-credential_sha256 = "{credential_sha256}"
-accounts = ["main"]
-rate_limit = {{ per_second = 10000, burst = 100000 }}
-{more}
-"#,
-        rest = sim.rest_url(),
-        ws = sim.ws_url(),
+        "{}\n[listen.tls]\ncert = {{ file = \"{d}/tls.crt\" }}\nkey = {{ file = \"{d}/tls.key\" }}\n{client_ca}\n{}{more}",
+        config_tables(sim, dir, "", ""),
+        credential_consumer("engine", credential_sha256),
     )
 }
 
@@ -84,6 +57,56 @@ async fn status_of(http: &reqwest::Client, url: &str, credential: Option<&str>) 
     match request.send().await {
         Ok(r) => Ok(r.status().as_u16()),
         Err(e) => Err(format!("{e:?}")),
+    }
+}
+
+/// Clients requesting `url` in loops until stopped, each answer kept.
+struct Load {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
+    loops: Vec<tokio::task::JoinHandle<Vec<Result<u16, String>>>>,
+}
+
+impl Load {
+    fn start(clients: Vec<reqwest::Client>, url: &str, bearer: Option<&str>) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicUsize::new(0));
+        let loops = clients
+            .into_iter()
+            .map(|http| {
+                let (url, bearer) = (url.to_owned(), bearer.map(str::to_owned));
+                let (stop, done) = (stop.clone(), done.clone());
+                tokio::spawn(async move {
+                    let mut answers = Vec::new();
+                    while !stop.load(Ordering::SeqCst) {
+                        answers.push(status_of(&http, &url, bearer.as_deref()).await);
+                        done.fetch_add(1, Ordering::SeqCst);
+                    }
+                    answers
+                })
+            })
+            .collect();
+        Load { stop, done, loops }
+    }
+
+    /// Waits for `n` more answers than so far.
+    async fn more(&self, n: usize, what: &str) {
+        let target = self.done.load(Ordering::SeqCst) + n;
+        wait_for(what, Duration::from_secs(10), || {
+            let reached = self.done.load(Ordering::SeqCst) >= target;
+            async move { reached.then_some(()) }
+        })
+        .await;
+    }
+
+    /// Stops the loops; every answer they had.
+    async fn stop(self) -> Vec<Result<u16, String>> {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut all = Vec::new();
+        for l in self.loops {
+            all.extend(l.await.unwrap());
+        }
+        all
     }
 }
 
@@ -171,40 +194,12 @@ async fn a_rotated_certificate_is_taken_without_a_failed_request_and_a_broken_on
         .build()
         .unwrap();
     let url = format!("{}/v1/token", broker.api);
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicUsize::new(0));
-    let loops: Vec<_> = (0..4)
-        .map(|_| {
-            let (http, url, credential) = (both.clone(), url.clone(), broker.credential.clone());
-            let (stop, done) = (stop.clone(), done.clone());
-            tokio::spawn(async move {
-                let mut answers = Vec::new();
-                while !stop.load(Ordering::SeqCst) {
-                    answers.push(status_of(&http, &url, Some(&credential)).await);
-                    done.fetch_add(1, Ordering::SeqCst);
-                }
-                answers
-            })
-        })
-        .collect();
-    let at_least = |n: usize| {
-        let done = done.clone();
-        move || {
-            let reached = done.load(Ordering::SeqCst) >= n;
-            async move { reached.then_some(()) }
-        }
-    };
-    wait_for("the first answers", Duration::from_secs(10), at_least(20)).await;
+    let load = Load::start(vec![both; 4], &url, Some(&broker.credential));
+    load.more(20, "the first answers").await;
 
     install(dir.path(), &ca2.leaf(&["127.0.0.1"]));
     broker.reload().await;
-    let after_rotation = done.load(Ordering::SeqCst);
-    wait_for(
-        "answers after the rotation",
-        Duration::from_secs(10),
-        at_least(after_rotation + 20),
-    )
-    .await;
+    load.more(20, "answers after the rotation").await;
     let only_new = client(&[&ca2.pem], None);
     assert_eq!(
         status_of(&only_new, &url, Some(&broker.credential)).await,
@@ -231,22 +226,12 @@ async fn a_rotated_certificate_is_taken_without_a_failed_request_and_a_broken_on
         .expect_err("a key that does not fit is refused");
     assert!(refused.to_string().contains("listen.tls"), "{refused}");
     assert_eq!(status_of(&only_new, &url, Some(&broker.credential)).await, Ok(200));
-    let after_refusals = done.load(Ordering::SeqCst);
-    wait_for(
-        "answers after the refusals",
-        Duration::from_secs(10),
-        at_least(after_refusals + 20),
-    )
-    .await;
+    load.more(20, "answers after the refusals").await;
 
-    stop.store(true, Ordering::SeqCst);
-    let mut total = 0;
-    for l in loops {
-        let answers = l.await.unwrap();
-        total += answers.len();
-        let failed: Vec<_> = answers.iter().filter(|a| **a != Ok(200)).collect();
-        assert!(failed.is_empty(), "no request failed during the rotation: {failed:?}");
-    }
+    let answers = load.stop().await;
+    let total = answers.len();
+    let failed: Vec<_> = answers.iter().filter(|a| **a != Ok(200)).collect();
+    assert!(failed.is_empty(), "no request failed during the rotation: {failed:?}");
     assert!(total > 60, "the loops ran through the rotation ({total} requests)");
     let metrics = broker.admin_get("/metrics").await.1;
     assert!(
@@ -329,29 +314,8 @@ rate_limit = {{ per_second = 10000, burst = 100000 }}
             .build()
             .unwrap()
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicUsize::new(0));
-    let loops: Vec<_> = (0..3)
-        .map(|_| {
-            let (http, url, stop, done) = (engine(&old_leaf), url.clone(), stop.clone(), done.clone());
-            tokio::spawn(async move {
-                let mut answers = Vec::new();
-                while !stop.load(Ordering::SeqCst) {
-                    answers.push(status_of(&http, &url, None).await);
-                    done.fetch_add(1, Ordering::SeqCst);
-                }
-                answers
-            })
-        })
-        .collect();
-    let at_least = |n: usize| {
-        let done = done.clone();
-        move || {
-            let reached = done.load(Ordering::SeqCst) >= n;
-            async move { reached.then_some(()) }
-        }
-    };
-    wait_for("the first answers", Duration::from_secs(10), at_least(20)).await;
+    let load = Load::start((0..3).map(|_| engine(&old_leaf)).collect(), &url, None);
+    load.more(20, "the first answers").await;
     assert!(
         status_of(&engine(&new_leaf), &url, None).await.is_err(),
         "the new CA is not trusted yet"
@@ -365,17 +329,13 @@ rate_limit = {{ per_second = 10000, burst = 100000 }}
         Ok(200),
         "the new CA is trusted"
     );
-    let n = done.load(Ordering::SeqCst);
-    wait_for("answers with both CAs", Duration::from_secs(10), at_least(n + 20)).await;
-    stop.store(true, Ordering::SeqCst);
-    for l in loops {
-        let answers = l.await.unwrap();
-        let failed: Vec<_> = answers.iter().filter(|a| **a != Ok(200)).collect();
-        assert!(
-            failed.is_empty(),
-            "no engine of the old CA failed while both were trusted: {failed:?}"
-        );
-    }
+    load.more(20, "answers with both CAs").await;
+    let answers = load.stop().await;
+    let failed: Vec<_> = answers.iter().filter(|a| **a != Ok(200)).collect();
+    assert!(
+        failed.is_empty(),
+        "no engine of the old CA failed while both were trusted: {failed:?}"
+    );
 
     // Step 2: the old CA goes; its certificates fail the handshake.
     write(dir.path(), "client-ca.pem", &new_ca.pem);

@@ -9,17 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{Served, run_bin, sim_with_key, start_sim, wait_for, write};
+use common::{FAST_REFRESH, Served, run_bin, sim_with_key, start_sim, wait_for, write};
 use kraken_token_broker::sim::{FaultSpec, SimConfig, SimKey, SimOtp};
 
 /// Refresh settings for 3 s simulator tokens.
-const FAST: &str = r#"
-refresh_before_expiry = "1500ms"
-min_served_ttl = "1s"
-jitter = "200ms"
-retry_initial = "200ms"
-retry_max = "1s"
-"#;
 
 fn once(fault: FaultSpec) -> FaultSpec {
     FaultSpec {
@@ -42,7 +35,7 @@ async fn no_key_secret_otp_credential_or_token_reaches_logs_metrics_or_error_bod
     let served = Served::start_with(
         &sim,
         &key,
-        FAST,
+        FAST_REFRESH,
         r#"otp = { env = "KTB_TEST_OTP" }"#,
         &[("RUST_LOG", "debug"), ("KTB_TEST_OTP", OTP)],
     )
@@ -114,6 +107,12 @@ async fn no_key_secret_otp_credential_or_token_reaches_logs_metrics_or_error_bod
             l["message"] == "token refreshed"
         })
         .await;
+    // Three refreshes logged (the scenario's), however slow the machine.
+    wait_for("three refreshes", Duration::from_secs(20), || {
+        let refreshed = served.raw_logs().matches("token refreshed").count() >= 3;
+        async move { refreshed.then_some(()) }
+    })
+    .await;
     let metrics = served.admin_text("/metrics").await;
     let readyz = served.admin_text("/readyz").await;
     served.signal("TERM");
@@ -155,7 +154,7 @@ async fn a_rejected_key_logs_an_error_naming_the_account_and_the_fix() {
             error: Some(code.into()),
             ..FaultSpec::default()
         });
-        let served = Served::start(&sim, &key, FAST, &[]).await;
+        let served = Served::start(&sim, &key, FAST_REFRESH, &[]).await;
         let line = served
             .wait_log("an ERROR line", Duration::from_secs(5), |l| l["level"] == "ERROR")
             .await;
@@ -174,7 +173,7 @@ async fn sighup_with_a_rotated_key_keeps_serving_and_a_broken_config_is_refused(
         ..SimConfig::default()
     })
     .await;
-    let mut served = Served::start(&sim, &old, FAST, &[]).await;
+    let mut served = Served::start(&sim, &old, FAST_REFRESH, &[]).await;
 
     // A consumer fetching throughout.
     let stop = Arc::new(AtomicBool::new(false));
@@ -324,7 +323,7 @@ jitter = "0s"
 #[tokio::test]
 async fn sigint_also_exits_0() {
     let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
-    let mut served = Served::start(&sim, &key, FAST, &[]).await;
+    let mut served = Served::start(&sim, &key, FAST_REFRESH, &[]).await;
     served.signal("INT");
     assert_eq!(served.exit(Duration::from_secs(10)).await.code(), Some(0));
 }
@@ -453,7 +452,7 @@ fn credential_new_prints_the_credential_once_and_only_its_hash_for_the_config() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_prints_a_token_or_a_clear_error() {
     let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
-    let served = Served::start(&sim, &key, FAST, &[]).await;
+    let served = Served::start(&sim, &key, FAST_REFRESH, &[]).await;
     let (api, cred) = (served.api.clone(), served.credential.clone());
     let (status, stdout, stderr) = tokio::task::spawn_blocking(move || {
         run_bin(
@@ -566,7 +565,7 @@ fn a_secret_file_anyone_may_read_earns_a_warning() {
 #[tokio::test]
 async fn a_fifo_swapped_in_for_a_secret_never_freezes_the_broker() {
     let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
-    let mut served = Served::start(&sim, &key, FAST, &[]).await;
+    let mut served = Served::start(&sim, &key, FAST_REFRESH, &[]).await;
     let secret = served.dir.path().join("api-secret");
     std::fs::remove_file(&secret).unwrap();
     assert!(Command::new("mkfifo").arg(&secret).status().unwrap().success());

@@ -238,12 +238,8 @@ async fn a_consumer_has_a_bounded_number_of_streams() {
     for _ in 0..MAX_WATCHERS_PER_CONSUMER {
         open.push(SseReader::open(&http, &watch_url(&broker), &broker.credential).await);
     }
-    let r = http
-        .get(watch_url(&broker))
-        .bearer_auth(&broker.credential)
-        .send()
-        .await
-        .unwrap();
+    let another = || http.get(watch_url(&broker)).bearer_auth(&broker.credential).send();
+    let r = another().await.unwrap();
     assert_eq!(r.status(), 429);
     assert!(r.headers().contains_key("retry-after"));
     let body: serde_json::Value = r.json().await.unwrap();
@@ -251,13 +247,7 @@ async fn a_consumer_has_a_bounded_number_of_streams() {
     // One closed makes room.
     drop(open.pop());
     wait_for("room for one more stream", EVENT, || async {
-        let r = http
-            .get(watch_url(&broker))
-            .bearer_auth(&broker.credential)
-            .send()
-            .await
-            .unwrap();
-        (r.status() == 200).then_some(())
+        (another().await.unwrap().status() == 200).then_some(())
     })
     .await;
     // Unauthenticated: 401, no stream.

@@ -18,7 +18,7 @@ use std::time::Duration;
 use kraken_token_broker::token::RefreshPolicy;
 
 pub use broker::{Broker, account, test_config};
-pub use process::{BIN, Served, config_text, run_bin, write};
+pub use process::{BIN, Served, config_tables, config_text, credential_consumer, run_bin, write, write_key};
 pub use sim::{sim_with_key, start_sim};
 
 /// Polls `check` until it returns `Some`, failing the test after `deadline`.
@@ -39,6 +39,16 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `[refresh]` lines for the simulator's short tokens (a few seconds):
+/// refreshed 1.5 s ahead, retried quickly.
+pub const FAST_REFRESH: &str = r#"
+refresh_before_expiry = "1500ms"
+min_served_ttl = "1s"
+jitter = "200ms"
+retry_initial = "200ms"
+retry_max = "1s"
+"#;
 
 /// A refresh policy in seconds, for short simulator lifetimes.
 pub fn policy(before_expiry: f64, min_served: f64, jitter: f64, retry: (f64, f64)) -> RefreshPolicy {

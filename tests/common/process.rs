@@ -36,15 +36,17 @@ pub fn config_text(sim: &SimHandle, dir: &Path, credential_sha256: &str, refresh
     config_text_with(sim, dir, credential_sha256, "", refresh, extra_account)
 }
 
-/// As [`config_text`], with more lines for the `[kraken]` table.
-pub fn config_text_with(
-    sim: &SimHandle,
-    dir: &Path,
-    credential_sha256: &str,
-    kraken: &str,
-    refresh: &str,
-    extra_account: &str,
-) -> String {
+/// Writes `key`'s API key and secret to `dir/api-key` and `dir/api-secret`.
+pub fn write_key(dir: &Path, key: &SimKey) {
+    write(dir, "api-key", &format!("{}\n", key.api_key));
+    write(dir, "api-secret", &format!("{}\n", key.api_secret));
+}
+
+/// The tables every test config shares: both listeners on 127.0.0.1:0,
+/// `[kraken]` on `sim` (plus `kraken` lines), `[refresh]` (the `refresh`
+/// lines) and one account `main` whose key and secret are in `dir`. Append
+/// consumers and sections (`[listen.tls]`, `[kubernetes]`, `[audit]`) to it.
+pub fn config_tables(sim: &SimHandle, dir: &Path, kraken: &str, refresh: &str) -> String {
     format!(
         r#"
 [listen]
@@ -64,18 +66,41 @@ timeout = "2s"
 name = "main"
 api_key = {{ file = "{dir}/api-key" }}
 api_secret = {{ file = "{dir}/api-secret" }}
-{extra_account}
-
-[[consumer]]
-name = "engine"
-credential_sha256 = "{credential_sha256}"
-accounts = ["main"]
-# Tests play many engines with this one consumer: a limit that never binds.
-rate_limit = {{ per_second = 10000, burst = 100000 }}
 "#,
         rest = sim.rest_url(),
         ws = sim.ws_url(),
         dir = dir.display(),
+    )
+}
+
+/// A consumer `name` with a credential (its SHA-256 in hex) granted `main`,
+/// under a rate limit that never binds: tests play many engines with one
+/// consumer.
+pub fn credential_consumer(name: &str, credential_sha256: &str) -> String {
+    format!(
+        r#"
+[[consumer]]
+name = "{name}"
+credential_sha256 = "{credential_sha256}"
+accounts = ["main"]
+rate_limit = {{ per_second = 10000, burst = 100000 }}
+"#
+    )
+}
+
+/// As [`config_text`], with more lines for the `[kraken]` table.
+pub fn config_text_with(
+    sim: &SimHandle,
+    dir: &Path,
+    credential_sha256: &str,
+    kraken: &str,
+    refresh: &str,
+    extra_account: &str,
+) -> String {
+    format!(
+        "{}{extra_account}\n{}",
+        config_tables(sim, dir, kraken, refresh),
+        credential_consumer("engine", credential_sha256)
     )
 }
 
@@ -105,8 +130,7 @@ impl Served {
         env: &[(&str, &str)],
     ) -> Served {
         let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), "api-key", &format!("{}\n", key.api_key));
-        write(dir.path(), "api-secret", &format!("{}\n", key.api_secret));
+        write_key(dir.path(), key);
         let (credential, hash) = new_credential();
         let text = config_text_with(sim, dir.path(), &hex::encode(hash), kraken, refresh, extra_account);
         let config = write(dir.path(), "broker.toml", &text);
