@@ -12,8 +12,6 @@ use std::time::Duration;
 use common::{FAST_REFRESH, Served, run_bin, sim_with_key, start_sim, wait_for, write};
 use kraken_token_broker::sim::{FaultSpec, SimConfig, SimKey, SimOtp};
 
-/// Refresh settings for 3 s simulator tokens.
-
 fn once(fault: FaultSpec) -> FaultSpec {
     FaultSpec {
         count: Some(1),
