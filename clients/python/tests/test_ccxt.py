@@ -13,7 +13,7 @@ from ktb_client import Broker
 
 pytest.importorskip("ccxt.pro")
 
-from test_kraken_sdk import Engine  # noqa: E402  (the same engine harness)
+from engine_harness import Engine  # noqa: E402
 
 ENGINE = Path(__file__).parent / "engines" / "ccxt_engine.py"
 
