@@ -57,7 +57,7 @@ api_secret = { file = "$DIR/api-secret" }
 
 [[consumer]]
 name = "engine"
-client_cert = { san = "spiffe://ci.local/ns/trading/sa/engine" }
+client_cert = { uri = "spiffe://ci.local/ns/trading/sa/engine" }
 accounts = ["main"]
 rate_limit = { per_second = 10000, burst = 100000 }
 TOML

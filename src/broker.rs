@@ -15,7 +15,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde_json::json;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,8 +57,8 @@ pub enum Error {
     ServerEnded { which: &'static str, end: ServerEnd },
     #[error("a listener has no local address: {0}")]
     Listener(#[source] std::io::Error),
-    #[error("{0}")]
-    Kubernetes(String),
+    #[error(transparent)]
+    Kubernetes(#[from] crate::http::kubernetes::SetupError),
 }
 
 /// How a refresher ended without being asked to.
@@ -409,7 +408,13 @@ impl Broker {
         };
         self.auditor = match &config.audit {
             None => None,
-            Some(a) if self.auditor.as_ref().is_some_and(|x| x.serves(a)) => self.auditor.clone(),
+            Some(a) if self.auditor.as_ref().is_some_and(|x| x.serves(a)) => {
+                // A reload (SIGHUP after logrotate) reopens the audit file.
+                if let Some(auditor) = &self.auditor {
+                    auditor.reopen();
+                }
+                self.auditor.clone()
+            }
             Some(a) => Some(Auditor::start(a, self.options.metrics.clone())),
         };
         if let (Some(tls), Some(new)) = (&self.tls, &config.listen.tls)
@@ -446,15 +451,14 @@ impl Broker {
     }
 
     /// Writes a `config.reloaded` audit line, when auditing is on.
-    fn audit_reload(&self, result: &str, summary: Option<&ReloadSummary>) {
+    fn audit_reload(&self, result: &'static str, summary: Option<&ReloadSummary>) {
         if let Some(audit) = &self.auditor {
-            let mut fields = json!({ "result": result });
-            if let Some(s) = summary {
-                fields["added"] = json!(s.added);
-                fields["changed"] = json!(s.changed);
-                fields["removed"] = json!(s.removed);
-            }
-            audit.record("config.reloaded", fields);
+            audit.record(crate::audit::Event::ConfigReloaded {
+                result,
+                added: summary.map(|s| s.added.clone()),
+                changed: summary.map(|s| s.changed.clone()),
+                removed: summary.map(|s| s.removed.clone()),
+            });
         }
     }
 

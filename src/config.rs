@@ -21,7 +21,9 @@ use serde::de::{DeserializeOwned, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
-use crate::files::{FileError, FileText, MAX_CONFIG_BYTES, MAX_SECRET_BYTES, read_regular};
+use crate::files::{
+    FileBytes, FileError, FileText, MAX_CONFIG_BYTES, MAX_SECRET_BYTES, read_regular, read_regular_bytes,
+};
 use crate::kraken::{ApiCredentials, Otp, decode_secret};
 use crate::secret::SecretString;
 use crate::token::RefreshPolicy;
@@ -150,8 +152,47 @@ pub enum Identity {
     /// A projected ServiceAccount token, checked with a TokenReview.
     ServiceAccount { namespace: String, service_account: String },
     /// A client certificate verified against `listen.tls.client_ca`, with
-    /// this DNS or URI SAN (a SPIFFE ID, say).
-    ClientCert { san: String },
+    /// this SAN.
+    ClientCert { san: San },
+}
+
+/// A client certificate's subject alternative name, of its type: a DNS SAN
+/// never proves a URI identity, nor a URI SAN a DNS one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum San {
+    Dns(String),
+    /// A URI such as a SPIFFE ID.
+    Uri(String),
+}
+
+impl San {
+    /// Whether a verified certificate holds this SAN, in a SAN of its type
+    /// (DNS names compared without regard to ASCII case, as DNS does).
+    pub fn matches(&self, cert: &crate::tls::ClientCertificate) -> bool {
+        match self {
+            San::Dns(name) => cert.dns.iter().any(|d| d.eq_ignore_ascii_case(name)),
+            San::Uri(uri) => cert.uris.iter().any(|u| u == uri),
+        }
+    }
+
+    /// A legacy `san = "..."`, typed by its form: a URI has a scheme (`x:`),
+    /// which no DNS name can hold, so the reading is never ambiguous.
+    fn from_legacy(text: String) -> Self {
+        if text.contains(':') {
+            San::Uri(text)
+        } else {
+            San::Dns(text)
+        }
+    }
+}
+
+impl fmt::Display for San {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            San::Dns(name) => write!(f, "DNS SAN {name}"),
+            San::Uri(uri) => write!(f, "URI SAN {uri}"),
+        }
+    }
 }
 
 impl Identity {
@@ -251,6 +292,13 @@ impl fmt::Display for ConfigError {
 pub trait SecretReader {
     fn env(&self, var: &str) -> Option<String>;
     fn file(&self, path: &Path) -> Result<FileText, FileError>;
+    /// A file's bytes, for secrets that need not be text.
+    fn file_bytes(&self, path: &Path) -> Result<FileBytes, FileError> {
+        self.file(path).map(|t| FileBytes {
+            bytes: t.text.into_bytes(),
+            world_readable: t.world_readable,
+        })
+    }
 }
 
 /// Reads from the real environment and filesystem: regular files only, of a
@@ -264,6 +312,10 @@ impl SecretReader for SystemSecrets {
 
     fn file(&self, path: &Path) -> Result<FileText, FileError> {
         read_regular(path, MAX_SECRET_BYTES)
+    }
+
+    fn file_bytes(&self, path: &Path) -> Result<FileBytes, FileError> {
+        read_regular_bytes(path, MAX_SECRET_BYTES)
     }
 }
 
@@ -355,6 +407,10 @@ struct ServiceAccountSection {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ClientCertSection {
+    dns: Option<Text>,
+    uri: Option<Text>,
+    /// The form before SAN types were told apart; read by its form, with a
+    /// warning.
     san: Option<Text>,
 }
 
@@ -728,7 +784,12 @@ fn validate_tls<R: SecretReader>(f: &mut Findings<'_>, tls: &Spanned<TlsSection>
             }
             return None;
         };
-        let (text, source) = secret(f, reader, value, &path)?;
+        let material = if key == "key" {
+            Material::Secret
+        } else {
+            Material::Public
+        };
+        let (text, source) = secret(f, reader, value, &path, material)?;
         digest.update((text.expose().len() as u64).to_le_bytes());
         digest.update(text.expose().as_bytes());
         sources.push((key, source));
@@ -869,15 +930,23 @@ fn validate_audit<R: SecretReader>(
         f.missing(*table_at, "audit.fingerprint_key".into());
         return None;
     };
-    let (key_text, _) = secret(f, reader, key, "audit.fingerprint_key")?;
-    if key_text.expose().len() < MIN_AUDIT_KEY_BYTES {
-        let msg = format!("must be at least {MIN_AUDIT_KEY_BYTES} bytes (e.g. `openssl rand -hex 32`)");
+    let (bytes, _) = secret_bytes(f, reader, key, "audit.fingerprint_key", Material::Secret)?;
+    // Random bytes as they are; text (`openssl rand -hex 32`) without its
+    // trailing newline, so a key's fingerprints stay the same either way.
+    let key_bytes = match std::str::from_utf8(&bytes) {
+        Ok(text) => text.trim_end_matches(['\n', '\r']).as_bytes().to_vec(),
+        Err(_) => bytes,
+    };
+    if key_bytes.len() < MIN_AUDIT_KEY_BYTES {
+        let msg = format!(
+            "must be at least {MIN_AUDIT_KEY_BYTES} bytes (random bytes, or text such as `openssl rand -hex 32`)"
+        );
         f.problem(at(key), "audit.fingerprint_key", msg);
         return None;
     }
     Some(AuditConfig {
         sink,
-        key: crate::secret::SecretBytes::new(key_text.expose().as_bytes().to_vec()),
+        key: crate::secret::SecretBytes::new(key_bytes),
     })
 }
 
@@ -1020,13 +1089,24 @@ fn unique_name(
     (prefix, Some(text.clone()))
 }
 
-/// Reads a secret from its place, wrapping it at once.
-fn secret<R: SecretReader>(
+/// Whether a file read through `{ file = ... }` holds a secret (a key, a
+/// secret, a seed: anyone able to read it is worth a warning) or public
+/// material (a certificate, a CA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Material {
+    Secret,
+    Public,
+}
+
+/// Reads a secret's bytes from its place; the warning for a secret file
+/// anyone may read.
+fn secret_bytes<R: SecretReader>(
     f: &mut Findings<'_>,
     reader: &R,
     value: &Spanned<SecretRef>,
     path: &str,
-) -> Option<(SecretString, SecretSource)> {
+    material: Material,
+) -> Option<(Vec<u8>, SecretSource)> {
     let place = at(value);
     let SecretRef::Place(source) = value.get_ref() else {
         f.problem(
@@ -1036,7 +1116,7 @@ fn secret<R: SecretReader>(
         );
         return None;
     };
-    let (raw, origin) = match (&source.file, &source.env) {
+    match (&source.file, &source.env) {
         (Some(file), None) => {
             let file = match expand_env(file.get_ref(), reader) {
                 Ok(expanded) => PathBuf::from(expanded),
@@ -1049,9 +1129,9 @@ fn secret<R: SecretReader>(
                     return None;
                 }
             };
-            match reader.file(&file) {
+            match reader.file_bytes(&file) {
                 Ok(read) => {
-                    if read.world_readable {
+                    if read.world_readable && material == Material::Secret {
                         f.warning(
                             place,
                             path,
@@ -1061,29 +1141,46 @@ fn secret<R: SecretReader>(
                             ),
                         );
                     }
-                    (read.text, SecretSource::File(file))
+                    Some((read.bytes, SecretSource::File(file)))
                 }
                 Err(e) => {
                     f.problem(place, path, format!("cannot read secret file {}: {e}", file.display()));
-                    return None;
+                    None
                 }
             }
         }
         (None, Some(var)) => match reader.env(var.get_ref()) {
-            Some(text) => (text, SecretSource::Env(var.get_ref().clone())),
+            Some(text) => Some((text.into_bytes(), SecretSource::Env(var.get_ref().clone()))),
             None => {
                 f.problem(
                     place,
                     path,
                     format!("environment variable {} is not set", var.get_ref()),
                 );
-                return None;
+                None
             }
         },
         _ => {
             f.problem(place, path, "give exactly one of file = \"/path\" or env = \"VAR\"");
-            return None;
+            None
         }
+    }
+}
+
+/// Reads a text secret from its place (trailing newline trimmed), wrapping
+/// it at once.
+fn secret<R: SecretReader>(
+    f: &mut Findings<'_>,
+    reader: &R,
+    value: &Spanned<SecretRef>,
+    path: &str,
+    material: Material,
+) -> Option<(SecretString, SecretSource)> {
+    let place = at(value);
+    let (bytes, origin) = secret_bytes(f, reader, value, path, material)?;
+    let Ok(raw) = String::from_utf8(bytes) else {
+        f.problem(place, path, format!("the secret from {origin} is not valid UTF-8 text"));
+        return None;
     };
     let value = raw.trim_end_matches(['\n', '\r']).to_owned();
     if value.trim().is_empty() {
@@ -1120,7 +1217,7 @@ fn validate_accounts<R: SecretReader>(
                 f.missing(entry.at, path);
                 return None;
             };
-            let (secret, source) = secret(f, reader, value, &path)?;
+            let (secret, source) = secret(f, reader, value, &path, Material::Secret)?;
             sources.push((key, source));
             Some((secret, at(value)))
         };
@@ -1145,7 +1242,7 @@ fn validate_accounts<R: SecretReader>(
             }
             (Some(value), None) => {
                 let path = format!("{prefix}.otp");
-                secret(f, reader, value, &path).and_then(|(v, src)| {
+                secret(f, reader, value, &path, Material::Secret).and_then(|(v, src)| {
                     sources.push(("otp", src));
                     Otp::static_password(v)
                         .map_err(|e| f.problem(at(value), path, e.to_string()))
@@ -1154,7 +1251,7 @@ fn validate_accounts<R: SecretReader>(
             }
             (None, Some(value)) => {
                 let path = format!("{prefix}.totp_secret");
-                secret(f, reader, value, &path).and_then(|(v, src)| {
+                secret(f, reader, value, &path, Material::Secret).and_then(|(v, src)| {
                     sources.push(("totp_secret", src));
                     Otp::totp_from_base32(&v)
                         .map_err(|e| f.problem(at(value), path, e.to_string()))
@@ -1275,7 +1372,7 @@ fn consumer_identity(
                 f.problem(
                     Some(table_at),
                     prefix,
-                    "give one identity: credential_sha256, kubernetes = { namespace, service_account } or client_cert = { san }",
+                    "give one identity: credential_sha256, kubernetes = { namespace, service_account } or client_cert = { dns = \"...\" } (or { uri = \"...\" })",
                 );
             }
             return None;
@@ -1337,7 +1434,7 @@ fn consumer_identity(
             service_account,
         });
     }
-    let cert = c.client_cert.as_ref().expect("one identity is given");
+    let cert = c.client_cert.as_ref()?;
     let key = format!("{prefix}.client_cert");
     if !ctx.mtls {
         f.problem(
@@ -1347,22 +1444,62 @@ fn consumer_identity(
         );
         return None;
     }
-    let Some(san) = cert
-        .get_ref()
-        .san
-        .as_ref()
-        .map(|s| s.get_ref().trim().to_owned())
-        .filter(|s| !s.is_empty())
-    else {
-        f.problem(
-            at(cert),
-            key,
-            "needs san = \"...\" (a DNS name or a URI such as a SPIFFE ID)",
-        );
-        return None;
-    };
+    let san = client_cert_san(f, cert, &key)?;
     let id = format!("san:{san}");
     unique(f, id, at(cert), key, "client certificate SAN").then_some(Identity::ClientCert { san })
+}
+
+/// `client_cert = { dns = "..." }` or `{ uri = "..." }`; the legacy
+/// `{ san = "..." }` is read by its form, with a warning naming the new one.
+fn client_cert_san(f: &mut Findings<'_>, cert: &Spanned<ClientCertSection>, key: &str) -> Option<San> {
+    let text = |v: &Option<Text>| {
+        v.as_ref()
+            .map(|t| t.get_ref().trim().to_owned())
+            .filter(|t| !t.is_empty())
+    };
+    let c = cert.get_ref();
+    let (dns, uri, legacy) = (text(&c.dns), text(&c.uri), text(&c.san));
+    match (dns, uri, legacy) {
+        (Some(dns), None, None) if !dns.contains(':') => Some(San::Dns(dns)),
+        (Some(_), None, None) => {
+            f.problem(
+                at(cert),
+                key,
+                "dns must be a DNS name (no scheme): a URI SAN such as a SPIFFE ID is { uri = \"...\" }",
+            );
+            None
+        }
+        (None, Some(uri), None) if uri.contains(':') => Some(San::Uri(uri)),
+        (None, Some(_), None) => {
+            f.problem(
+                at(cert),
+                key,
+                "uri must be a URI with a scheme, e.g. spiffe://trust-domain/path",
+            );
+            None
+        }
+        (None, None, Some(legacy)) => {
+            let san = San::from_legacy(legacy);
+            let new = match &san {
+                San::Dns(name) => format!("{{ dns = \"{name}\" }}"),
+                San::Uri(uri) => format!("{{ uri = \"{uri}\" }}"),
+            };
+            f.warning(
+                at(cert),
+                key,
+                format!("`san` does not say which SAN type to match: read as the {san}; write client_cert = {new}"),
+            );
+            Some(san)
+        }
+        _ => {
+            f.problem(
+                at(cert),
+                key,
+                "give exactly one of dns = \"a.dns.name\" or uri = \"spiffe://...\" (the SAN type the certificate holds it in)",
+            );
+            None
+        }
+    }
 }
 
 /// A Kubernetes namespace or ServiceAccount name.
@@ -1542,7 +1679,7 @@ impl Config {
                     namespace,
                     service_account,
                 } => format!("ServiceAccount {namespace}/{service_account}"),
-                Identity::ClientCert { san } => format!("client certificate {san}"),
+                Identity::ClientCert { san } => format!("client certificate with {san}"),
             };
             let _ = writeln!(
                 s,

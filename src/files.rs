@@ -43,6 +43,14 @@ pub struct FileText {
     pub world_readable: bool,
 }
 
+/// A file's bytes, and whether anyone on the machine may read it.
+#[derive(Debug)]
+pub struct FileBytes {
+    pub bytes: Vec<u8>,
+    /// The file's mode lets every user read it (`o+r`).
+    pub world_readable: bool,
+}
+
 fn kind(file_type: std::fs::FileType) -> &'static str {
     if file_type.is_dir() {
         "directory"
@@ -59,10 +67,21 @@ fn kind(file_type: std::fs::FileType) -> &'static str {
     }
 }
 
+/// Reads a regular file of at most `limit` bytes of UTF-8 text; see
+/// [`read_regular_bytes`].
+pub fn read_regular(path: &Path, limit: u64) -> Result<FileText, FileError> {
+    let read = read_regular_bytes(path, limit)?;
+    let text = String::from_utf8(read.bytes).map_err(|_| FileError::NotUtf8)?;
+    Ok(FileText {
+        text,
+        world_readable: read.world_readable,
+    })
+}
+
 /// Reads a regular file of at most `limit` bytes. Symlinks are followed; a
 /// FIFO, socket, device or directory is refused without reading a byte, and
 /// opening it never blocks (`O_NONBLOCK`).
-pub fn read_regular(path: &Path, limit: u64) -> Result<FileText, FileError> {
+pub fn read_regular_bytes(path: &Path, limit: u64) -> Result<FileBytes, FileError> {
     let file: File = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
@@ -81,9 +100,8 @@ pub fn read_regular(path: &Path, limit: u64) -> Result<FileText, FileError> {
     if bytes.len() as u64 > limit {
         return Err(FileError::TooLarge { limit });
     }
-    let text = String::from_utf8(bytes).map_err(|_| FileError::NotUtf8)?;
-    Ok(FileText {
-        text,
+    Ok(FileBytes {
+        bytes,
         world_readable: meta.permissions().mode() & 0o004 != 0,
     })
 }

@@ -34,6 +34,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod backoff;
 pub mod broker;
 pub mod clock;
 pub mod cmd;
@@ -46,6 +47,7 @@ pub mod reload;
 pub mod secret;
 pub mod signal;
 pub mod sim;
+pub mod sse;
 pub mod telemetry;
 pub mod tls;
 pub mod token;

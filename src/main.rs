@@ -76,9 +76,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
+            let code = error.exit_code();
             // anyhow only here, at the edge: the error and its causes, one line.
             eprintln!("error: {:#}", anyhow::Error::from(error));
-            ExitCode::FAILURE
+            ExitCode::from(code)
         }
     }
 }

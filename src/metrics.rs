@@ -48,7 +48,41 @@ const ROUTE_STATUSES: &[(&str, &[u16])] = &[
 ];
 
 /// Why a connection was refused or closed early, as labelled.
-pub const CONNECTION_REFUSALS: [&str; 4] = ["listener_full", "per_address", "evicted", "tls_handshake"];
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionRefusal {
+    /// The listener is at its cap and every connection has proven an identity.
+    ListenerFull,
+    /// The client's address is at its cap and each of its connections has
+    /// proven an identity.
+    PerAddress,
+    /// Closed for a newcomer.
+    Evicted,
+    /// The TLS handshake failed or stalled.
+    TlsHandshake,
+    /// The client certificate had expired (a resumed session), or expired
+    /// while the connection was open.
+    CertificateExpired,
+}
+
+impl ConnectionRefusal {
+    pub const ALL: [ConnectionRefusal; 5] = [
+        ConnectionRefusal::ListenerFull,
+        ConnectionRefusal::PerAddress,
+        ConnectionRefusal::Evicted,
+        ConnectionRefusal::TlsHandshake,
+        ConnectionRefusal::CertificateExpired,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionRefusal::ListenerFull => "listener_full",
+            ConnectionRefusal::PerAddress => "per_address",
+            ConnectionRefusal::Evicted => "evicted",
+            ConnectionRefusal::TlsHandshake => "tls_handshake",
+            ConnectionRefusal::CertificateExpired => "certificate_expired",
+        }
+    }
+}
 
 /// Why a consumer was turned away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -414,7 +448,7 @@ impl Metrics {
             IntCounterVec::new(
                 opts(
                     "connections_refused_total",
-                    "Connections closed at accept or evicted: listener full, too many from one address, a stalled TLS handshake.",
+                    "Connections closed at accept or early: listener or address full of proven connections, evicted for a newcomer, a failed or stalled TLS handshake, an expired client certificate.",
                 ),
                 &["listener", "reason"],
             )
@@ -430,8 +464,8 @@ impl Metrics {
         );
         for listener in ["api", "admin"] {
             connections_open.with_label_values(&[listener]);
-            for reason in CONNECTION_REFUSALS {
-                connections_refused.with_label_values(&[listener, reason]);
+            for reason in ConnectionRefusal::ALL {
+                connections_refused.with_label_values(&[listener, reason.as_str()]);
             }
         }
         let watch_streams = register(
@@ -503,12 +537,16 @@ impl Metrics {
         let _ = self.0.rate_limited.remove_label_values(&[consumer]);
     }
 
-    pub fn audit_dropped(&self) {
-        self.0.audit_dropped.inc();
+    /// `lines` audit lines lost.
+    pub fn audit_dropped(&self, lines: u64) {
+        self.0.audit_dropped.inc_by(lines);
     }
 
-    pub fn connection_refused(&self, listener: &str, reason: &str) {
-        self.0.connections_refused.with_label_values(&[listener, reason]).inc();
+    pub fn connection_refused(&self, listener: &str, reason: ConnectionRefusal) {
+        self.0
+            .connections_refused
+            .with_label_values(&[listener, reason.as_str()])
+            .inc();
     }
 
     pub fn connections_open(&self, listener: &str) -> IntGauge {

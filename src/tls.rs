@@ -9,7 +9,7 @@
 //! ServiceAccount token) need no certificate there.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -66,34 +66,74 @@ pub fn server_config(cert_pem: &str, key_pem: &str, client_ca_pem: Option<&str>)
         .with_single_cert(chain, key)
         .map_err(|e| format!("the key does not fit the certificate: {e}"))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if client_ca_pem.is_some() {
+        // A resumed session is not verified again: a certificate that has
+        // expired since, or a CA removed since, would go on proving who the
+        // client is. With client certificates, every handshake is a full one.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
     Ok(config)
 }
 
-/// The DNS and URI SANs of a (verified) certificate, in its order.
-pub fn subject_alt_names(cert: &CertificateDer<'_>) -> Vec<String> {
-    use x509_parser::extensions::GeneralName;
-    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
-        return Vec::new();
-    };
-    let Ok(Some(san)) = parsed.subject_alternative_name() else {
-        return Vec::new();
-    };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|name| match name {
-            GeneralName::DNSName(dns) => Some((*dns).to_owned()),
-            GeneralName::URI(uri) => Some((*uri).to_owned()),
-            _ => None,
-        })
-        .collect()
-}
-
-/// A verified client certificate's SANs, carried on each request of the
-/// connection it came with.
+/// A verified client certificate, as each request of its connection
+/// carries it: its DNS and URI SANs, kept apart (a DNS SAN never proves a
+/// URI identity, nor the other way round), and when it stops being valid.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientCertificate {
-    pub sans: Arc<[String]>,
+    pub dns: Arc<[String]>,
+    pub uris: Arc<[String]>,
+    /// The earliest `notAfter` of the chain presented.
+    pub not_after: SystemTime,
+}
+
+impl ClientCertificate {
+    /// The leaf's SANs and the chain's expiry; `None` when the leaf cannot
+    /// be read (rustls has verified it: only a bug would get here).
+    pub fn from_chain(chain: &[CertificateDer<'_>]) -> Option<Self> {
+        let (_, leaf) = x509_parser::parse_x509_certificate(chain.first()?.as_ref()).ok()?;
+        let (dns, uris) = subject_alt_names(&leaf);
+        let mut not_after = not_after(&leaf);
+        for other in &chain[1..] {
+            if let Ok((_, cert)) = x509_parser::parse_x509_certificate(other.as_ref()) {
+                not_after = not_after.min(self::not_after(&cert));
+            }
+        }
+        Some(Self {
+            dns: dns.into(),
+            uris: uris.into(),
+            not_after,
+        })
+    }
+
+    /// How long the certificate stays valid after `now`; `None` once expired.
+    pub fn time_left(&self, now: SystemTime) -> Option<Duration> {
+        self.not_after.duration_since(now).ok().filter(|left| !left.is_zero())
+    }
+}
+
+/// A certificate's `notAfter` (before 1970 reads as 1970).
+fn not_after(cert: &x509_parser::certificate::X509Certificate<'_>) -> SystemTime {
+    let secs = u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0);
+    SystemTime::UNIX_EPOCH
+        .checked_add(Duration::from_secs(secs))
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// The DNS SANs and URI SANs of a certificate, each in its order.
+fn subject_alt_names(cert: &x509_parser::certificate::X509Certificate<'_>) -> (Vec<String>, Vec<String>) {
+    use x509_parser::extensions::GeneralName;
+    let (mut dns, mut uris) = (Vec::new(), Vec::new());
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(name) => dns.push((*name).to_owned()),
+                GeneralName::URI(uri) => uris.push((*uri).to_owned()),
+                _ => {}
+            }
+        }
+    }
+    (dns, uris)
 }
 
 #[cfg(test)]
@@ -129,15 +169,35 @@ mod tests {
     }
 
     #[test]
-    fn dns_and_uri_sans_are_read() {
-        let params = rcgen::CertificateParams::new(vec!["mm-eth.trading.svc".to_owned()]).unwrap();
-        let mut params = params;
+    fn dns_and_uri_sans_are_read_apart_with_the_expiry() {
+        let mut params = rcgen::CertificateParams::new(vec!["mm-eth.trading.svc".to_owned()]).unwrap();
         params.subject_alt_names.push(rcgen::SanType::URI(
             rcgen::string::Ia5String::try_from("spiffe://trading/ns/trading/sa/mm-eth").unwrap(),
         ));
+        params.not_after = rcgen::date_time_ymd(2031, 1, 2);
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.self_signed(&key).unwrap();
-        let sans = subject_alt_names(cert.der());
-        assert_eq!(sans, ["mm-eth.trading.svc", "spiffe://trading/ns/trading/sa/mm-eth"]);
+        let c = ClientCertificate::from_chain(&[cert.der().clone()]).unwrap();
+        assert_eq!(&*c.dns, ["mm-eth.trading.svc"]);
+        assert_eq!(&*c.uris, ["spiffe://trading/ns/trading/sa/mm-eth"]);
+        let expiry = humantime::parse_rfc3339("2031-01-02T00:00:00Z").unwrap();
+        assert_eq!(c.not_after, expiry);
+        assert!(c.time_left(expiry - Duration::from_secs(5)).is_some());
+        assert_eq!(c.time_left(expiry), None);
+        assert_eq!(c.time_left(expiry + Duration::from_secs(5)), None);
+    }
+
+    #[test]
+    fn client_certificate_listeners_never_resume_a_session() {
+        let (cert, key) = pair(&["broker"]);
+        let (ca, _) = pair(&["ca"]);
+        let plain = server_config(&cert, &key, None).unwrap();
+        assert!(
+            plain.send_tls13_tickets > 0,
+            "resumption stays on without client certificates"
+        );
+        let mtls = server_config(&cert, &key, Some(&ca)).unwrap();
+        assert_eq!(mtls.send_tls13_tickets, 0);
+        assert!(!mtls.session_storage.can_cache());
     }
 }

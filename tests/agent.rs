@@ -160,7 +160,7 @@ async fn a_refused_credential_exits_non_zero_at_once() {
         &[("KTB_CONSUMER_CREDENTIAL", WRONG)],
     );
     let status = agent.exit(Duration::from_secs(10)).await;
-    assert_eq!(status.code(), Some(1));
+    assert_eq!(status.code(), Some(3), "refused: exit 3");
     let logs = agent.stderr();
     assert!(logs.contains("HTTP 401"), "{logs}");
     assert!(!logs.contains(WRONG), "the credential is not echoed");
@@ -168,7 +168,11 @@ async fn a_refused_credential_exits_non_zero_at_once() {
 
     // No identity at all: a usage error naming the ways to give one.
     let mut agent = Agent::start(&["--url", &served.api, "--out", out.to_str().unwrap()], &[]);
-    assert_eq!(agent.exit(Duration::from_secs(10)).await.code(), Some(1));
+    assert_eq!(
+        agent.exit(Duration::from_secs(10)).await.code(),
+        Some(2),
+        "usage: exit 2"
+    );
     assert!(agent.stderr().contains("KTB_CONSUMER_CREDENTIAL"), "{}", agent.stderr());
 }
 

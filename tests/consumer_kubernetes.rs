@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::apiserver::{FakeApiServer, jwt};
+use common::apiserver::{FakeApiServer, forged};
 use common::{Broker, config_tables, credential_consumer, sim_with_key, write, write_key};
 use kraken_token_broker::http::auth::new_credential;
 use kraken_token_broker::http::kubernetes::{REVIEW_BURST, REVIEWS_PER_SEC};
@@ -60,10 +60,22 @@ rate_limit = {{ per_second = 10000, burst = 100000 }}
     );
     let path = write(d, "broker.toml", &text);
     let broker = Broker::start_from_config(path, tempfile::tempdir().unwrap(), credential.expose()).await;
-    Cluster { broker, api, sim, dir }
+    let c = Cluster { broker, api, sim, dir };
+    c.signing_keys_are("loaded").await;
+    c
 }
 
 impl Cluster {
+    /// Waits until `/readyz` says the cluster's signing keys are in `state`.
+    async fn signing_keys_are(&self, state: &str) {
+        common::wait_for("the signing keys' state", Duration::from_secs(10), || async {
+            let (_, body) = self.broker.admin_get("/readyz").await;
+            let ready: serde_json::Value = serde_json::from_str(&body).ok()?;
+            (ready["kubernetes"]["signing_keys"] == state).then_some(())
+        })
+        .await;
+    }
+
     async fn fetch(&self, bearer: &str) -> (u16, Option<String>, serde_json::Value) {
         let r = self
             .broker
@@ -90,7 +102,7 @@ fn series(broker: &Broker, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_right_service_account_is_served_and_reviews_are_cached_and_coalesced() {
     let c = cluster().await;
-    let token = jwt(ENGINE, &[AUDIENCE], 600);
+    let token = c.api.sign(ENGINE, &[AUDIENCE], 600);
     c.api.accept(&token, ENGINE, &[AUDIENCE]);
     let (status, _, body) = c.fetch(&token).await;
     assert_eq!(status, 200, "{body}");
@@ -107,7 +119,7 @@ async fn the_right_service_account_is_served_and_reviews_are_cached_and_coalesce
     );
 
     // A new pod's token, asked for by 50 requests at once: one review.
-    let fresh = jwt(ENGINE, &[AUDIENCE], 600);
+    let fresh = c.api.sign(ENGINE, &[AUDIENCE], 600);
     c.api.accept(&fresh, ENGINE, &[AUDIENCE]);
     let asks: Vec<_> = (0..50)
         .map(|_| {
@@ -136,28 +148,35 @@ async fn other_service_accounts_audiences_and_forgeries_are_refused() {
     let c = cluster().await;
     // Another ServiceAccount of the cluster, valid for the broker: no
     // consumer is mapped to it.
-    let other = jwt("system:serviceaccount:trading:reporting", &[AUDIENCE], 600);
+    let other = c.api.sign("system:serviceaccount:trading:reporting", &[AUDIENCE], 600);
     c.api
         .accept(&other, "system:serviceaccount:trading:reporting", &[AUDIENCE]);
     assert_eq!(c.fetch(&other).await.0, 401);
     // The engine's token for another audience (e.g. its default API token):
     // refused before any review, by its claims ...
-    let for_api = jwt(ENGINE, &["https://kubernetes.default.svc"], 600);
+    let for_api = c.api.sign(ENGINE, &["https://kubernetes.default.svc"], 600);
     c.api.accept(&for_api, ENGINE, &["https://kubernetes.default.svc"]);
     let reviews = c.api.reviews();
     assert_eq!(c.fetch(&for_api).await.0, 401);
     assert_eq!(c.api.reviews(), reviews, "a token for another audience makes no review");
     // ... and refused by the API server when its claims lie about it.
-    let lying = jwt(ENGINE, &[AUDIENCE], 600);
+    let lying = c.api.sign(ENGINE, &[AUDIENCE], 600);
     c.api.accept(&lying, ENGINE, &["https://kubernetes.default.svc"]);
     assert_eq!(c.fetch(&lying).await.0, 401);
-    // A forged token with the right claims: the API server does not know it.
-    let forged = jwt(ENGINE, &[AUDIENCE], 600);
+    // A forged token with the right claims: its signature is no key's of
+    // the cluster, so it is refused without a review.
+    let forged = forged(ENGINE, &[AUDIENCE], 600);
+    let reviews = c.api.reviews();
     let (status, _, body) = c.fetch(&forged).await;
     assert_eq!(status, 401);
     assert!(body.get("token").is_none());
+    assert_eq!(c.api.reviews(), reviews, "a forged token makes no review");
+    // A deleted pod's token: signed by the cluster, refused by its review.
+    let deleted = c.api.sign(ENGINE, &[AUDIENCE], 600);
+    assert_eq!(c.fetch(&deleted).await.0, 401);
+    assert_eq!(c.api.reviews(), reviews + 1);
     // An expired one: refused without a review.
-    let expired = jwt(ENGINE, &[AUDIENCE], -10);
+    let expired = c.api.sign(ENGINE, &[AUDIENCE], -10);
     c.api.accept(&expired, ENGINE, &[AUDIENCE]);
     let reviews = c.api.reviews();
     assert_eq!(c.fetch(&expired).await.0, 401);
@@ -173,12 +192,12 @@ async fn other_service_accounts_audiences_and_forgeries_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_server_outage_is_a_503_with_retry_after_and_cached_reviews_keep_serving() {
     let c = cluster().await;
-    let known = jwt(ENGINE, &[AUDIENCE], 600);
+    let known = c.api.sign(ENGINE, &[AUDIENCE], 600);
     c.api.accept(&known, ENGINE, &[AUDIENCE]);
     assert_eq!(c.fetch(&known).await.0, 200);
 
     c.api.state.fail_500.store(true, std::sync::atomic::Ordering::SeqCst);
-    let new = jwt(ENGINE, &[AUDIENCE], 600);
+    let new = c.api.sign(ENGINE, &[AUDIENCE], 600);
     c.api.accept(&new, ENGINE, &[AUDIENCE]);
     let (status, retry_after, body) = c.fetch(&new).await;
     assert_eq!(status, 503, "{body}");
@@ -199,13 +218,13 @@ async fn an_api_server_outage_is_a_503_with_retry_after_and_cached_reviews_keep_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_brokers_own_token_is_reread_when_the_kubelet_rotates_it() {
     let c = cluster().await;
-    let first = jwt(ENGINE, &[AUDIENCE], 600);
+    let first = c.api.sign(ENGINE, &[AUDIENCE], 600);
     c.api.accept(&first, ENGINE, &[AUDIENCE]);
     assert_eq!(c.fetch(&first).await.0, 200);
     // The kubelet writes a new token; the old one stops being accepted.
     write(c.dir.path(), "token", "broker-sa-token-2\n");
     *c.api.state.broker_token.lock().unwrap() = "broker-sa-token-2".into();
-    let second = jwt(ENGINE, &[AUDIENCE], 600);
+    let second = c.api.sign(ENGINE, &[AUDIENCE], 600);
     c.api.accept(&second, ENGINE, &[AUDIENCE]);
     assert_eq!(c.fetch(&second).await.0, 200, "re-read on a 401 and retried");
     assert_eq!(
@@ -219,7 +238,7 @@ async fn the_brokers_own_token_is_reread_when_the_kubelet_rotates_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_forged_tokens_makes_a_bounded_number_of_reviews() {
     let c = cluster().await;
-    let known = jwt(ENGINE, &[AUDIENCE], 600);
+    let known = c.api.sign(ENGINE, &[AUDIENCE], 600);
     c.api.accept(&known, ENGINE, &[AUDIENCE]);
     assert_eq!(c.fetch(&known).await.0, 200);
     let before = c.api.reviews();
@@ -228,7 +247,7 @@ async fn a_flood_of_forged_tokens_makes_a_bounded_number_of_reviews() {
         .map(|_| {
             let (http, url) = (c.broker.http.clone(), format!("{}/v1/token", c.broker.api));
             tokio::spawn(async move {
-                let forged = jwt(ENGINE, &[AUDIENCE], 600);
+                let forged = forged(ENGINE, &[AUDIENCE], 600);
                 http.get(url)
                     .bearer_auth(forged)
                     .send()
@@ -263,7 +282,7 @@ async fn a_flood_of_forged_tokens_makes_a_bounded_number_of_reviews() {
     // The flood's address (127.0.0.1) is throttled now; a new engine pod
     // there with a valid token is still served once a review can be had:
     // valid proof of identity is never refused for another client's failures.
-    let new_pod = jwt(ENGINE, &[AUDIENCE], 600);
+    let new_pod = c.api.sign(ENGINE, &[AUDIENCE], 600);
     c.api.accept(&new_pod, ENGINE, &[AUDIENCE]);
     let statuses = std::sync::Mutex::new(Vec::new());
     common::wait_for("the new pod to be served", Duration::from_secs(10), || async {
@@ -278,7 +297,7 @@ async fn a_flood_of_forged_tokens_makes_a_bounded_number_of_reviews() {
     // Forged tokens naming no consumer make no review at all.
     let before = c.api.reviews();
     for i in 0..50 {
-        let stranger = jwt(&format!("system:serviceaccount:x:s{i}"), &[AUDIENCE], 600);
+        let stranger = c.api.sign(&format!("system:serviceaccount:x:s{i}"), &[AUDIENCE], 600);
         let status = c.fetch(&stranger).await.0;
         assert!([401, 429].contains(&status), "{status}");
     }
@@ -293,7 +312,7 @@ async fn a_flood_of_forged_tokens_makes_a_bounded_number_of_reviews() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_stream_opened_with_a_service_account_token_ends_when_its_review_does() {
     let c = cluster_with("1s").await;
-    let token = jwt(ENGINE, &[AUDIENCE], 600);
+    let token = c.api.sign(ENGINE, &[AUDIENCE], 600);
     c.api.accept(&token, ENGINE, &[AUDIENCE]);
     let url = format!("{}/v1/token/watch", c.broker.api);
     let mut stream = common::sse::SseReader::open(&c.broker.http, &url, &token).await;

@@ -8,7 +8,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::apiserver::{FakeApiServer, jwt};
+use common::apiserver::{FakeApiServer, forged};
 use common::pki::{Ca, client};
 use common::{Served, config_tables, credential_consumer, sim_with_key, write, write_key};
 use kraken_token_broker::http::auth::new_credential;
@@ -60,7 +60,7 @@ accounts = ["main"]
 
 [[consumer]]
 name = "cert-engine"
-client_cert = {{ san = "{SAN}" }}
+client_cert = {{ uri = "{SAN}" }}
 accounts = ["main"]
 {engine}"#,
         tables = config_tables(&sim, d, "", ""),
@@ -93,18 +93,18 @@ accounts = ["main"]
         }
     };
 
-    let good = jwt(ENGINE, &[AUDIENCE], 600);
+    let good = api.sign(ENGINE, &[AUDIENCE], 600);
     api.accept(&good, ENGINE, &[AUDIENCE]);
     get(&http, Some(&good), 200).await;
-    let forged = jwt(ENGINE, &[AUDIENCE], 600);
+    let forged = forged(ENGINE, &[AUDIENCE], 600);
     get(&http, Some(&forged), 401).await;
-    let other_audience = jwt(ENGINE, &["https://kubernetes.default.svc"], 600);
+    let other_audience = api.sign(ENGINE, &["https://kubernetes.default.svc"], 600);
     get(&http, Some(&other_audience), 401).await;
     let engine = client(&[&server_ca.pem], Some(&engine_leaf));
     get(&engine, None, 200).await;
     get(&http, Some(credential.expose()), 200).await;
     api.state.fail_500.store(true, Ordering::SeqCst);
-    let during_outage = jwt(ENGINE, &[AUDIENCE], 600);
+    let during_outage = api.sign(ENGINE, &[AUDIENCE], 600);
     api.accept(&during_outage, ENGINE, &[AUDIENCE]);
     get(&http, Some(&during_outage), 503).await;
 

@@ -250,7 +250,7 @@ async fn a_client_certificate_is_an_identity_and_a_foreign_one_is_refused() {
         r#"
 [[consumer]]
 name = "mm-engine"
-client_cert = {{ san = "{ENGINE_SAN}" }}
+client_cert = {{ uri = "{ENGINE_SAN}" }}
 accounts = ["main"]
 "#
     );
@@ -294,7 +294,7 @@ async fn a_rotated_client_ca_is_taken_under_load_without_a_failed_request() {
         r#"
 [[consumer]]
 name = "mm-engine"
-client_cert = {{ san = "{ENGINE_SAN}" }}
+client_cert = {{ uri = "{ENGINE_SAN}" }}
 accounts = ["main"]
 rate_limit = {{ per_second = 10000, burst = 100000 }}
 "#

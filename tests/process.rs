@@ -443,7 +443,7 @@ fn credential_new_prints_the_credential_once_and_only_its_hash_for_the_config() 
     let (_, again, _) = run_bin(&["credential", "new", "mm-btc"], &[]);
     assert!(!again.contains(&credential), "a fresh one each time");
     let (status, _, stderr) = run_bin(&["credential", "new", "Not Valid"], &[]);
-    assert_eq!(status.code(), Some(1));
+    assert_eq!(status.code(), Some(2), "a usage error");
     assert!(stderr.contains("must match"), "{stderr}");
 }
 
@@ -471,7 +471,7 @@ async fn fetch_prints_a_token_or_a_clear_error() {
     })
     .await
     .unwrap();
-    assert_eq!(status.code(), Some(1));
+    assert_eq!(status.code(), Some(3), "refused: 3");
     assert!(stderr.contains("HTTP 401"), "{stderr}");
     assert!(!stderr.contains("ktb_wrong"), "the credential is not echoed");
 
@@ -479,8 +479,38 @@ async fn fetch_prints_a_token_or_a_clear_error() {
     let (status, _, stderr) = tokio::task::spawn_blocking(move || run_bin(&["fetch", "--url", &api], &[]))
         .await
         .unwrap();
-    assert_eq!(status.code(), Some(1));
+    assert_eq!(status.code(), Some(2), "usage: 2");
     assert!(stderr.contains("set KTB_CONSUMER_CREDENTIAL"), "{stderr}");
+
+    // No token good enough now (Kraken unavailable, min_ttl above what is
+    // held): 4, with the Retry-After in the message.
+    sim.state().set_fault(kraken_token_broker::sim::FaultSpec {
+        error: Some("EService:Unavailable".into()),
+        ..Default::default()
+    });
+    let (api, cred) = (served.api.clone(), served.credential.clone());
+    let (status, _, stderr) = tokio::task::spawn_blocking(move || {
+        run_bin(
+            &["fetch", "--url", &api, "--min-ttl", "900"],
+            &[("KTB_CONSUMER_CREDENTIAL", &cred)],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.code(), Some(4), "unavailable: 4: {stderr}");
+    assert!(stderr.contains("retry after"), "{stderr}");
+
+    // Nobody listening: 5.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let (status, _, stderr) = tokio::task::spawn_blocking(move || {
+        run_bin(&["fetch", "--url", &nowhere], &[("KTB_CONSUMER_CREDENTIAL", "ktb_x")])
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.code(), Some(5), "unreachable: 5: {stderr}");
+    assert!(stderr.contains("cannot reach the broker"), "{stderr}");
 }
 
 /// A config naming `secret` as the API secret, with a good key beside it.

@@ -6,31 +6,49 @@
 //! directory fsynced), so a reader sees the old token or the new one, never a
 //! partial or empty file.
 //!
-//! It reconnects with exponential back-off and full jitter (honouring
-//! `Retry-After`), treats a stream silent for [`IDLE_LIMIT`] (the broker
-//! sends a keep-alive every 15 s) as lost, exits 0 on SIGTERM or SIGINT, and
-//! non-zero only when the broker refuses the consumer for good (401, 403)
-//! or FILE cannot be written. `--once` writes the current token and exits,
-//! for init containers.
+//! The directory is held open and every file in it is made relative to it:
+//! the temporary file has an unpredictable name and is created exclusively,
+//! never through a link (`O_EXCL | O_NOFOLLOW`). A directory other users may
+//! write is refused unless it is sticky and the agent's own (a planted file
+//! or link there could take the token); a missing directory is made, the
+//! agent's own and private, so `--out /shared/ktb/token.json` works inside
+//! a shared `emptyDir`.
+//!
+//! It reconnects with the project's back-off (honouring `Retry-After`, at
+//! most [`MAX_RETRY_AFTER`]), treats a stream with no whole block for
+//! [`IDLE_LIMIT`] as lost (the broker sends a keep-alive every 15 s; bytes
+//! that never end a block do not count), drops a stream that is not the
+//! broker's (a line or event over [`crate::sse::MAX_EVENT_BYTES`], bytes that
+//! are not UTF-8, a token event without a token), exits 0 on SIGTERM or
+//! SIGINT, and non-zero only when the broker refuses the consumer for good
+//! (401, 403) or FILE cannot be written. `--once` writes the current token
+//! and exits, for init containers.
 
 use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-use std::path::{Path, PathBuf};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 use rand::RngExt as _;
+use rustix::fs::{AtFlags, Mode, OFlags};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::Error;
 use super::client::{Consumer, ConsumerArgs, detail_of, error_chain, retry_after};
+use crate::sse::{self, Item};
 
-/// A stream with no byte for this long is taken as lost.
+/// A stream with no whole block (an event or a keep-alive) for this long
+/// is taken as lost.
 pub const IDLE_LIMIT: Duration = Duration::from_secs(45);
 const BACKOFF_INITIAL: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// The longest `Retry-After` obeyed: a broker (or anything answering in its
+/// place) cannot park the agent for longer with a stale file.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
@@ -87,6 +105,8 @@ fn parse_owner(text: &str) -> Result<Owner, String> {
 enum End {
     /// The broker refused this consumer: stop.
     Refused(String),
+    /// The file cannot be written: stop.
+    Failed(String),
     /// Try again after this long (a `Retry-After`), or after back-off.
     Retry(Option<Duration>, String),
     /// SIGTERM: stop cleanly.
@@ -111,7 +131,8 @@ pub async fn run(args: AgentArgs) -> Result<(), Error> {
         };
         let (wait, why) = match end {
             End::Stopped | End::Done => return Ok(()),
-            End::Refused(why) => return Err(Error::Fetch(why)),
+            End::Refused(why) => return Err(Error::Refused(why)),
+            End::Failed(why) => return Err(Error::Fetch(why)),
             End::Retry(wait, why) => (wait, why),
             End::Ended => {
                 info!("the broker ended the watch stream; reconnecting");
@@ -124,7 +145,7 @@ pub async fn run(args: AgentArgs) -> Result<(), Error> {
             }
         };
         attempt = attempt.saturating_add(1);
-        let delay = wait.unwrap_or_else(|| backoff(attempt));
+        let delay = wait.map_or_else(|| backoff(attempt), |w| w.min(MAX_RETRY_AFTER));
         warn!(reason = %why, retry_in_ms = delay.as_millis() as u64, "watch stream lost; reconnecting");
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -133,11 +154,15 @@ pub async fn run(args: AgentArgs) -> Result<(), Error> {
     }
 }
 
-/// Exponential back-off with full jitter: a random delay up to the doubled
-/// base, so a fleet of agents does not reconnect in step.
+/// The project's back-off, with jitter, so a fleet of agents does not
+/// reconnect in step.
 fn backoff(attempt: u32) -> Duration {
-    let base = BACKOFF_INITIAL.saturating_mul(1 << attempt.min(16)).min(BACKOFF_MAX);
-    base.mul_f64(rand::rng().random_range(0.5..=1.0))
+    crate::backoff::delay(
+        attempt,
+        BACKOFF_INITIAL,
+        BACKOFF_MAX,
+        rand::rng().random_range(0.0..=1.0),
+    )
 }
 
 fn classify(status: reqwest::StatusCode, retry: Option<Duration>, body: &str) -> End {
@@ -165,7 +190,7 @@ fn unreachable(consumer: &Consumer, e: reqwest::Error) -> End {
 async fn once(consumer: &Consumer, out: &Output, stop: &CancellationToken) -> End {
     let request = match consumer.get(consumer.url("/v1/token", &[])) {
         Ok(r) => r.timeout(Duration::from_secs(30)),
-        Err(e) => return End::Refused(e.to_string()),
+        Err(e) => return End::Failed(e.to_string()),
     };
     let response = tokio::select! {
         _ = stop.cancelled() => return End::Stopped,
@@ -176,13 +201,25 @@ async fn once(consumer: &Consumer, out: &Output, stop: &CancellationToken) -> En
         Err(e) => return unreachable(consumer, e),
     };
     let (status, retry) = (response.status(), retry_after(&response));
-    let body = response.text().await.unwrap_or_default();
+    let body = match response.bytes().await {
+        Ok(body) => body,
+        Err(e) => {
+            return End::Retry(
+                None,
+                format!("the answer was cut off: {}", error_chain(&e.without_url())),
+            );
+        }
+    };
+    let Ok(body) = std::str::from_utf8(&body) else {
+        return End::Retry(None, "the broker's answer is not UTF-8 text".into());
+    };
     if !status.is_success() {
-        return classify(status, retry, &body);
+        return classify(status, retry, body);
     }
-    match out.write(&body).await {
-        Ok(()) => End::Done,
-        Err(e) => End::Refused(e),
+    match out.write(body).await {
+        Ok(Written::Yes | Written::Unchanged) => End::Done,
+        Ok(Written::NoToken) => End::Retry(None, "the broker's answer holds no token".into()),
+        Err(e) => End::Failed(e),
     }
 }
 
@@ -190,7 +227,7 @@ async fn once(consumer: &Consumer, out: &Output, stop: &CancellationToken) -> En
 async fn follow(consumer: &Consumer, out: &Output, stop: &CancellationToken, attempt: &mut u32) -> End {
     let request = match consumer.get(consumer.url("/v1/token/watch", &[])) {
         Ok(r) => r,
-        Err(e) => return End::Refused(e.to_string()),
+        Err(e) => return End::Failed(e.to_string()),
     };
     let response = tokio::select! {
         _ = stop.cancelled() => return End::Stopped,
@@ -207,26 +244,39 @@ async fn follow(consumer: &Consumer, out: &Output, stop: &CancellationToken, att
         return classify(status, retry, &body);
     }
     info!(broker = %consumer.origin(), "following the watch stream");
-    let mut parser = EventParser::default();
+    let mut parser = sse::Parser::default();
+    let mut idle_until = tokio::time::Instant::now() + IDLE_LIMIT;
     loop {
         let chunk = tokio::select! {
             _ = stop.cancelled() => return End::Stopped,
-            c = tokio::time::timeout(IDLE_LIMIT, response.chunk()) => c,
+            c = tokio::time::timeout_at(idle_until, response.chunk()) => c,
         };
         let bytes = match chunk {
             Ok(Ok(Some(bytes))) => bytes,
             Ok(Ok(None)) => return End::Ended,
             Ok(Err(e)) => return End::Retry(None, format!("the stream broke: {}", error_chain(&e.without_url()))),
-            Err(_) => return End::Retry(None, format!("nothing from the broker for {} s", IDLE_LIMIT.as_secs())),
+            Err(_) => {
+                return End::Retry(
+                    None,
+                    format!("no whole event from the broker for {} s", IDLE_LIMIT.as_secs()),
+                );
+            }
         };
-        for (event, data) in parser.push(&bytes) {
-            match event.as_str() {
-                "token" => {
-                    if let Err(e) = out.write(&data).await {
-                        return End::Refused(e);
+        let items = match parser.push(&bytes) {
+            Ok(items) => items,
+            Err(e) => return End::Retry(None, format!("not the broker's watch stream: {e}")),
+        };
+        for item in items {
+            idle_until = tokio::time::Instant::now() + IDLE_LIMIT;
+            let Item::Event { name, data } = item else { continue };
+            match name.as_str() {
+                "token" => match out.write(&data).await {
+                    Ok(Written::Yes | Written::Unchanged) => *attempt = 0,
+                    Ok(Written::NoToken) => {
+                        return End::Retry(None, "the broker sent a token event without a token".into());
                     }
-                    *attempt = 0;
-                }
+                    Err(e) => return End::Failed(e),
+                },
                 "unavailable" => {
                     let detail = detail_of(reqwest::StatusCode::SERVICE_UNAVAILABLE, &data);
                     warn!(%detail, "the broker has no good token now; the file keeps the last one until it has");
@@ -237,47 +287,43 @@ async fn follow(consumer: &Consumer, out: &Output, stop: &CancellationToken, att
     }
 }
 
-/// Server-Sent Events, as the broker sends them: `event:` and `data:` lines,
-/// a blank line ending each; comments (`:`) are keep-alives.
-#[derive(Default)]
-struct EventParser {
-    buffer: Vec<u8>,
+/// What a write did.
+#[derive(Debug, PartialEq, Eq)]
+enum Written {
+    Yes,
+    /// The file already holds that token.
+    Unchanged,
+    /// The JSON holds no token: nothing written.
+    NoToken,
 }
 
-impl EventParser {
-    fn push(&mut self, bytes: &[u8]) -> Vec<(String, String)> {
-        self.buffer.extend_from_slice(bytes);
-        let mut events = Vec::new();
-        while let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
-            let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
-            let text = String::from_utf8_lossy(&block);
-            let (mut event, mut data) = (String::from("message"), Vec::new());
-            for line in text.lines() {
-                if let Some(v) = line.strip_prefix("event:") {
-                    event = v.trim().to_owned();
-                } else if let Some(v) = line.strip_prefix("data:") {
-                    data.push(v.strip_prefix(' ').unwrap_or(v).to_owned());
-                }
-            }
-            if !data.is_empty() {
-                events.push((event, data.join("\n")));
-            }
-        }
-        // A stream that never ends its event cannot grow the buffer forever.
-        if self.buffer.len() > 64 * 1024 {
-            self.buffer.clear();
-        }
-        events
-    }
-}
-
-/// Where and how the token file is written.
+/// Where and how the token file is written: its directory held open, so
+/// every file operation is relative to the directory checked at start.
 struct Output {
     path: PathBuf,
-    dir: PathBuf,
+    name: String,
+    dir: Arc<OwnedFd>,
     mode: u32,
     owner: Option<Owner>,
     last: std::sync::Mutex<Option<[u8; 32]>>,
+}
+
+/// Why a directory is not safe to hold the token file, if it is not.
+fn unsafe_directory(stat: &rustix::fs::Stat, euid: u32) -> Option<String> {
+    let mode = stat.st_mode & 0o7777;
+    let ours = stat.st_uid == euid;
+    if mode & 0o002 != 0 && !(mode & 0o1000 != 0 && ours) {
+        return Some(format!(
+            "can be written by every user (mode {mode:o}) and is not a sticky directory of this user's: a file or link planted there could take the token"
+        ));
+    }
+    if !ours && stat.st_uid != 0 {
+        return Some(format!(
+            "belongs to another user (uid {}), who could plant a file or link there",
+            stat.st_uid
+        ));
+    }
+    None
 }
 
 impl Output {
@@ -285,37 +331,63 @@ impl Output {
         let path = args.out.clone();
         let name = path
             .file_name()
-            .ok_or_else(|| Error::Usage(format!("--out {} names no file", path.display())))?;
+            .and_then(|n| n.to_str())
+            .filter(|n| !n.starts_with('.'))
+            .ok_or_else(|| Error::Usage(format!("--out {} names no file", path.display())))?
+            .to_owned();
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        if !dir.is_dir() {
-            return Err(Error::Usage(format!(
-                "--out {}: {} is not a directory",
+        let fix = |why: String| {
+            Error::Usage(format!(
+                "--out {}: the directory {} {why}; use a directory only this user can write, or let the agent make one (a missing directory is made, private to the agent), e.g. --out {}",
                 path.display(),
-                dir.display()
-            )));
+                dir.display(),
+                dir.join("ktb").join(&name).display()
+            ))
+        };
+        // A missing directory is made, ours and private; it is then opened
+        // without following a link, so one planted meanwhile is refused.
+        let made = match rustix::fs::mkdir(&dir, Mode::from_raw_mode(Self::dir_mode(args.mode))) {
+            Ok(()) => true,
+            Err(rustix::io::Errno::EXIST) => false,
+            Err(e) => return Err(fix(format!("cannot be made: {e}"))),
+        };
+        let flags = OFlags::DIRECTORY
+            | OFlags::RDONLY
+            | OFlags::CLOEXEC
+            | if made { OFlags::NOFOLLOW } else { OFlags::empty() };
+        let fd = rustix::fs::open(&dir, flags, Mode::empty()).map_err(|e| fix(format!("cannot be opened: {e}")))?;
+        let stat = rustix::fs::fstat(&fd).map_err(|e| fix(format!("cannot be read: {e}")))?;
+        if let Some(why) = unsafe_directory(&stat, rustix::process::geteuid().as_raw()) {
+            return Err(fix(why));
         }
-        if path.is_dir() {
-            return Err(Error::Usage(format!(
-                "--out {} is a directory",
-                Path::new(name).display()
-            )));
+        if let Ok(existing) = rustix::fs::statat(&fd, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+            && rustix::fs::FileType::from_raw_mode(existing.st_mode) == rustix::fs::FileType::Directory
+        {
+            return Err(Error::Usage(format!("--out {} is a directory", path.display())));
         }
         Ok(Self {
             path,
-            dir,
+            name,
+            dir: Arc::new(fd),
             mode: args.mode,
             owner: args.owner,
             last: std::sync::Mutex::new(None),
         })
     }
 
+    /// A directory the agent makes: private, with group search when the
+    /// file is group-readable (an engine in the pod's group reads it).
+    fn dir_mode(file_mode: u32) -> u32 {
+        if file_mode & 0o040 != 0 { 0o750 } else { 0o700 }
+    }
+
     /// Replaces the file with `json` (unless it already holds that token).
-    async fn write(&self, json: &str) -> Result<(), String> {
+    async fn write(&self, json: &str) -> Result<Written, String> {
         let token = serde_json::from_str::<serde_json::Value>(json).ok().and_then(|v| {
-            v["token"].as_str().map(|t| {
+            v["token"].as_str().filter(|t| !t.is_empty()).map(|t| {
                 (
                     Sha256::digest(t.as_bytes()),
                     v["expires_at"].as_str().map(str::to_owned),
@@ -323,16 +395,16 @@ impl Output {
             })
         });
         let Some((sha, expires_at)) = token else {
-            warn!("the broker sent a token event without a token; ignored");
-            return Ok(());
+            warn!("the broker sent a token JSON without a token; ignored");
+            return Ok(Written::NoToken);
         };
         let sha: [u8; 32] = sha.into();
         if *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) == Some(sha) {
-            return Ok(());
+            return Ok(Written::Unchanged);
         }
-        let (path, dir, mode, owner) = (self.path.clone(), self.dir.clone(), self.mode, self.owner);
+        let (dir, name, mode, owner) = (Arc::clone(&self.dir), self.name.clone(), self.mode, self.owner);
         let text = format!("{json}\n");
-        tokio::task::spawn_blocking(move || replace(&path, &dir, text.as_bytes(), mode, owner))
+        tokio::task::spawn_blocking(move || replace(&dir, &name, text.as_bytes(), mode, owner))
             .await
             .map_err(|e| format!("writing {} failed: {e}", self.path.display()))?
             .map_err(|e| format!("cannot write {}: {e}", self.path.display()))?;
@@ -343,28 +415,22 @@ impl Output {
             expires_at = expires_at.as_deref().unwrap_or(""),
             "token file replaced"
         );
-        Ok(())
+        Ok(Written::Yes)
     }
 }
 
-/// Write a temporary file beside `path`, fsync, chmod/chown, rename over
-/// `path`, fsync the directory.
-fn replace(path: &Path, dir: &Path, bytes: &[u8], mode: u32, owner: Option<Owner>) -> std::io::Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+/// In `dir`: a temporary file of an unpredictable name, created exclusively
+/// and never through a link, written, fsynced, given its mode and owner,
+/// renamed over `name`; then the directory fsynced.
+fn replace(dir: &OwnedFd, name: &str, bytes: &[u8], mode: u32, owner: Option<Owner>) -> std::io::Result<()> {
+    let tmp = format!(".{name}.tmp-{:016x}", rand::random::<u64>());
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(dir, tmp.as_str(), flags, Mode::from_raw_mode(mode))?;
     let result = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
+        let mut file = std::fs::File::from(fd);
         file.write_all(bytes)?;
         // The umask may have narrowed the mode at creation; set it exactly.
-        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        rustix::fs::fchmod(&file, Mode::from_raw_mode(mode))?;
         if let Some(owner) = owner {
             rustix::fs::fchown(
                 &file,
@@ -373,11 +439,12 @@ fn replace(path: &Path, dir: &Path, bytes: &[u8], mode: u32, owner: Option<Owner
             )?;
         }
         file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
+        rustix::fs::renameat(dir, tmp.as_str(), dir, name)?;
+        rustix::fs::fsync(dir)?;
+        Ok(())
     })();
     if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = rustix::fs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
     }
     result
 }
@@ -385,6 +452,7 @@ fn replace(path: &Path, dir: &Path, bytes: &[u8], mode: u32, owner: Option<Owner
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
 
     #[test]
     fn modes_and_owners_are_parsed_strictly() {
@@ -400,38 +468,124 @@ mod tests {
     }
 
     #[test]
-    fn events_are_parsed_across_chunks_and_comments_skipped() {
-        let mut p = EventParser::default();
-        assert!(p.push(b": keep-alive\n\nevent: tok").is_empty());
-        let events = p.push(b"en\ndata: {\"token\":\"a\"}\n\n: x\n\nevent: unavailable\ndata: {}\n\n");
-        assert_eq!(
-            events,
-            vec![
-                ("token".to_owned(), "{\"token\":\"a\"}".to_owned()),
-                ("unavailable".to_owned(), "{}".to_owned())
-            ]
-        );
-    }
-
-    #[test]
     fn backoff_grows_with_jitter_and_is_capped() {
         for attempt in 1..40 {
             let d = backoff(attempt);
-            let base = BACKOFF_INITIAL.saturating_mul(1 << attempt.min(16)).min(BACKOFF_MAX);
+            let base = BACKOFF_INITIAL
+                .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+                .min(BACKOFF_MAX);
             assert!(d >= base / 2 && d <= base, "{attempt}: {d:?}");
         }
-        assert!(backoff(30) <= BACKOFF_MAX);
+    }
+
+    fn args(out: PathBuf, mode: u32) -> AgentArgs {
+        AgentArgs {
+            consumer: ConsumerArgs {
+                url: "http://127.0.0.1:1".into(),
+                account: None,
+                token_file: None,
+                ca_file: None,
+                cert_file: None,
+                key_file: None,
+            },
+            out,
+            mode,
+            owner: None,
+            once: false,
+        }
+    }
+
+    fn listing(dir: &std::path::Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn the_file_is_replaced_whole_with_its_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token.json");
+        let out = Output::new(&args(path.clone(), 0o640)).unwrap();
+        assert_eq!(out.write(r#"{"token":"one"}"#).await.unwrap(), Written::Yes);
+        assert_eq!(out.write(r#"{"token":"one"}"#).await.unwrap(), Written::Unchanged);
+        assert_eq!(out.write(r#"{"token":"two"}"#).await.unwrap(), Written::Yes);
+        assert_eq!(out.write(r#"{"token":""}"#).await.unwrap(), Written::NoToken);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"token\":\"two\"}\n");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o640);
+        assert_eq!(listing(dir.path()), ["token.json"], "no temporary file left behind");
+    }
+
+    #[tokio::test]
+    async fn a_planted_link_or_file_never_receives_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let path = dir.path().join("token.json");
+        // What an attacker would plant under the old predictable names.
+        for pid in [std::process::id(), 1, 2] {
+            std::os::unix::fs::symlink(&victim, dir.path().join(format!(".token.json.tmp-{pid}"))).unwrap();
+        }
+        let out = Output::new(&args(path.clone(), 0o600)).unwrap();
+        out.write(r#"{"token":"secret-token"}"#).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(std::fs::read_to_string(&path).unwrap().contains("secret-token"));
+        assert!(!std::fs::symlink_metadata(&path).unwrap().file_type().is_symlink());
     }
 
     #[test]
-    fn the_file_is_replaced_whole_with_its_mode() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("token.json");
-        replace(&path, dir.path(), b"{\"token\":\"one\"}\n", 0o640, None).unwrap();
-        replace(&path, dir.path(), b"{\"token\":\"two\"}\n", 0o640, None).unwrap();
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"token\":\"two\"}\n");
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o640);
-        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-        assert_eq!(left.len(), 1, "no temporary file left behind");
+    fn a_directory_others_may_write_is_refused_unless_sticky_and_ours() {
+        let euid = rustix::process::geteuid().as_raw();
+        let stat_of = |mode: u32, uid: u32| {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+            let mut stat = rustix::fs::stat(dir.path()).unwrap();
+            stat.st_uid = uid;
+            stat
+        };
+        let emptydir = stat_of(0o777, 0);
+        assert!(unsafe_directory(&emptydir, 1000).unwrap().contains("every user"));
+        assert!(
+            unsafe_directory(&stat_of(0o1777, 0), 1000).is_some(),
+            "sticky but not ours (/tmp)"
+        );
+        assert!(
+            unsafe_directory(&stat_of(0o1777, euid), euid).is_none(),
+            "sticky and ours"
+        );
+        assert!(unsafe_directory(&stat_of(0o700, euid), euid).is_none());
+        assert!(
+            unsafe_directory(&stat_of(0o770, euid), euid).is_none(),
+            "the pod's group may write"
+        );
+        assert!(unsafe_directory(&stat_of(0o755, 0), euid).is_none(), "root's own");
+        assert!(
+            unsafe_directory(&stat_of(0o755, 4242), 1000)
+                .unwrap()
+                .contains("another user")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_directory_is_made_private_and_a_shared_one_refused() {
+        let base = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let refused = Output::new(&args(base.path().join("token.json"), 0o600))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(refused.contains("every user"), "{refused}");
+        assert!(
+            refused.contains("ktb/token.json"),
+            "the error names the way out: {refused}"
+        );
+        let out = Output::new(&args(base.path().join("ktb/token.json"), 0o640)).unwrap();
+        out.write(r#"{"token":"t"}"#).await.unwrap();
+        let made = std::fs::metadata(base.path().join("ktb")).unwrap();
+        assert_eq!(made.permissions().mode() & 0o777, 0o750);
+        // Made once, reused after (the sidecar after the init container).
+        assert!(Output::new(&args(base.path().join("ktb/token.json"), 0o640)).is_ok());
     }
 }

@@ -2,6 +2,10 @@
 //! credential comes from `KTB_CONSUMER_CREDENTIAL`, never a flag (flags show
 //! in `ps`); or a projected ServiceAccount token from `--token-file`, or a
 //! client certificate.
+//!
+//! Exit status ([`super::exit`]): 0 a token printed; 2 usage; 3 the broker
+//! refused this consumer (401, 403); 4 no token now (429, 503; the message
+//! gives `Retry-After`); 5 the broker could not be reached; 1 anything else.
 
 use std::time::Duration;
 
@@ -29,7 +33,7 @@ pub async fn run(args: FetchArgs) -> Result<(), Error> {
     let extra: Vec<(&str, String)> = args.min_ttl.map(|t| ("min_ttl", t.to_string())).into_iter().collect();
     let url = consumer.url("/v1/token", &extra);
     let response = consumer.get(url)?.send().await.map_err(|e| {
-        Error::Fetch(format!(
+        Error::Unreachable(format!(
             "cannot reach the broker at {}: {}",
             consumer.origin(),
             error_chain(&e.without_url())
@@ -48,9 +52,10 @@ pub async fn run(args: FetchArgs) -> Result<(), Error> {
     let retry = retry_after
         .map(|s| format!(" (retry after {} s)", s.as_secs()))
         .unwrap_or_default();
-    Err(Error::Fetch(format!(
-        "HTTP {}: {}{retry}",
-        status.as_u16(),
-        detail_of(status, &body)
-    )))
+    let message = format!("HTTP {}: {}{retry}", status.as_u16(), detail_of(status, &body));
+    Err(match status.as_u16() {
+        401 | 403 => Error::Refused(message),
+        429 | 503 => Error::Unavailable(message),
+        _ => Error::Fetch(message),
+    })
 }

@@ -37,11 +37,51 @@ pub enum Error {
     /// The command line or environment is not usable as given.
     #[error("{0}")]
     Usage(String),
-    /// The broker refused a consumer's fetch, or could not be reached.
+    /// The broker refused this consumer's identity or grant (401, 403).
+    #[error("{0}")]
+    Refused(String),
+    /// The broker has no token for this consumer now (429, 503); the
+    /// message says when to retry.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The broker could not be reached (refused, timed out, TLS failed).
+    #[error("{0}")]
+    Unreachable(String),
+    /// Anything else a consumer command met (an unexpected answer, a file
+    /// that cannot be written).
     #[error("{0}")]
     Fetch(String),
     #[error("a listener has no local address")]
     Listener(#[source] std::io::Error),
+}
+
+/// Exit statuses of the commands, as README documents them.
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// Any failure not named below.
+    pub const FAILURE: u8 = 1;
+    /// The command line or environment is not usable (clap's own, too).
+    pub const USAGE: u8 = 2;
+    /// The broker refused the consumer (401, 403): retrying will not help.
+    pub const REFUSED: u8 = 3;
+    /// The broker has no token now (429, 503): retry after what it said.
+    pub const UNAVAILABLE: u8 = 4;
+    /// The broker could not be reached.
+    pub const UNREACHABLE: u8 = 5;
+}
+
+impl Error {
+    /// The process exit status for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Usage(_) => exit::USAGE,
+            Error::Refused(_) => exit::REFUSED,
+            Error::Unavailable(_) => exit::UNAVAILABLE,
+            Error::Unreachable(_) => exit::UNREACHABLE,
+            _ => exit::FAILURE,
+        }
+    }
 }
 
 /// Binds `addr`, naming the config key or flag in the error.

@@ -42,12 +42,16 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         ..
     }) = &config.audit
     {
-        crate::audit::open(path).await.map_err(|e| {
-            Error::Usage(format!(
-                "cannot open the audit file {} for appending: {e}",
-                path.display()
-            ))
-        })?;
+        let path_owned = path.clone();
+        crate::files::read_off_runtime(crate::files::READ_TIMEOUT, move || crate::audit::open(&path_owned))
+            .await
+            .map_err(|e| Error::Usage(format!("cannot open the audit file {}: {e}", path.display())))?
+            .map_err(|e| {
+                Error::Usage(format!(
+                    "cannot open the audit file {} for appending: {e}",
+                    path.display()
+                ))
+            })?;
     }
     // The connection caps are sized to the open files the process may have.
     let open_files = crate::http::server::raise_open_files_limit();

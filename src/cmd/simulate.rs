@@ -158,7 +158,12 @@ pub async fn run(args: SimulateArgs) -> Result<(), super::Error> {
     println!("  WebSocket:  {}", handle.ws_url());
     println!("  control:    {base}/_sim/state  (see README: faults, calls, tokens)");
     println!("  API key:    {}", key.api_key);
-    println!("  API secret: {}", key.api_secret);
+    if args.api_secret.is_some() {
+        // Given by the user (a flag or KTB_SIM_API_SECRET): never echoed.
+        println!("  API secret: as given (not shown)");
+    } else {
+        println!("  API secret: {}", key.api_secret);
+    }
     println!(
         "  token lifetime {} s, tier {:?}{}",
         args.token_ttl,

@@ -11,6 +11,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::AppState;
+use super::kubernetes::KeysState;
 use crate::token::{Health, Published};
 
 /// `GET /healthz`: 200 while the process serves.
@@ -42,6 +43,40 @@ struct KrakenReadiness {
     max_rejected_calls: u32,
 }
 
+/// ServiceAccount token checks, with `[kubernetes]`.
+#[derive(Serialize)]
+struct KubernetesReadiness {
+    /// `loaded`: forged tokens are refused without a TokenReview;
+    /// `pending` (just started) or `unreadable`: every token that passes
+    /// the claim checks is reviewed.
+    signing_keys: &'static str,
+    keys: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+impl KubernetesReadiness {
+    fn of(state: KeysState) -> Self {
+        match state {
+            KeysState::Pending => Self {
+                signing_keys: "pending",
+                keys: 0,
+                error: None,
+            },
+            KeysState::Loaded { keys, .. } => Self {
+                signing_keys: "loaded",
+                keys,
+                error: None,
+            },
+            KeysState::Failing { keys, error } => Self {
+                signing_keys: "unreadable",
+                keys,
+                error: Some(error),
+            },
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Readiness {
     status: &'static str,
@@ -49,6 +84,8 @@ struct Readiness {
     why: String,
     accounts: BTreeMap<String, AccountReadiness>,
     kraken: KrakenReadiness,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kubernetes: Option<KubernetesReadiness>,
 }
 
 fn why_not_servable(published: &Published, now: Instant) -> String {
@@ -160,6 +197,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         why,
         accounts,
         kraken,
+        kubernetes: table.reviewer.as_ref().map(|r| KubernetesReadiness::of(r.keys_state())),
     };
     let status = if ready {
         StatusCode::OK

@@ -7,13 +7,13 @@ use axum::extract::RawQuery;
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::Grant;
 use super::auth::Authenticated;
 use super::problem::ApiError;
+use crate::audit::Event;
 use crate::token::{CachedToken, Cause, Unavailable, token_sha256};
 
 /// The largest `min_ttl` accepted: Kraken's documented token lifetime.
@@ -157,18 +157,15 @@ pub(super) fn record_served(
     grant.served.inc();
     debug!(consumer = %consumer.name, account = %grant.account, token = %token.fingerprint, via, "token served");
     if let Some(audit) = &table.audit {
-        audit.record(
-            "token.served",
-            json!({
-                "consumer": consumer.name,
-                "identity": consumer.identity.kind(),
-                "account": grant.account,
-                "peer": peer.map(|p| p.to_string()),
-                "token": &*audit.token_fingerprint(&token.sha256, token.token.expose()),
-                "expires_at": token.expires_at_rfc3339,
-                "via": via,
-            }),
-        );
+        audit.record(Event::TokenServed {
+            consumer: consumer.name.clone(),
+            identity: consumer.identity.kind(),
+            account: grant.account.clone(),
+            peer: peer.map(|p| p.to_string()),
+            token: audit.token_fingerprint(&token.sha256, token.token.expose()).to_string(),
+            expires_at: token.expires_at_rfc3339.clone(),
+            via,
+        });
     }
 }
 
@@ -253,17 +250,14 @@ pub async fn invalidate(
         .await
         .map_err(|u| refused(&auth, u, &grant.account))?;
     if let Some(audit) = &table.audit {
-        audit.record(
-            "token.invalidated",
-            json!({
-                "consumer": auth.consumer.name,
-                "identity": auth.consumer.identity.kind(),
-                "account": grant.account,
-                "peer": auth.peer.map(|p| p.to_string()),
-                "reported": &*audit.token_fingerprint(&reported_sha, &reported.token),
-                "replaced": token.sha256 != reported_sha,
-            }),
-        );
+        audit.record(Event::TokenInvalidated {
+            consumer: auth.consumer.name.clone(),
+            identity: auth.consumer.identity.kind(),
+            account: grant.account.clone(),
+            peer: auth.peer.map(|p| p.to_string()),
+            reported: audit.token_fingerprint(&reported_sha, &reported.token).to_string(),
+            replaced: token.sha256 != reported_sha,
+        });
     }
     record_served(&auth.table, &auth.consumer, grant, auth.peer, &token, "invalidate");
     Ok(token_response(&token, &grant.account, &table.ws_url, Instant::now()))

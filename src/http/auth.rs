@@ -16,17 +16,18 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
-use super::kubernetes::{ReviewError, looks_like_jwt, unverified_subject};
+use super::kubernetes::{ReviewError, Signature, looks_like_jwt};
 use super::problem::ApiError;
+use super::server::Standing;
 use super::{AppState, Consumer, Grant, ServeTable};
 use crate::config::Identity;
 use crate::metrics::{AuthFailure, Metrics};
@@ -40,6 +41,11 @@ pub struct Authenticated {
     pub table: Arc<ServeTable>,
     /// The client's address, for audit lines.
     pub peer: Option<SocketAddr>,
+    /// When the proof stops being trusted, for a stream that outlives the
+    /// request: a ServiceAccount token's review after `cache_ttl`, a client
+    /// certificate at its `notAfter`. The stream ends then; the client
+    /// reconnects and proves itself again.
+    pub reprove_at: Option<Instant>,
     /// To count a refused account; so handlers need not take the whole state.
     metrics: Metrics,
 }
@@ -67,13 +73,11 @@ impl Authenticated {
     }
 }
 
-/// Writes an `auth.failed` audit line, when auditing is on.
-fn audit_failure(table: &ServeTable, reason: &str, identity: &str, peer: Option<SocketAddr>) {
+/// Counts an `auth.failed` in the audit trail (summarised per address and
+/// reason), when auditing is on.
+fn audit_failure(table: &ServeTable, reason: &'static str, identity: &'static str, peer: Option<SocketAddr>) {
     if let Some(audit) = &table.audit {
-        audit.record(
-            "auth.failed",
-            json!({ "reason": reason, "identity": identity, "peer": peer.map(|p| p.to_string()) }),
-        );
+        audit.auth_failed(peer.map(|p| p.ip()), reason, identity);
     }
 }
 
@@ -124,13 +128,17 @@ enum Refusal {
     /// The request is malformed (two `Authorization` headers).
     Malformed(&'static str),
     /// The proof cannot be checked now (the API server is down or busy).
-    Unavailable(std::time::Duration),
+    Unavailable(Duration),
+    /// The proof would need a review, and the client's address has failed
+    /// too often to be given one (only while the cluster's signing keys
+    /// cannot be read).
+    Throttled(Duration),
 }
 
 /// Finds the consumer a request proves it is.
-async fn identify(parts: &Parts, table: &ServeTable) -> Result<Arc<Consumer>, Refusal> {
+async fn identify(parts: &Parts, table: &ServeTable, state: &AppState) -> Result<Arc<Consumer>, Refusal> {
     if let Some(cert) = parts.extensions.get::<ClientCertificate>()
-        && let Some(consumer) = table.by_san(&cert.sans)
+        && let Some(consumer) = table.by_certificate(cert)
     {
         return Ok(consumer);
     }
@@ -147,25 +155,50 @@ async fn identify(parts: &Parts, table: &ServeTable) -> Result<Arc<Consumer>, Re
     {
         let invalid = || Refusal::Auth(AuthFailure::Invalid, "service_account");
         let token = std::str::from_utf8(credential).map_err(|_| invalid())?;
-        let username = match reviewer.cached(token) {
-            Some(username) => username,
-            None => {
-                // A token whose (unverified) subject names no consumer would
-                // end in 401 whatever the review said: refuse it without one.
-                if unverified_subject(token).is_none_or(|sub| table.by_service_account(&sub).is_none()) {
-                    return Err(invalid());
-                }
-                match reviewer.review(token).await {
-                    Ok(username) => username,
-                    Err(ReviewError::Rejected(_)) => return Err(invalid()),
-                    Err(ReviewError::Unavailable { retry_after }) => return Err(Refusal::Unavailable(retry_after)),
+        if let Some(username) = reviewer.cached(token) {
+            return table.by_service_account(&username).ok_or_else(invalid);
+        }
+        // Unverified claims first: a token that names no consumer, or is
+        // expired or for another audience, would end in 401 whatever the
+        // review said.
+        let claims = reviewer.precheck(token).map_err(|_| invalid())?;
+        if table.by_service_account(&claims.subject).is_none() {
+            return Err(invalid());
+        }
+        match reviewer.signature(token).await {
+            Signature::Valid => {}
+            Signature::Invalid(_) => return Err(invalid()),
+            Signature::Unchecked => {
+                if let Some(retry_after) = state.throttle.blocked(super::peer_ip(parts)) {
+                    return Err(Refusal::Throttled(retry_after));
                 }
             }
+        }
+        let username = match reviewer.review(token, &claims).await {
+            Ok(username) => username,
+            Err(ReviewError::Rejected(_)) => return Err(invalid()),
+            Err(ReviewError::Unavailable { retry_after }) => return Err(Refusal::Unavailable(retry_after)),
         };
         return table.by_service_account(&username).ok_or_else(invalid);
     }
     let hash: [u8; 32] = Sha256::digest(credential).into();
     find_consumer(table, &hash).ok_or(Refusal::Auth(AuthFailure::Invalid, "credential"))
+}
+
+/// When `consumer`'s proof in this request stops being trusted.
+fn reprove_at(parts: &Parts, consumer: &Consumer, table: &ServeTable) -> Option<Instant> {
+    let now = Instant::now();
+    match &consumer.identity {
+        Identity::Credential { .. } => None,
+        Identity::ServiceAccount { .. } => table
+            .reviewer
+            .as_ref()
+            .and_then(|r| now.checked_add(r.config().cache_ttl)),
+        Identity::ClientCert { .. } => parts
+            .extensions
+            .get::<ClientCertificate>()
+            .and_then(|cert| now.checked_add(cert.time_left(std::time::SystemTime::now()).unwrap_or_default())),
+    }
 }
 
 impl FromRequestParts<AppState> for Authenticated {
@@ -175,8 +208,13 @@ impl FromRequestParts<AppState> for Authenticated {
         let table = state.table.load_full();
         let peer = super::peer_addr(parts);
         let ip = peer.map(|p| p.ip());
-        match identify(parts, &table).await {
+        match identify(parts, &table, state).await {
             Ok(consumer) => {
+                // The connection proved an identity: it is not a stranger's
+                // to be evicted for a newcomer.
+                if let Some(standing) = parts.extensions.get::<Standing>() {
+                    standing.set_proven(true);
+                }
                 if let Err(retry_after) = consumer.limiter.check(Instant::now()) {
                     consumer.rate_limited.inc();
                     let limit = consumer.limiter.limit();
@@ -188,10 +226,12 @@ impl FromRequestParts<AppState> for Authenticated {
                         ),
                     });
                 }
+                let reprove_at = reprove_at(parts, &consumer, &table);
                 Ok(Self {
                     consumer,
                     table,
                     peer,
+                    reprove_at,
                     metrics: state.metrics.clone(),
                 })
             }
@@ -202,6 +242,10 @@ impl FromRequestParts<AppState> for Authenticated {
                     "ServiceAccount tokens cannot be checked now (the Kubernetes API server is unreachable or busy)"
                         .into(),
             }),
+            Err(Refusal::Throttled(retry_after)) => {
+                audit_failure(&table, "throttled", "service_account", peer);
+                Err(ApiError::TooManyRequests { retry_after })
+            }
             Err(Refusal::Auth(failure, identity)) => {
                 state.metrics.auth_failure(failure);
                 audit_failure(&table, failure.as_str(), identity, peer);

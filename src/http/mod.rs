@@ -3,6 +3,7 @@
 //!
 //! Reads tokens only through `token::AccountHandle`; never calls Kraken.
 
+pub mod address;
 pub mod admin;
 pub mod api;
 pub mod auth;
@@ -125,11 +126,12 @@ impl ServeTable {
             .cloned()
     }
 
-    /// The consumer a verified client certificate's SANs map to.
-    pub fn by_san(&self, sans: &[String]) -> Option<Arc<Consumer>> {
+    /// The consumer a verified client certificate proves, by a SAN of the
+    /// type the consumer names.
+    pub fn by_certificate(&self, cert: &crate::tls::ClientCertificate) -> Option<Arc<Consumer>> {
         self.consumers
             .iter()
-            .find(|c| matches!(&c.identity, crate::config::Identity::ClientCert { san } if sans.contains(san)))
+            .find(|c| matches!(&c.identity, crate::config::Identity::ClientCert { san } if san.matches(cert)))
             .cloned()
     }
 }
@@ -238,6 +240,21 @@ async fn api_layer(State(metrics): State<Metrics>, request: Request, next: Next)
     response
 }
 
+/// A handler that panicked (a bug): answered 500 in problem+json, logged;
+/// the connection's slot is given back by its guard either way.
+fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("a request handler panicked; answered 500");
+    let body = problem::problem_json(
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        "the broker failed to answer",
+    );
+    axum::response::IntoResponse::into_response((
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        [(axum::http::header::CONTENT_TYPE, problem::PROBLEM_JSON)],
+        body,
+    ))
+}
+
 async fn not_found() -> Response {
     axum::response::IntoResponse::into_response(problem::ApiError::NotFound)
 }
@@ -261,6 +278,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/token/watch", get(watch::watch))
         .fallback(not_found)
         .with_state(state)
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn_with_state(metrics, api_layer))
 }
 
@@ -272,5 +290,6 @@ pub fn admin_router(state: AppState) -> Router {
         .route("/readyz", get(admin::readyz))
         .route("/metrics", get(admin::metrics))
         .with_state(state)
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn_with_state(metrics, track))
 }

@@ -4,11 +4,18 @@
 //! - TLS (optional): rustls, a configuration swapped on reload (new
 //!   handshakes use the new files; open connections go on), a deadline on
 //!   the handshake, the verified client certificate's SANs on every request.
-//!   Cleartext sent to a TLS listener gets no HTTP answer.
-//! - Connections: a cap per listener and per client address; when the
-//!   listener is full, the oldest connection that never sent a complete
-//!   request is evicted for the newcomer, so a crowd of idle or trickling
-//!   connections can never keep a valid consumer out for long.
+//!   Cleartext sent to a TLS listener gets no HTTP answer. A client
+//!   certificate's expiry is checked on every connection (a resumed session
+//!   skips verification) and ends the connection when it passes.
+//! - Connections: a cap per listener and per client address (an IPv4
+//!   address or an IPv6 /64). A connection whose last request proved a
+//!   consumer's identity is never evicted; any other may be, for a
+//!   newcomer: at the address's own cap, its oldest; at the listener's cap,
+//!   the oldest of the address holding the most. So a crowd, however many
+//!   requests it sends, never keeps a consumer from another address out,
+//!   nor a probe out of the admin listener.
+//! - Each connection's slot is held by a guard ([`Slot`]), given back
+//!   however its task ends, a panic included.
 //! - Request heads: a deadline (which also closes idle keep-alive
 //!   connections and slow-header clients) and a size cap that bounds each
 //!   connection's read buffer.
@@ -18,12 +25,12 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use axum::Router;
@@ -32,6 +39,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -39,8 +47,9 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 use tracing::{debug, info, warn};
 
-use crate::metrics::Metrics;
-use crate::tls::{ClientCertificate, HANDSHAKE_TIMEOUT, subject_alt_names};
+use super::address::AddressGroup;
+use crate::metrics::{ConnectionRefusal, Metrics};
+use crate::tls::{ClientCertificate, HANDSHAKE_TIMEOUT};
 
 /// Limits of one listener.
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +76,10 @@ pub const API_MAX_CONNECTIONS: usize = 1024;
 pub const API_MAX_PER_ADDRESS: usize = 512;
 /// The admin listener serves a few scrapers and probes.
 pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+/// One address's share of the admin listener: a kubelet probes from its
+/// node's address and Prometheus scrapes from its own, each with a
+/// connection or two, so no one address may take more than a quarter.
+pub const ADMIN_MAX_PER_ADDRESS: usize = 16;
 /// hyper's smallest read buffer, and the largest head read: twice the API's
 /// own limit ([`super::MAX_HEAD_BYTES`]), so that one answers 431 in
 /// problem+json before this cuts off.
@@ -92,7 +105,7 @@ impl ServerLimits {
     pub fn for_admin(self) -> Self {
         Self {
             max_connections: self.max_connections.min(ADMIN_MAX_CONNECTIONS),
-            max_per_address: self.max_per_address.min(ADMIN_MAX_CONNECTIONS),
+            max_per_address: self.max_per_address.min(ADMIN_MAX_PER_ADDRESS),
             ..self
         }
     }
@@ -139,59 +152,130 @@ pub struct Listener {
     pub tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
 }
 
+/// How a connection stands, carried on each of its requests: whether the
+/// last request on it proved a consumer's identity. A proven connection is
+/// never evicted for a newcomer; any other is (an unauthenticated request,
+/// a 404, a refused credential: what a stranger holding slots sends).
+#[derive(Debug, Clone, Default)]
+pub struct Standing(Arc<AtomicBool>);
+
+impl Standing {
+    /// Records whether the request now answered proved an identity.
+    pub fn set_proven(&self, proven: bool) {
+        self.0.store(proven, Ordering::Relaxed);
+    }
+
+    pub fn proven(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// One open connection, as the registry knows it.
 struct Entry {
-    ip: IpAddr,
+    group: AddressGroup,
     opened: Instant,
-    /// A complete request head arrived on it at least once.
-    served: Arc<AtomicBool>,
+    standing: Standing,
     kill: CancellationToken,
+}
+
+/// Why a newcomer was turned away at accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Full {
+    /// Every connection of the listener is proven.
+    Listener,
+    /// Every connection of the newcomer's address is proven.
+    Address,
+}
+
+impl Full {
+    fn refusal(self) -> ConnectionRefusal {
+        match self {
+            Full::Listener => ConnectionRefusal::ListenerFull,
+            Full::Address => ConnectionRefusal::PerAddress,
+        }
+    }
 }
 
 /// The open connections of one listener.
 #[derive(Default)]
 struct Registry {
     entries: HashMap<u64, Entry>,
-    per_ip: HashMap<IpAddr, usize>,
+    per_group: HashMap<AddressGroup, usize>,
 }
 
 impl Registry {
-    fn remove(&mut self, id: u64) {
-        if let Some(entry) = self.entries.remove(&id)
-            && let Some(n) = self.per_ip.get_mut(&entry.ip)
-        {
-            *n -= 1;
-            if *n == 0 {
-                self.per_ip.remove(&entry.ip);
-            }
-        }
+    fn insert(&mut self, id: u64, entry: Entry) {
+        *self.per_group.entry(entry.group).or_default() += 1;
+        self.entries.insert(id, entry);
     }
 
-    /// The oldest connection (from `ip`, if given) that never sent a
-    /// complete request: a valid consumer sends its head at once, an idle
-    /// or trickling crowd never does.
-    fn eviction_candidate(&self, ip: Option<IpAddr>) -> Option<u64> {
+    fn remove(&mut self, id: u64) -> Option<Entry> {
+        let entry = self.entries.remove(&id)?;
+        if let Some(n) = self.per_group.get_mut(&entry.group) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_group.remove(&entry.group);
+            }
+        }
+        Some(entry)
+    }
+
+    /// The oldest unproven connection of `group`.
+    fn oldest_unproven(&self, group: AddressGroup) -> Option<u64> {
         self.entries
             .iter()
-            .filter(|(_, e)| !e.served.load(Ordering::Relaxed) && ip.is_none_or(|ip| e.ip == ip))
+            .filter(|(_, e)| e.group == group && !e.standing.proven())
             .min_by_key(|(_, e)| e.opened)
             .map(|(id, _)| *id)
     }
 
-    /// Makes room for a newcomer from `ip`: evicts a connection that never
-    /// sent a request when a cap is reached; `Err` names the cap if none can go.
-    fn admit(&mut self, ip: IpAddr, limits: &ServerLimits) -> Result<Option<CancellationToken>, &'static str> {
-        let mut victim = None;
-        if self.per_ip.get(&ip).copied().unwrap_or(0) >= limits.max_per_address {
-            victim = Some(self.eviction_candidate(Some(ip)).ok_or("per_address")?);
-        } else if self.entries.len() >= limits.max_connections {
-            victim = Some(self.eviction_candidate(None).ok_or("listener_full")?);
+    /// The connection to evict when the listener is full: the oldest
+    /// unproven one of the address holding the most unproven connections,
+    /// so a crowd pays for a newcomer from elsewhere, never the few
+    /// connections of a quiet address.
+    fn eviction_candidate(&self) -> Option<u64> {
+        let mut unproven: HashMap<AddressGroup, usize> = HashMap::new();
+        for entry in self.entries.values().filter(|e| !e.standing.proven()) {
+            *unproven.entry(entry.group).or_default() += 1;
         }
-        Ok(victim.and_then(|id| {
-            let kill = self.entries.get(&id).map(|e| e.kill.clone());
-            self.remove(id);
-            kill
-        }))
+        let (group, _) = unproven.into_iter().max_by_key(|(group, n)| (*n, *group))?;
+        self.oldest_unproven(group)
+    }
+
+    /// Makes room for a newcomer from `group`: evicts an unproven connection
+    /// when a cap is reached (the newcomer's address's own, or else the
+    /// listener's); refuses the newcomer when none can go.
+    fn admit(&mut self, group: AddressGroup, limits: &ServerLimits) -> Result<Option<CancellationToken>, Full> {
+        let victim = if self.per_group.get(&group).copied().unwrap_or(0) >= limits.max_per_address {
+            Some(self.oldest_unproven(group).ok_or(Full::Address)?)
+        } else if self.entries.len() >= limits.max_connections {
+            Some(self.eviction_candidate().ok_or(Full::Listener)?)
+        } else {
+            None
+        };
+        Ok(victim.and_then(|id| self.remove(id)).map(|entry| entry.kill))
+    }
+}
+
+/// A connection's place in the registry and the open-connections gauge,
+/// given back when the connection task ends however it ends (a panic in it
+/// included: tokio drops a panicked task's future, and this with it).
+struct Slot {
+    registry: Arc<Mutex<Registry>>,
+    id: u64,
+    open: IntGauge,
+}
+
+impl Slot {
+    fn lock(registry: &Mutex<Registry>) -> std::sync::MutexGuard<'_, Registry> {
+        registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        Self::lock(&self.registry).remove(self.id);
+        self.open.dec();
     }
 }
 
@@ -209,7 +293,7 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let registry = Arc::new(Mutex::new(Registry::default()));
     let open = metrics.connections_open(name);
-    let next_id = AtomicU64::new(0);
+    let mut next_id = 0u64;
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
@@ -229,58 +313,59 @@ pub async fn serve(
                 continue;
             }
         };
-        let id = next_id.fetch_add(1, Ordering::Relaxed);
-        let served = Arc::new(AtomicBool::new(false));
+        next_id = next_id.wrapping_add(1);
+        let id = next_id;
+        let standing = Standing::default();
         let kill = CancellationToken::new();
+        let group = AddressGroup::of(peer.ip());
         {
-            let mut reg = registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            match reg.admit(peer.ip(), &limits) {
+            let mut reg = Slot::lock(&registry);
+            match reg.admit(group, &limits) {
                 Ok(None) => {}
                 Ok(Some(evicted)) => {
                     evicted.cancel();
-                    metrics.connection_refused(name, "evicted");
+                    metrics.connection_refused(name, ConnectionRefusal::Evicted);
                 }
-                Err(cap) => {
+                Err(full) => {
                     drop(reg);
-                    metrics.connection_refused(name, cap);
-                    debug!(%peer, cap, "connection refused: at a connection cap, and every connection there is serving");
+                    metrics.connection_refused(name, full.refusal());
+                    debug!(%peer, cap = full.refusal().as_str(), "connection refused: at a connection cap, and every connection there has proven an identity");
                     continue;
                 }
             }
-            *reg.per_ip.entry(peer.ip()).or_default() += 1;
-            reg.entries.insert(
+            reg.insert(
                 id,
                 Entry {
-                    ip: peer.ip(),
+                    group,
                     opened: Instant::now(),
-                    served: Arc::clone(&served),
+                    standing: standing.clone(),
                     kill: kill.clone(),
                 },
             );
         }
         open.inc();
+        let slot = Slot {
+            registry: Arc::clone(&registry),
+            id,
+            open: open.clone(),
+        };
         let _ = stream.set_nodelay(true);
         let tls = listener.tls.as_ref().map(|t| t.load_full());
-        let (router, http, graceful_watch) = (router.clone(), http.clone(), graceful.watcher());
-        let (registry, metrics, open) = (Arc::clone(&registry), metrics.clone(), open.clone());
+        let conn = Connection {
+            peer,
+            standing,
+            router: router.clone(),
+            http: http.clone(),
+            metrics: metrics.clone(),
+            listener: name,
+        };
+        let graceful_watch = graceful.watcher();
         tokio::spawn(async move {
-            let conn = Connection {
-                peer,
-                served,
-                router,
-                http,
-                metrics: metrics.clone(),
-                listener: name,
-            };
+            let _slot = slot;
             tokio::select! {
                 _ = conn.run(stream, tls, graceful_watch) => {}
                 _ = kill.cancelled() => debug!(%peer, "connection evicted for a newcomer"),
             }
-            registry
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .remove(id);
-            open.dec();
         });
     }
     drop(listener);
@@ -296,7 +381,7 @@ pub async fn serve(
 /// One accepted connection.
 struct Connection {
     peer: SocketAddr,
-    served: Arc<AtomicBool>,
+    standing: Standing,
     router: Router,
     http: hyper::server::conn::http1::Builder,
     metrics: Metrics,
@@ -310,43 +395,60 @@ impl Connection {
         tls: Option<Arc<rustls::ServerConfig>>,
         watcher: hyper_util::server::graceful::Watcher,
     ) {
-        match tls {
-            None => self.http(stream, None, watcher).await,
-            Some(config) => {
-                let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls_stream)) => {
-                        let cert = tls_stream
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|chain| chain.first())
-                            .map(|leaf| ClientCertificate {
-                                sans: subject_alt_names(leaf).into(),
-                            });
-                        self.http(tls_stream, cert, watcher).await;
-                    }
-                    Ok(Err(error)) => {
-                        debug!(%error, peer = %self.peer, "TLS handshake failed (cleartext sent to the TLS port, or a refused client certificate)");
-                        self.metrics.connection_refused(self.listener, "tls_handshake");
-                    }
-                    Err(_) => {
-                        debug!(peer = %self.peer, "TLS handshake stalled: cut off");
-                        self.metrics.connection_refused(self.listener, "tls_handshake");
-                    }
-                }
+        let Some(config) = tls else {
+            return self.http(stream, None, watcher).await;
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(tls_stream)) => tls_stream,
+            Ok(Err(error)) => {
+                debug!(%error, peer = %self.peer, "TLS handshake failed (cleartext sent to the TLS port, or a refused client certificate)");
+                return self.refuse(ConnectionRefusal::TlsHandshake);
+            }
+            Err(_) => {
+                debug!(peer = %self.peer, "TLS handshake stalled: cut off");
+                return self.refuse(ConnectionRefusal::TlsHandshake);
+            }
+        };
+        let cert = tls_stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(ClientCertificate::from_chain);
+        let Some(cert) = cert else {
+            return self.http(tls_stream, None, watcher).await;
+        };
+        // A resumed session skips certificate verification: its expiry is
+        // checked here for every connection, and the connection ends when
+        // the certificate does (expiry is the only revocation there is).
+        let Some(left) = cert.time_left(SystemTime::now()) else {
+            debug!(peer = %self.peer, "client certificate expired (a resumed session?): connection refused");
+            return self.refuse(ConnectionRefusal::CertificateExpired);
+        };
+        let (peer, metrics, listener) = (self.peer, self.metrics.clone(), self.listener);
+        tokio::select! {
+            () = self.http(tls_stream, Some(cert), watcher) => {}
+            () = sleep_for(left) => {
+                debug!(%peer, "client certificate expired: connection ended");
+                metrics.connection_refused(listener, ConnectionRefusal::CertificateExpired);
             }
         }
+    }
+
+    fn refuse(&self, why: ConnectionRefusal) {
+        self.metrics.connection_refused(self.listener, why);
     }
 
     async fn http<IO>(self, io: IO, cert: Option<ClientCertificate>, watcher: hyper_util::server::graceful::Watcher)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (peer, served, router, metrics) = (self.peer, self.served, self.router, self.metrics.clone());
+        let (peer, standing, router, metrics) = (self.peer, self.standing, self.router, self.metrics.clone());
         let service = tower::service_fn(move |mut request: hyper::Request<Incoming>| {
-            served.store(true, Ordering::Relaxed);
+            // Unproven until this request proves an identity.
+            standing.set_proven(false);
             request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+            request.extensions_mut().insert(standing.clone());
             if let Some(cert) = &cert {
                 request.extensions_mut().insert(cert.clone());
             }
@@ -363,7 +465,7 @@ impl Connection {
                         .header("content-type", super::problem::PROBLEM_JSON)
                         .header("cache-control", "no-store")
                         .body(axum::body::Body::from(body))
-                        .expect("a static response is valid");
+                        .unwrap_or_default();
                     return Ok::<_, std::convert::Infallible>(response);
                 }
                 router.oneshot(request).await
@@ -376,6 +478,14 @@ impl Connection {
         if let Err(error) = watcher.watch(connection).await {
             debug!(%error, %peer, "connection ended with an error");
         }
+    }
+}
+
+/// Sleeps for `left`, or forever if that is past what the clock can hold.
+async fn sleep_for(left: Duration) {
+    match Instant::now().checked_add(left) {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -416,6 +526,11 @@ impl<IO> AutoResponses<IO> {
 /// The status of a response head hyper made by itself, if `buf` starts one.
 fn automatic_status(buf: &[u8]) -> Option<u16> {
     let rest = buf.strip_prefix(b"HTTP/1.1 ")?;
+    // An interim answer (`100 Continue` to `Expect: 100-continue`) is hyper
+    // doing its job, not refusing: it passes as it is.
+    if rest.first().is_none_or(|b| !matches!(b, b'4' | b'5')) {
+        return None;
+    }
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = &buf[..end];
     let has_type = head
@@ -492,6 +607,11 @@ mod tests {
     #[test]
     fn hypers_automatic_answers_are_told_from_ours() {
         assert_eq!(
+            automatic_status(b"HTTP/1.1 100 Continue\r\n\r\n"),
+            None,
+            "an interim answer passes"
+        );
+        assert_eq!(
             automatic_status(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: x\r\n\r\n"),
             Some(431)
         );
@@ -514,41 +634,158 @@ mod tests {
         );
     }
 
+    fn entry(id: u64, group: AddressGroup, proven: bool) -> (Entry, CancellationToken) {
+        let kill = CancellationToken::new();
+        let standing = Standing::default();
+        standing.set_proven(proven);
+        let entry = Entry {
+            group,
+            opened: Instant::now() + Duration::from_millis(id),
+            standing,
+            kill: kill.clone(),
+        };
+        (entry, kill)
+    }
+
+    fn add(reg: &mut Registry, id: u64, group: AddressGroup, proven: bool) -> CancellationToken {
+        let (entry, kill) = entry(id, group, proven);
+        reg.insert(id, entry);
+        kill
+    }
+
+    fn group(ip: &str) -> AddressGroup {
+        AddressGroup::of(ip.parse().unwrap())
+    }
+
     #[test]
-    fn a_newcomer_evicts_the_oldest_connection_that_never_sent_a_request() {
+    fn a_newcomer_evicts_an_unproven_connection_and_never_a_proven_one() {
         let limits = ServerLimits {
             max_connections: 3,
             max_per_address: 2,
             ..ServerLimits::default()
         };
         let mut reg = Registry::default();
-        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        let add = |reg: &mut Registry, id: u64, ip: IpAddr, served: bool| {
-            let kill = CancellationToken::new();
-            *reg.per_ip.entry(ip).or_default() += 1;
-            reg.entries.insert(
-                id,
-                Entry {
-                    ip,
-                    opened: Instant::now() + Duration::from_millis(id),
-                    served: Arc::new(AtomicBool::new(served)),
-                    kill: kill.clone(),
-                },
-            );
-            kill
-        };
-        let idle_a = add(&mut reg, 1, a, false);
+        let (a, b) = (group("10.0.0.1"), group("10.0.0.2"));
+        let unproven_a = add(&mut reg, 1, a, false);
         add(&mut reg, 2, a, true);
-        // A third from `a`: its idle one goes.
+        // A third from `a`: its unproven one goes.
         let evicted = reg.admit(a, &limits).unwrap().expect("one evicted");
         evicted.cancel();
-        assert!(idle_a.is_cancelled());
+        assert!(unproven_a.is_cancelled());
         assert!(!reg.entries.contains_key(&1));
         add(&mut reg, 3, a, true);
         add(&mut reg, 4, b, true);
-        // Full, and every connection serving: refused.
-        assert_eq!(reg.admit(b, &limits).unwrap_err(), "listener_full");
-        assert_eq!(reg.admit(a, &limits).unwrap_err(), "per_address");
+        // Full, and every connection proven: refused.
+        assert_eq!(reg.admit(b, &limits).unwrap_err(), Full::Listener);
+        assert_eq!(reg.admit(a, &limits).unwrap_err(), Full::Address);
+        assert_eq!(reg.per_group[&a], 2);
+    }
+
+    #[test]
+    fn at_the_listeners_cap_the_address_holding_the_most_pays() {
+        let limits = ServerLimits {
+            max_connections: 10,
+            max_per_address: 10,
+            ..ServerLimits::default()
+        };
+        let mut reg = Registry::default();
+        let (crowd, quiet, newcomer) = (group("10.0.0.9"), group("10.0.0.1"), group("10.0.0.2"));
+        // The quiet address's connection is the oldest of all, and unproven.
+        let quiet_kill = add(&mut reg, 0, quiet, false);
+        let crowd_kills: Vec<_> = (1..10).map(|id| add(&mut reg, id, crowd, false)).collect();
+        let evicted = reg.admit(newcomer, &limits).unwrap().expect("one evicted");
+        evicted.cancel();
+        assert!(!quiet_kill.is_cancelled(), "the quiet address keeps its connection");
+        assert!(crowd_kills[0].is_cancelled(), "the crowd's oldest goes");
+        assert_eq!(reg.per_group[&crowd], 8);
+    }
+
+    #[test]
+    fn every_slot_is_given_back_however_the_task_ends() {
+        let registry = Arc::new(Mutex::new(Registry::default()));
+        let open = IntGauge::new("open", "open").unwrap();
+        let limits = ServerLimits {
+            max_connections: 1,
+            max_per_address: 1,
+            ..ServerLimits::default()
+        };
+        for id in 0..3u64 {
+            {
+                let mut reg = Slot::lock(&registry);
+                assert!(
+                    matches!(reg.admit(group("10.0.0.1"), &limits), Ok(None)),
+                    "the slot is free again"
+                );
+                let (e, _) = entry(id, group("10.0.0.1"), true);
+                reg.insert(id, e);
+            }
+            open.inc();
+            let slot = Slot {
+                registry: Arc::clone(&registry),
+                id,
+                open: open.clone(),
+            };
+            // A task that panics while holding its slot.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                let _slot = slot;
+                panic!("a bug in a connection task");
+            }));
+            assert!(outcome.is_err());
+            assert_eq!(open.get(), 0);
+            assert!(Slot::lock(&registry).entries.is_empty());
+        }
+    }
+
+    async fn forced_panic() -> &'static str {
+        panic!("forced, by the test")
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_panics_never_keeps_a_connection_slot() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let router = Router::new()
+            .route("/panic", axum::routing::get(forced_panic))
+            .route("/ok", axum::routing::get(|| async { "ok" }));
+        let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let metrics = Metrics::new();
+        let limits = ServerLimits {
+            max_connections: 2,
+            max_per_address: 2,
+            ..ServerLimits::default()
+        };
+        let shutdown = CancellationToken::new();
+        let listener = Listener {
+            name: "api",
+            socket,
+            tls: None,
+        };
+        let server = tokio::spawn(serve(listener, router, shutdown.clone(), limits, metrics.clone()));
+        let open = metrics.connections_open("api");
+        async fn ask(addr: SocketAddr, path: &str) -> String {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            let _ = stream.read_to_end(&mut answer).await;
+            String::from_utf8_lossy(&answer).into_owned()
+        }
+        // Ten times the cap in panicking requests: each kills its task.
+        for _ in 0..20 {
+            let answer = ask(addr, "/panic").await;
+            assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while open.get() != 0 {
+            assert!(Instant::now() < deadline, "{} slots still held", open.get());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            ask(addr, "/ok").await.starts_with("HTTP/1.1 200"),
+            "served after the panics"
+        );
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
     }
 
     #[test]
@@ -559,5 +796,6 @@ mod tests {
         assert_eq!(tight.max_connections, 1024 - 64 - ADMIN_MAX_CONNECTIONS);
         assert!(tight.max_per_address <= tight.max_connections);
         assert_eq!(limits.for_admin().max_connections, ADMIN_MAX_CONNECTIONS);
+        assert_eq!(limits.for_admin().max_per_address, ADMIN_MAX_PER_ADDRESS);
     }
 }

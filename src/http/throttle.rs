@@ -1,15 +1,19 @@
 //! Per-address throttling of failed authentications, so a client guessing
 //! credentials is slowed down while good consumers are not touched.
 //!
-//! Each client address has a small token bucket of failures; when it runs
-//! out, requests from that address are refused with 429 until it refills.
-//! Successful requests never consult or change it beyond one map lookup.
+//! Each client address (an IPv4 address or an IPv6 /64: [`AddressGroup`])
+//! has a small token bucket of failures; when it runs out, its failed
+//! requests are answered 429 until it refills, and while the cluster's
+//! signing keys cannot be read, its ServiceAccount tokens are given no
+//! review. A request that proves an identity is never refused by it.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::time::Instant;
+
+use super::address::AddressGroup;
 
 /// Failed authentications an address may make in a burst ...
 pub const FAILURE_BURST: f64 = 20.0;
@@ -28,7 +32,7 @@ struct Bucket {
 /// Failure buckets per client address.
 #[derive(Debug, Default)]
 pub struct AuthThrottle {
-    buckets: DashMap<IpAddr, Bucket>,
+    buckets: DashMap<AddressGroup, Bucket>,
 }
 
 impl AuthThrottle {
@@ -45,7 +49,7 @@ impl AuthThrottle {
     /// path of every request, so it takes no write lock: good consumers
     /// (no failures, no bucket) pay one shared-lock lookup.
     pub fn blocked(&self, peer: Option<IpAddr>) -> Option<Duration> {
-        let peer = peer?;
+        let peer = AddressGroup::of(peer?);
         let tokens = Self::refilled(&*self.buckets.get(&peer)?, Instant::now());
         if tokens >= FAILURE_BURST {
             // Fully refilled: forget the address.
@@ -58,7 +62,7 @@ impl AuthThrottle {
 
     /// Counts one failed authentication from `peer`.
     pub fn record_failure(&self, peer: Option<IpAddr>) {
-        let Some(peer) = peer else { return };
+        let Some(peer) = peer.map(AddressGroup::of) else { return };
         if self.buckets.len() >= MAX_TRACKED {
             self.buckets.clear();
         }
@@ -97,6 +101,17 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(t.blocked(Some(bad)), None);
         assert_eq!(t.tracked(), 0, "a full bucket is forgotten");
+    }
+
+    #[test]
+    fn an_ipv6_slash_64_shares_one_bucket() {
+        let t = AuthThrottle::new();
+        for i in 0..FAILURE_BURST as u16 {
+            let ip: IpAddr = format!("2001:db8:7:7::{i:x}").parse().unwrap();
+            t.record_failure(Some(ip));
+        }
+        assert!(t.blocked(Some("2001:db8:7:7::ffff".parse().unwrap())).is_some());
+        assert!(t.blocked(Some("2001:db8:7:8::1".parse().unwrap())).is_none());
     }
 
     #[test]

@@ -231,12 +231,7 @@ pub async fn watch(
     {
         let _ = grant.handle.want_as(&auth.consumer.name, Duration::ZERO).await;
     }
-    let reprove_at = match (&auth.consumer.identity, &auth.table.reviewer) {
-        (crate::config::Identity::ServiceAccount { .. }, Some(reviewer)) => {
-            Some(Instant::now() + reviewer.config().cache_ttl)
-        }
-        _ => None,
-    };
+    let reprove_at = auth.reprove_at;
     let gauge = state.metrics.watch_streams(&account);
     gauge.inc();
     let mut changes = grant.handle.changes();

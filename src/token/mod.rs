@@ -25,5 +25,5 @@ pub use published::{CachedToken, Health, Published, ServingRule, token_sha256};
 pub use refresher::{
     AccountHandle, AccountSetup, Ambient, Answer, Applied, Cause, KrakenSource, TokenSource, Unavailable,
 };
-pub use schedule::{RefreshPolicy, backoff_delay, next_refresh_at, retry_after_secs};
+pub use schedule::{RefreshPolicy, next_refresh_at, retry_after_secs};
 pub use scripted::ScriptedSource;

@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::schedule::{MAX_REJECTED_RETRY, RefreshPolicy, backoff_delay};
+use super::schedule::{MAX_REJECTED_RETRY, RefreshPolicy};
 use crate::kraken::{Action, KrakenError, Reason};
 
 /// The longest an `EService:Throttled` timestamp or an edge `Retry-After` is
@@ -119,7 +119,7 @@ pub fn after_failure(streak: Streak, error: &KrakenError, cx: &Context<'_>) -> D
     };
     let backoff = |at_least: Duration| {
         let policy = cx.policy;
-        backoff_delay(after.failures, policy.retry_initial, policy.retry_max, cx.jitter).max(at_least)
+        crate::backoff::delay(after.failures, policy.retry_initial, policy.retry_max, cx.jitter).max(at_least)
     };
     let next = match action {
         Action::Alert { .. } if error.reason() == Reason::InvalidSignature && !streak.totp_retried => {

@@ -29,7 +29,7 @@ use tracing::{error, info, warn};
 use super::gate::{Held, KrakenGate, Risk, is_rejection};
 use super::policy::{Context, Decision, Next, Streak, after_failure, rejected_retry_delay};
 use super::published::{CachedToken, Health, Published, ServingRule};
-use super::schedule::{RefreshPolicy, backoff_delay, next_refresh_at};
+use super::schedule::{RefreshPolicy, next_refresh_at};
 use crate::clock::{WallClock, unix_secs_f64};
 use crate::kraken::{ApiCredentials, KeyLane, KrakenClient, KrakenError, MAX_TOKEN_LIFETIME, Reason, WsToken};
 use crate::metrics::AccountMetrics;
@@ -1065,7 +1065,7 @@ impl Refresher {
         self.metrics.unservable_token();
         let failures = streak.failures.saturating_add(1);
         let policy = self.setup.policy;
-        let wait = backoff_delay(
+        let wait = crate::backoff::delay(
             failures,
             policy.retry_initial,
             policy.retry_max,

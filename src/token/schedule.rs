@@ -83,16 +83,6 @@ pub fn next_refresh_at(
     target.clamp(earliest, latest).max(issued_at + MIN_REFRESH_INTERVAL)
 }
 
-/// The back-off after `failures` consecutive failures (1 for the first):
-/// exponential from `initial`, capped at `max`, with "equal jitter" (half
-/// fixed, half random) so replicas spread out but never retry at once.
-pub fn backoff_delay(failures: u32, initial: Duration, max: Duration, jitter_fraction: f64) -> Duration {
-    let exponent = failures.saturating_sub(1).min(32);
-    let base = initial.saturating_mul(1u32 << exponent.min(31)).min(max);
-    let half = base / 2;
-    half + half.mul_f64(jitter_fraction.clamp(0.0, 1.0))
-}
-
 /// Whole seconds for a `Retry-After` header: rounded up, at least 1.
 pub fn retry_after_secs(wait: Duration) -> u64 {
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -153,17 +143,6 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_to_the_cap_with_half_jitter() {
-        let (i, m) = (Duration::from_secs(1), Duration::from_secs(60));
-        assert_eq!(backoff_delay(1, i, m, 0.0), Duration::from_millis(500));
-        assert_eq!(backoff_delay(1, i, m, 1.0), Duration::from_secs(1));
-        assert_eq!(backoff_delay(3, i, m, 1.0), Duration::from_secs(4));
-        assert_eq!(backoff_delay(7, i, m, 1.0), Duration::from_secs(60));
-        assert_eq!(backoff_delay(u32::MAX, i, m, 1.0), Duration::from_secs(60));
-        assert_eq!(backoff_delay(0, i, m, 1.0), Duration::from_secs(1));
-    }
-
-    #[test]
     fn retry_after_rounds_up_to_whole_seconds() {
         assert_eq!(retry_after_secs(Duration::ZERO), 1);
         assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
@@ -217,19 +196,5 @@ mod tests {
             prop_assert!(next_refresh_at(t0, exp, &policy, hi) <= next_refresh_at(t0, exp, &policy, lo));
         }
 
-        #[test]
-        fn backoff_is_bounded_and_grows(
-            failures in 1u32..100,
-            initial_ms in 1u64..10_000,
-            max_ms in 1u64..1_000_000,
-            fraction in 0.0f64..1.0,
-        ) {
-            let initial = Duration::from_millis(initial_ms);
-            let max = Duration::from_millis(max_ms.max(initial_ms));
-            let d = backoff_delay(failures, initial, max, fraction);
-            prop_assert!(d <= max);
-            prop_assert!(d >= initial.min(max) / 2);
-            prop_assert!(backoff_delay(failures + 1, initial, max, 1.0) >= backoff_delay(failures, initial, max, 1.0));
-        }
     }
 }

@@ -1,0 +1,95 @@
+//! The audit trail's events, as types: each line is one of these, with the
+//! time it was recorded. Tokens appear only as keyed fingerprints.
+
+use serde::Serialize;
+
+/// One audited decision.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event")]
+pub enum Event {
+    /// A token handed to a consumer.
+    #[serde(rename = "token.served")]
+    TokenServed {
+        consumer: String,
+        identity: &'static str,
+        account: String,
+        peer: Option<String>,
+        /// The token's keyed fingerprint.
+        token: String,
+        expires_at: String,
+        /// `get`, `invalidate` or `watch`.
+        via: &'static str,
+    },
+    /// A consumer reported a token Kraken refused.
+    #[serde(rename = "token.invalidated")]
+    TokenInvalidated {
+        consumer: String,
+        identity: &'static str,
+        account: String,
+        peer: Option<String>,
+        /// The reported token's keyed fingerprint.
+        reported: String,
+        /// Whether the report replaced the held token (else it was older).
+        replaced: bool,
+    },
+    /// Requests refused for their proof of identity, from one address for
+    /// one reason: the first at once (`count` 1), then the repeats of each
+    /// interval in one line (`count` of them, `since` when the interval
+    /// began), so a flood cannot flood the trail.
+    #[serde(rename = "auth.failed")]
+    AuthFailed {
+        reason: &'static str,
+        identity: &'static str,
+        /// The address (an IPv4 address or an IPv6 /64), or `*` for
+        /// addresses past the number tracked.
+        peer: String,
+        count: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        since: Option<String>,
+    },
+    /// A config reload's outcome.
+    #[serde(rename = "config.reloaded")]
+    ConfigReloaded {
+        result: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        added: Option<Vec<String>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        changed: Option<Vec<String>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        removed: Option<Vec<String>>,
+    },
+}
+
+/// An event with the time it was recorded: one audit line.
+#[derive(Serialize)]
+pub(super) struct Line<'a> {
+    #[serde(flatten)]
+    pub event: &'a Event,
+    pub time: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_flat_json_with_the_event_name() {
+        let event = Event::AuthFailed {
+            reason: "invalid",
+            identity: "credential",
+            peer: "10.0.0.1".into(),
+            count: 3,
+            since: None,
+        };
+        let line = serde_json::to_value(Line {
+            event: &event,
+            time: "t".into(),
+        })
+        .unwrap();
+        assert_eq!(
+            line,
+            serde_json::json!({"event": "auth.failed", "reason": "invalid", "identity": "credential",
+                               "peer": "10.0.0.1", "count": 3, "time": "t"})
+        );
+    }
+}
