@@ -51,7 +51,9 @@ def everything_enabled() -> dict:
         {"name": "mm-btc", "credentialSha256": "ab" * 32, "accounts": ["main"]},
         {"name": "mm-eth", "credentialSha256": "cd" * 32, "accounts": ["main", "alt", "twofa"], "rateLimit": {"perSecond": 20, "burst": 40}},
         {"name": "mm-sol", "serviceAccount": {"namespace": "trading", "name": "mm-sol"}, "accounts": ["main"]},
-        {"name": "mm-xrp", "clientCertSan": "spiffe://cluster.local/ns/trading/sa/mm-xrp", "accounts": ["alt"]},
+        {"name": "mm-xrp", "clientCert": {"uri": "spiffe://cluster.local/ns/trading/sa/mm-xrp"}, "accounts": ["alt"]},
+        {"name": "mm-ada", "clientCert": {"dns": "mm-ada.trading.svc"}, "accounts": ["alt"]},
+        {"name": "mm-old", "clientCertSan": "mm-old.trading.svc", "accounts": ["alt"]},
     ]
     v["tls"] = {
         "enabled": True,
@@ -289,13 +291,21 @@ def check_policies(docs: list[dict], values: dict) -> None:
         check(cidrs == values["kubernetes"]["apiServerCidrs"], f"egress to the API server only at its addresses: {cidrs}")
     check(egress_ports == expected, f"egress only DNS, HTTPS (and the API server): {egress_ports}")
     bindings = by_kind(docs, "ClusterRoleBinding")
+    roles = by_kind(docs, "ClusterRole")
     if values["kubernetes"]["enabled"]:
         (binding,) = bindings
-        check(binding["roleRef"]["name"] == "system:auth-delegator", "TokenReview rights and no more")
+        (role,) = roles
+        check(binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]},
+              "bound to the chart's own role")
+        expected_rules = [
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+            {"nonResourceURLs": ["/openid/v1/jwks", "/.well-known/openid-configuration"], "verbs": ["get"]},
+        ]
+        check(role["rules"] == expected_rules, f"TokenReview create and the signing keys' read, nothing more: {role['rules']}")
         (subject,) = binding["subjects"]
         check(subject["name"] == sa["metadata"]["name"] and subject["namespace"] == "trading", "bound to the broker's ServiceAccount")
     else:
-        check(not bindings, "no cluster-wide binding unless kubernetes.enabled")
+        check(not bindings and not roles, "no cluster-wide role or binding unless kubernetes.enabled")
 
 
 def check_config_accepted(docs: list[dict], binary: str, values: dict) -> None:
@@ -388,6 +398,14 @@ def check_schema_refusals(chart) -> None:
             lambda v: v["consumers"][0].update(clientCertSan="spiffe://x/y"),
         ),
         "a consumer with no identity": ("consumers", lambda v: v["consumers"][0].pop("credentialSha256")),
+        "a DNS SAN with a scheme": (
+            "dns",
+            lambda v: v["consumers"].append({"name": "c", "clientCert": {"dns": "spiffe://x/y"}, "accounts": ["main"]}),
+        ),
+        "a client certificate naming both SAN types": (
+            "clientCert",
+            lambda v: v["consumers"].append({"name": "c", "clientCert": {"dns": "a", "uri": "spiffe://b"}, "accounts": ["main"]}),
+        ),
         "a ServiceAccount without a namespace": (
             "namespace",
             lambda v: v["consumers"].append({"name": "sa", "serviceAccount": {"name": "x"}, "accounts": ["main"]}),

@@ -47,7 +47,7 @@ def rendered() -> dict[str, str]:
                     labels.pop("helm.sh/chart", None)
                     if labels.get("app.kubernetes.io/managed-by") == "Helm":
                         labels["app.kubernetes.io/managed-by"] = "kubectl"
-                if doc["kind"] != "ClusterRoleBinding":
+                if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
                     doc["metadata"].setdefault("namespace", "trading")
                 docs.append(doc)
     files: dict[str, str] = {}

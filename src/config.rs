@@ -1980,6 +1980,139 @@ accounts = ["nope"]
         assert!(summary.contains("mm-btc: accounts main"), "{summary}");
     }
 
+    /// `MINIMAL` with mTLS from fake files, and `consumer` appended.
+    fn with_mtls(consumer: &str) -> (String, FakeSecrets) {
+        let cert = rcgen::generate_simple_self_signed(vec!["broker".to_owned()]).unwrap();
+        let mut s = secrets();
+        s.files.insert("/t/tls.crt".into(), cert.cert.pem());
+        s.files.insert("/t/tls.key".into(), cert.signing_key.serialize_pem());
+        s.files.insert("/t/ca.crt".into(), cert.cert.pem());
+        let text = format!(
+            "[listen.tls]\ncert = {{ file = \"/t/tls.crt\" }}\nkey = {{ file = \"/t/tls.key\" }}\nclient_ca = {{ file = \"/t/ca.crt\" }}\n{MINIMAL}\n[[consumer]]\nname = \"mm\"\naccounts = [\"main\"]\n{consumer}\n"
+        );
+        (text, s)
+    }
+
+    #[test]
+    fn client_certificate_identities_name_their_san_type() {
+        let identity = |consumer: &str| {
+            let (text, s) = with_mtls(consumer);
+            Config::parse(&text, &s).map(|c| (c.consumers[1].identity.clone(), c.warnings))
+        };
+        let (id, warnings) = identity(r#"client_cert = { dns = "mm.trading.svc" }"#).unwrap();
+        assert_eq!(
+            id,
+            Identity::ClientCert {
+                san: San::Dns("mm.trading.svc".into())
+            }
+        );
+        assert!(warnings.is_empty());
+        let (id, _) = identity(r#"client_cert = { uri = "spiffe://td/ns/t/sa/mm" }"#).unwrap();
+        assert_eq!(
+            id,
+            Identity::ClientCert {
+                san: San::Uri("spiffe://td/ns/t/sa/mm".into())
+            }
+        );
+        // The old form still works, typed by its form, with a warning that
+        // names the new one.
+        let (id, warnings) = identity(r#"client_cert = { san = "spiffe://td/ns/t/sa/mm" }"#).unwrap();
+        assert_eq!(
+            id,
+            Identity::ClientCert {
+                san: San::Uri("spiffe://td/ns/t/sa/mm".into())
+            }
+        );
+        assert!(
+            warnings[0]
+                .to_string()
+                .contains(r#"write client_cert = { uri = "spiffe://td/ns/t/sa/mm" }"#),
+            "{warnings:?}"
+        );
+        let (id, _) = identity(r#"client_cert = { san = "mm.trading.svc" }"#).unwrap();
+        assert_eq!(
+            id,
+            Identity::ClientCert {
+                san: San::Dns("mm.trading.svc".into())
+            }
+        );
+        for bad in [
+            r#"client_cert = { dns = "a", uri = "spiffe://b" }"#,
+            r#"client_cert = { dns = "spiffe://td/x" }"#,
+            r#"client_cert = { uri = "mm.trading.svc" }"#,
+            r#"client_cert = { }"#,
+        ] {
+            let problems = identity(bad).unwrap_err();
+            assert!(
+                problems.iter().any(|p| p.key.ends_with("client_cert")),
+                "{bad}: {problems:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_secret_files_anyone_may_read_earn_a_warning() {
+        #[derive(Default)]
+        struct Readable(FakeSecrets);
+        impl SecretReader for Readable {
+            fn env(&self, var: &str) -> Option<String> {
+                self.0.env(var)
+            }
+            fn file(&self, path: &Path) -> Result<FileText, FileError> {
+                self.0.file(path).map(|t| FileText {
+                    world_readable: true,
+                    ..t
+                })
+            }
+        }
+        let (text, s) = with_mtls(r#"client_cert = { dns = "mm.trading.svc" }"#);
+        let config = Config::parse(&text, &Readable(s)).unwrap();
+        let warned: Vec<&str> = config.warnings.iter().map(|w| w.key.as_str()).collect();
+        assert!(warned.contains(&"listen.tls.key"), "{warned:?}");
+        assert!(warned.contains(&"account `main`.api_secret"), "{warned:?}");
+        assert!(
+            !warned.contains(&"listen.tls.cert"),
+            "a certificate is public: {warned:?}"
+        );
+        assert!(!warned.contains(&"listen.tls.client_ca"), "a CA is public: {warned:?}");
+    }
+
+    #[test]
+    fn the_audit_key_may_be_random_bytes_or_text() {
+        struct Bytes(FakeSecrets, Vec<u8>);
+        impl SecretReader for Bytes {
+            fn env(&self, var: &str) -> Option<String> {
+                self.0.env(var)
+            }
+            fn file(&self, path: &Path) -> Result<FileText, FileError> {
+                self.0.file(path)
+            }
+            fn file_bytes(&self, path: &Path) -> Result<crate::files::FileBytes, FileError> {
+                if path == Path::new("/k/audit") {
+                    return Ok(crate::files::FileBytes {
+                        bytes: self.1.clone(),
+                        world_readable: false,
+                    });
+                }
+                self.0.file_bytes(path)
+            }
+        }
+        let text = format!("[audit]\nfingerprint_key = {{ file = \"/k/audit\" }}\n{MINIMAL}");
+        let random: Vec<u8> = (0..32u8).map(|b| b.wrapping_mul(97).wrapping_add(0xf0)).collect();
+        assert!(std::str::from_utf8(&random).is_err(), "not text");
+        let config = Config::parse(&text, &Bytes(secrets(), random.clone())).unwrap();
+        assert_eq!(config.audit.unwrap().key.expose(), &random[..]);
+        let hex_key = b"00112233445566778899aabbccddeeff\n".to_vec();
+        let config = Config::parse(&text, &Bytes(secrets(), hex_key)).unwrap();
+        assert_eq!(
+            config.audit.unwrap().key.expose(),
+            b"00112233445566778899aabbccddeeff",
+            "text loses its newline, so its fingerprints stay as they were"
+        );
+        let short = Config::parse(&text, &Bytes(secrets(), vec![0xff; 8])).unwrap_err();
+        assert!(short[0].to_string().contains("at least 16 bytes"), "{short:?}");
+    }
+
     #[test]
     fn config_errors_name_the_file() {
         let e = ConfigError {

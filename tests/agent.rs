@@ -266,3 +266,140 @@ async fn once_writes_the_token_and_exits_0() {
         "a usage error"
     );
 }
+
+/// A stand-in for the broker that misbehaves in one way, counting the
+/// agent's connections.
+struct FakeBroker {
+    url: String,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[derive(Clone, Copy)]
+enum Misbehaviour {
+    /// Bytes every 100 ms, but never a blank line ending an event.
+    NeverAWholeEvent,
+    /// One line that never ends.
+    EndlessLine,
+    /// A token that is not UTF-8.
+    NotUtf8,
+    /// 503 with a Retry-After of 2^64 - 1 seconds.
+    HugeRetryAfter,
+}
+
+impl FakeBroker {
+    async fn start(how: Misbehaviour) -> FakeBroker {
+        use axum::body::Body;
+        use axum::response::IntoResponse;
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&connections);
+        let app = axum::Router::new().route(
+            "/v1/token/watch",
+            axum::routing::get(move || {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    let sse = [("content-type", "text/event-stream")];
+                    match how {
+                        Misbehaviour::NeverAWholeEvent => {
+                            let ticks = futures_util::stream::unfold(0u64, |n| async move {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                Some((Ok::<_, std::io::Error>(format!("data: {n}\n")), n + 1))
+                            });
+                            (sse, Body::from_stream(ticks)).into_response()
+                        }
+                        Misbehaviour::EndlessLine => {
+                            let chunks =
+                                futures_util::stream::repeat_with(|| Ok::<_, std::io::Error>(vec![b'a'; 16 * 1024]));
+                            (sse, Body::from_stream(chunks)).into_response()
+                        }
+                        Misbehaviour::NotUtf8 => {
+                            let mut body = b"event: token\ndata: {\"token\":\"".to_vec();
+                            body.extend_from_slice(&[0xff, 0xfe, b'a']);
+                            body.extend_from_slice(b"\"}\n\n");
+                            let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(body) })
+                                .chain(futures_util::stream::pending());
+                            (sse, Body::from_stream(stream)).into_response()
+                        }
+                        Misbehaviour::HugeRetryAfter => (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            [("retry-after", "18446744073709551615")],
+                            "{}",
+                        )
+                            .into_response(),
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        FakeBroker { url, connections }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+use futures_util::StreamExt as _;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_is_not_the_brokers_is_dropped_and_never_written() {
+    for (how, says) in [
+        (Misbehaviour::NeverAWholeEvent, "no whole event"),
+        (Misbehaviour::EndlessLine, "longer than"),
+        (Misbehaviour::NotUtf8, "not UTF-8"),
+    ] {
+        let fake = FakeBroker::start(how).await;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("token.json");
+        let agent = Agent::start(
+            &["--url", &fake.url, "--out", out.to_str().unwrap(), "--idle-limit", "1s"],
+            &[("KTB_CONSUMER_CREDENTIAL", "ktb_any")],
+        );
+        wait_for(says, Duration::from_secs(20), || async {
+            (fake.connections() >= 2 && agent.stderr().contains(says)).then_some(())
+        })
+        .await;
+        assert!(!out.exists(), "{says}: nothing is written");
+        let pid = agent.child.id();
+        assert!(
+            common::rss_kib(pid) < 64 * 1024,
+            "{says}: the agent's memory stays small"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_of_584_million_years_is_capped() {
+    let fake = FakeBroker::start(Misbehaviour::HugeRetryAfter).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("token.json");
+    let agent = Agent::start(
+        &["--url", &fake.url, "--out", out.to_str().unwrap()],
+        &[("KTB_CONSUMER_CREDENTIAL", "ktb_any")],
+    );
+    wait_for("the retry to be scheduled", Duration::from_secs(10), || async {
+        agent.stderr().contains("reconnecting").then_some(())
+    })
+    .await;
+    let logs = agent.stderr();
+    assert!(logs.contains("retry_in_ms=300000"), "at most 5 minutes: {logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_every_user_may_write_is_refused_with_the_way_out() {
+    let shared = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = shared.path().join("token.json");
+    let mut agent = Agent::start(
+        &["--url", "http://127.0.0.1:1", "--out", out.to_str().unwrap()],
+        &[("KTB_CONSUMER_CREDENTIAL", "ktb_any")],
+    );
+    assert_eq!(agent.exit(Duration::from_secs(10)).await.code(), Some(2));
+    let logs = agent.stderr();
+    assert!(logs.contains("can be written by every user"), "{logs}");
+    assert!(
+        logs.contains(&format!("--out {}/ktb/token.json", shared.path().display())),
+        "{logs}"
+    );
+}

@@ -125,3 +125,120 @@ async fn every_decision_is_audited_by_fingerprint_and_no_token_is_in_the_trail()
     // Logs say where the audit goes; they never hold the fingerprint key.
     assert!(!served.raw_logs().contains("a-long-random-audit-fingerprint-key"));
 }
+
+/// A broker auditing to `to`, the config's directory kept by the result.
+async fn auditing_to(
+    sim: &kraken_token_broker::sim::SimHandle,
+    key: &kraken_token_broker::sim::SimKey,
+    to: &std::path::Path,
+    keys_dir: &std::path::Path,
+) -> Served {
+    write(keys_dir, "fingerprint-key", "a-long-random-audit-fingerprint-key\n");
+    let section = format!(
+        "\n[audit]\nto = \"{}\"\nfingerprint_key = {{ file = \"{}/fingerprint-key\" }}\n",
+        to.display(),
+        keys_dir.display()
+    );
+    Served::start_with(sim, key, "", &section, &[]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_or_deleted_audit_file_is_followed() {
+    let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+    let trail = tempfile::tempdir().unwrap();
+    let audit_file = trail.path().join("audit.jsonl");
+    let served = auditing_to(&sim, &key, &audit_file, trail.path()).await;
+    assert_eq!(served.get("/v1/token", Some(&served.credential)).await.0, 200);
+    wait_for("the first line", Duration::from_secs(10), || async {
+        (audit_lines(&audit_file).len() == 1).then_some(())
+    })
+    .await;
+    // logrotate's rename, then SIGHUP.
+    let rotated = trail.path().join("audit.jsonl.1");
+    std::fs::rename(&audit_file, &rotated).unwrap();
+    served.signal("HUP");
+    wait_for("the reload's line in a new file", Duration::from_secs(10), || async {
+        audit_lines(&audit_file)
+            .iter()
+            .any(|l| l["event"] == "config.reloaded")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        audit_lines(&rotated).len(),
+        1,
+        "the old file keeps only what came before"
+    );
+    // Deleted with no signal: the next lines go to a new file at the path.
+    std::fs::remove_file(&audit_file).unwrap();
+    wait_for("a token served line in a new file", Duration::from_secs(10), || async {
+        assert_eq!(served.get("/v1/token", Some(&served.credential)).await.0, 200);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        audit_lines(&audit_file)
+            .iter()
+            .any(|l| l["event"] == "token.served")
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_loses_lines_counted_and_warned_never_silently() {
+    let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+    let keys = tempfile::tempdir().unwrap();
+    // Every write to /dev/full fails with ENOSPC, as a full disk does.
+    let served = auditing_to(&sim, &key, std::path::Path::new("/dev/full"), keys.path()).await;
+    for _ in 0..50 {
+        assert_eq!(
+            served.get("/v1/token", Some(&served.credential)).await.0,
+            200,
+            "serving never waits for the audit"
+        );
+    }
+    let dropped = wait_for("50 lost lines counted", Duration::from_secs(10), || async {
+        let metrics = served.admin_text("/metrics").await;
+        let dropped = common::metric_value(&metrics, "audit_events_dropped_total");
+        (dropped >= 50.0).then_some(dropped)
+    })
+    .await;
+    assert_eq!(dropped, 50.0, "every lost line, and only those");
+    let logs = served.raw_logs();
+    assert!(logs.contains("cannot write audit lines"), "{logs}");
+    assert!(logs.contains("No space left on device"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_in_a_loop_writes_one_audit_line_not_one_per_request() {
+    let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+    let trail = tempfile::tempdir().unwrap();
+    let audit_file = trail.path().join("audit.jsonl");
+    let served = auditing_to(&sim, &key, &audit_file, trail.path()).await;
+    for i in 0..1000 {
+        let credential = if i % 2 == 0 { Some("ktb_wrong") } else { None };
+        let status = served.get("/v1/token", credential).await.0;
+        assert!([401, 429].contains(&status), "{status}");
+    }
+    // A consumer's tokens stay one line each.
+    for _ in 0..3 {
+        assert_eq!(served.get("/v1/token", Some(&served.credential)).await.0, 200);
+    }
+    let lines = wait_for("the served lines", Duration::from_secs(10), || async {
+        let lines = audit_lines(&audit_file);
+        (lines.iter().filter(|l| l["event"] == "token.served").count() == 3).then_some(lines)
+    })
+    .await;
+    let failures: Vec<_> = lines.iter().filter(|l| l["event"] == "auth.failed").collect();
+    println!(
+        "1000 refused requests: {} auth.failed lines ({} bytes in all)",
+        failures.len(),
+        std::fs::metadata(&audit_file).unwrap().len()
+    );
+    assert!(
+        failures.len() <= 3,
+        "one line per address and reason, then a summary per interval: {failures:?}"
+    );
+    assert!(
+        failures.iter().all(|l| l["peer"] == "127.0.0.1" && l["count"] == 1),
+        "{failures:?}"
+    );
+}

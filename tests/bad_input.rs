@@ -418,3 +418,180 @@ async fn a_crowd_of_unauthenticated_connections_stays_within_the_pods_memory_and
     served.signal("TERM");
     assert!(served.exit(Duration::from_secs(10)).await.success());
 }
+
+/// Strangers from `source`, each holding a connection to `addr` and sending
+/// `request` on it every `every` (reading what comes back), reconnecting
+/// when the broker closes it: what an attacker holding slots does.
+struct Crowd {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<usize>>,
+}
+
+impl Crowd {
+    fn start(addr: &str, sources: &[std::net::IpAddr], each: usize, request: &'static [u8], every: Duration) -> Crowd {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for source in sources {
+            for _ in 0..each {
+                let (addr, source, stop) = (addr.to_owned(), *source, stop.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut connections = 0;
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        let Ok(mut stream) = connect_from(source, &addr).await else {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        };
+                        connections += 1;
+                        let mut buf = [0u8; 4096];
+                        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                            if stream.write_all(request).await.is_err() {
+                                break;
+                            }
+                            match tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await {
+                                Ok(Ok(0)) | Ok(Err(_)) => break,
+                                _ => {}
+                            }
+                            tokio::time::sleep(every).await;
+                        }
+                    }
+                    connections
+                }));
+            }
+        }
+        Crowd { stop, tasks }
+    }
+
+    /// Stops the crowd; how many connections it made in all.
+    async fn stop(self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut total = 0;
+        for t in self.tasks {
+            total += t.await.unwrap_or(0);
+        }
+        total
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_addresses_holding_every_slot_with_requests_never_keep_a_consumer_out() {
+    let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+    let limits = ServerLimits {
+        max_connections: 128,
+        max_per_address: 128,
+        ..ServerLimits::default()
+    };
+    let broker = Broker::start_limited(
+        &sim,
+        vec![common::account("main", &key)],
+        policy(450.0, 60.0, 30.0, (1.0, 60.0)),
+        limits,
+    )
+    .await;
+    good_consumer_is_served(&broker).await;
+    let addr = host(&broker.api);
+    // Two addresses, 128 connections each (the listener holds 128 in all),
+    // an unauthenticated request on each every 2 s.
+    let attackers: Vec<std::net::IpAddr> = vec![[127, 0, 0, 2].into(), [127, 0, 0, 3].into()];
+    let crowd = Crowd::start(
+        &addr,
+        &attackers,
+        128,
+        b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_secs(2),
+    );
+    common::wait_for("the listener to fill", Duration::from_secs(20), || async {
+        (broker.metric("connections_open{listener=\"api\"}") >= 128.0).then_some(())
+    })
+    .await;
+    // The consumer, from a third address, on a new connection each time.
+    let engine = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let mut served = 0;
+    for _ in 0..30 {
+        let r = engine
+            .get(format!("{}/v1/token", broker.api))
+            .bearer_auth(&broker.credential)
+            .send()
+            .await;
+        served += usize::from(r.is_ok_and(|r| r.status() == 200));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let evicted = broker.metric("connections_refused_total{listener=\"api\",reason=\"evicted\"}");
+    let full = broker.metric("connections_refused_total{listener=\"api\",reason=\"listener_full\"}");
+    let connections = crowd.stop().await;
+    println!(
+        "consumer served {served}/30 while two addresses made {connections} connections; {evicted} evicted, {full} refused as full"
+    );
+    assert_eq!(served, 30, "the consumer is served every time");
+    assert_eq!(full, 0.0, "no newcomer is refused while strangers hold slots");
+    common::wait_for("the crowd's connections to close", Duration::from_secs(20), || async {
+        (broker.metric("connections_open{listener=\"api\"}") == 0.0).then_some(())
+    })
+    .await;
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_connections_on_the_admin_listener_never_fail_a_probe() {
+    let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+    let broker = Broker::start(&sim, &key, policy(450.0, 60.0, 30.0, (1.0, 60.0))).await;
+    good_consumer_is_served(&broker).await;
+    let admin = host(&broker.admin);
+    let crowd = Crowd::start(
+        &admin,
+        &[[127, 0, 0, 2].into()],
+        100,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_secs(2),
+    );
+    common::wait_for("the crowd to connect", Duration::from_secs(20), || async {
+        (broker.metric("connections_refused_total{listener=\"admin\",reason=\"evicted\"}") >= 50.0).then_some(())
+    })
+    .await;
+    // The kubelet's probes, from the node's address, each on a new connection.
+    let kubelet = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let mut answered = 0;
+    for _ in 0..30 {
+        let r = kubelet.get(format!("{}/healthz", broker.admin)).send().await;
+        answered += usize::from(r.is_ok_and(|r| r.status() == 200));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let open = broker.metric("connections_open{listener=\"admin\"}");
+    let connections = crowd.stop().await;
+    println!(
+        "probes answered {answered}/30 while one address made {connections} admin connections ({open} open at most 16 of them)"
+    );
+    assert_eq!(answered, 30, "every probe is answered");
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_gets_the_interim_answer_then_the_real_one() {
+    let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+    let broker = Broker::start(&sim, &key, policy(450.0, 60.0, 30.0, (1.0, 60.0))).await;
+    let (_, _, body) = broker.get_token("").await;
+    let token = body["token"].as_str().unwrap().to_owned();
+    let report = format!("{{\"token\":\"{token}\"}}");
+    let mut stream = TcpStream::connect(host(&broker.api)).await.unwrap();
+    let head = format!(
+        "POST /v1/token/invalidate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        broker.credential,
+        report.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut interim = [0u8; 25];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut interim))
+        .await
+        .expect("an interim answer")
+        .unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(report.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let fresh: serde_json::Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_ne!(fresh["token"].as_str().unwrap(), token, "the report replaced the token");
+    broker.stop().await.unwrap();
+}

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::apiserver::{FakeApiServer, forged};
+use common::apiserver::{FakeApiServer, forged, forged_with};
 use common::{Broker, config_tables, credential_consumer, sim_with_key, write, write_key};
 use kraken_token_broker::http::auth::new_credential;
 use kraken_token_broker::http::kubernetes::{REVIEW_BURST, REVIEWS_PER_SEC};
@@ -30,8 +30,17 @@ async fn cluster() -> Cluster {
 }
 
 async fn cluster_with(cache_ttl: &str) -> Cluster {
+    cluster_of(cache_ttl, true).await
+}
+
+/// A broker against a fake cluster; `keys`: whether the broker may read
+/// the cluster's signing keys.
+async fn cluster_of(cache_ttl: &str, keys: bool) -> Cluster {
     let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
     let api = FakeApiServer::start("broker-sa-token-1").await;
+    api.state
+        .jwks_forbidden
+        .store(!keys, std::sync::atomic::Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     write_key(d, &key);
@@ -61,7 +70,7 @@ rate_limit = {{ per_second = 10000, burst = 100000 }}
     let path = write(d, "broker.toml", &text);
     let broker = Broker::start_from_config(path, tempfile::tempdir().unwrap(), credential.expose()).await;
     let c = Cluster { broker, api, sim, dir };
-    c.signing_keys_are("loaded").await;
+    c.signing_keys_are(if keys { "loaded" } else { "unreadable" }).await;
     c
 }
 
@@ -268,6 +277,10 @@ async fn a_flood_of_forged_tokens_makes_a_bounded_number_of_reviews() {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let reviews = c.api.reviews() - before;
+    assert_eq!(
+        reviews, 0,
+        "forged tokens are refused by their signature, without a review"
+    );
     let bound = (REVIEW_BURST + REVIEWS_PER_SEC * elapsed).ceil() as usize + 1;
     assert!(
         reviews <= bound,
@@ -328,5 +341,102 @@ async fn a_watch_stream_opened_with_a_service_account_token_ends_when_its_review
     let r = c.broker.http.get(&url).bearer_auth(&token).send().await.unwrap();
     assert_eq!(r.status(), 401, "a deleted pod's token opens no stream");
     assert_eq!(c.api.reviews(), 2, "the reconnect was reviewed again");
+    c.broker.stop().await.unwrap();
+}
+
+/// A client whose connections come from `source` (another loopback address).
+fn client_from(source: [u8; 4]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from(source))
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_tokens_with_absurd_expiries_panic_nothing_and_leave_no_connection_behind() {
+    let c = cluster().await;
+    let valid = c.api.issue(ENGINE, &[AUDIENCE], 600);
+    assert_eq!(c.fetch(&valid).await.0, 200);
+    let baseline = c.broker.metric("connections_open{listener=\"api\"}");
+    let reviews = c.api.reviews();
+    let absurd = [
+        "1e20",
+        "1.7e308",
+        "1.8e308",
+        "-1e20",
+        "18446744073709551616",
+        "-1",
+        "\"soon\"",
+        "null",
+    ];
+    let url = format!("{}/v1/token", c.broker.api);
+    let mut statuses = std::collections::BTreeMap::new();
+    // 100 at a time from each address (more would be evicted by the
+    // per-address cap, a test of its own).
+    for source in [[127, 0, 0, 2], [127, 0, 0, 3]] {
+        let http = client_from(source);
+        for batch in 0..10 {
+            let asks: Vec<_> = (batch * 100..(batch + 1) * 100)
+                .map(|i| {
+                    let claims = format!(
+                        r#"{{"aud":["{AUDIENCE}"],"sub":"{ENGINE}","exp":{}}}"#,
+                        absurd[i % absurd.len()]
+                    );
+                    let (http, url) = (http.clone(), url.clone());
+                    tokio::spawn(async move {
+                        let r = http.get(url).bearer_auth(forged_with(&claims)).send().await;
+                        r.map(|r| r.status().as_u16()).unwrap_or(0)
+                    })
+                })
+                .collect();
+            for ask in asks {
+                *statuses.entry(ask.await.unwrap()).or_insert(0) += 1;
+            }
+        }
+    }
+    println!("2000 forged tokens with absurd exp: {statuses:?}");
+    assert!(
+        statuses.keys().all(|s| [401, 429].contains(s)),
+        "every one answered 401 or 429, none dropped: {statuses:?}"
+    );
+    assert_eq!(c.api.reviews(), reviews, "no review for any of them");
+    // Every consumer is served, and every slot is back.
+    assert_eq!(c.fetch(&valid).await.0, 200);
+    assert_eq!(c.fetch(&c.broker.credential.clone()).await.0, 200);
+    let fresh = c.api.issue(ENGINE, &[AUDIENCE], 600);
+    assert_eq!(c.fetch(&fresh).await.0, 200, "a new pod's token is reviewed and served");
+    common::wait_for("the flood's connections to close", Duration::from_secs(20), || async {
+        (c.broker.metric("connections_open{listener=\"api\"}") <= baseline).then_some(())
+    })
+    .await;
+    c.broker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_signing_keys_an_address_that_fails_gets_no_more_reviews() {
+    let c = cluster_of("30s", false).await;
+    let (_, body) = c.broker.admin_get("/readyz").await;
+    assert!(body.contains("\"signing_keys\":\"unreadable\""), "{body}");
+    assert!(body.contains("403"), "/readyz says why: {body}");
+    let attacker = client_from([127, 0, 0, 2]);
+    let url = format!("{}/v1/token", c.broker.api);
+    let before = c.api.reviews();
+    let mut statuses = Vec::new();
+    for _ in 0..150 {
+        let forged = forged(ENGINE, &[AUDIENCE], 600);
+        let r = attacker.get(&url).bearer_auth(forged).send().await.unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    let reviews = c.api.reviews() - before;
+    println!("150 forged tokens from one address without the keys: {reviews} reviews");
+    assert!(
+        reviews <= kraken_token_broker::http::throttle::FAILURE_BURST as usize + 2,
+        "{reviews} reviews: the address's failures stop its reviews"
+    );
+    assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
+    // A real engine elsewhere is still reviewed and served.
+    let valid = c.api.issue(ENGINE, &[AUDIENCE], 600);
+    assert_eq!(c.fetch(&valid).await.0, 200);
     c.broker.stop().await.unwrap();
 }

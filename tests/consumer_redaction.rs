@@ -75,7 +75,10 @@ accounts = ["main"]
         dir,
         credential.expose(),
         http.clone(),
-        &[("RUST_LOG", "debug")],
+        // An egress proxy for Kraken that goes nowhere: calls to the
+        // Kubernetes API server must not use it (the SA consumer below is
+        // served only if TokenReview and the signing keys bypass it).
+        &[("RUST_LOG", "debug"), ("HTTPS_PROXY", "http://127.0.0.1:9")],
     )
     .await;
     let url = format!("{}/v1/token", served.api);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::pki::{Ca, Leaf, client};
+use common::pki::{Ca, Leaf, LeafSpec, client};
 use common::{Broker, config_tables, credential_consumer, sim_with_key, wait_for, write, write_key};
 use kraken_token_broker::http::auth::new_credential;
 use kraken_token_broker::sim::{SimHandle, SimKey};
@@ -345,5 +345,161 @@ rate_limit = {{ per_second = 10000, burst = 100000 }}
         status_of(&engine(&old_leaf), &url, None).await.is_err(),
         "the old CA is no longer trusted"
     );
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_proves_only_the_san_type_its_consumer_names() {
+    let clients = Ca::new("client-ca");
+    let more = r#"
+[[consumer]]
+name = "mm-btc"
+client_cert = { uri = "spiffe://cluster.local/ns/trading/sa/mm-btc" }
+accounts = ["main"]
+
+[[consumer]]
+name = "mm-eth"
+client_cert = { dns = "mm-eth.trading.svc" }
+accounts = ["main"]
+"#;
+    let (broker, _sim, ca, _dir) = tls_broker(Some(&clients), more).await;
+    let url = format!("{}/v1/token", broker.api);
+    let with = |spec: LeafSpec<'_>| client(&[&ca.pem], Some(&clients.issue(spec)));
+    // The URI consumer's name in a DNS SAN, and the DNS consumer's in a URI SAN.
+    let dns_spiffe = with(LeafSpec {
+        dns: &["spiffe://cluster.local/ns/trading/sa/mm-btc"],
+        ..LeafSpec::default()
+    });
+    let uri_dns = with(LeafSpec {
+        uris: &["mm-eth.trading.svc"],
+        ..LeafSpec::default()
+    });
+    assert_eq!(
+        status_of(&dns_spiffe, &url, None).await,
+        Ok(401),
+        "a DNS SAN never proves a URI identity"
+    );
+    assert_eq!(
+        status_of(&uri_dns, &url, None).await,
+        Ok(401),
+        "a URI SAN never proves a DNS identity"
+    );
+    // Each in its own type proves its consumer.
+    let btc = with(LeafSpec {
+        uris: &["spiffe://cluster.local/ns/trading/sa/mm-btc"],
+        ..LeafSpec::default()
+    });
+    let eth = with(LeafSpec {
+        dns: &["MM-ETH.trading.svc"],
+        ..LeafSpec::default()
+    });
+    assert_eq!(status_of(&btc, &url, None).await, Ok(200));
+    assert_eq!(
+        status_of(&eth, &url, None).await,
+        Ok(200),
+        "DNS names match without regard to case"
+    );
+    for consumer in ["mm-btc", "mm-eth"] {
+        let served = format!("tokens_served_total{{account=\"main\",consumer=\"{consumer}\"}}");
+        assert_eq!(broker.metric(&served), 1.0, "{consumer}");
+    }
+    broker.stop().await.unwrap();
+}
+
+/// A rustls client presenting `leaf`, trusting `ca`, resuming sessions as
+/// rustls does by default.
+fn resuming_client(ca: &Ca, leaf: &Leaf) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
+        .unwrap();
+    let chain = vec![rustls::pki_types::CertificateDer::from_pem_slice(leaf.cert.as_bytes()).unwrap()];
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(kraken_token_broker::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    Arc::new(config)
+}
+
+/// `GET /v1/token` over a new connection made with `config`; the status.
+async fn get_over(config: &Arc<rustls::ClientConfig>, addr: &str) -> Result<u16, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::clone(config));
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
+    tls.write_all(b"GET /v1/token HTTP/1.1\r\nHost: broker\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    tls.read_to_end(&mut answer).await.map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&answer);
+    text.get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no HTTP answer: {text:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_client_certificate_ends_its_connections_and_streams_and_never_resumes() {
+    let clients = Ca::new("client-ca");
+    let more = format!(
+        "\n[[consumer]]\nname = \"mm-engine\"\nclient_cert = {{ uri = \"{ENGINE_SAN}\" }}\naccounts = [\"main\"]\n"
+    );
+    let (broker, _sim, ca, _dir) = tls_broker(Some(&clients), &more).await;
+    let url = format!("{}/v1/token", broker.api);
+    let addr = broker.api.trim_start_matches("https://").to_owned();
+    let not_after = std::time::SystemTime::now() + Duration::from_secs(6);
+    let leaf = clients.issue(LeafSpec {
+        uris: &[ENGINE_SAN],
+        not_after: Some(not_after),
+        ..LeafSpec::default()
+    });
+    // Before expiry: a kept-alive client, a watch stream, and a rustls
+    // client that would resume its session if the broker let it.
+    let engine = client(&[&ca.pem], Some(&leaf));
+    assert_eq!(status_of(&engine, &url, None).await, Ok(200));
+    let mut stream = common::sse::SseReader::open(&engine, &format!("{}/v1/token/watch", broker.api), "").await;
+    assert!(stream.next(Duration::from_secs(10)).await.unwrap().token().is_some());
+    let resuming = resuming_client(&ca, &leaf);
+    assert_eq!(get_over(&resuming, &addr).await, Ok(200));
+    assert_eq!(
+        get_over(&resuming, &addr).await,
+        Ok(200),
+        "a second connection before expiry"
+    );
+
+    // At expiry the stream ends, the kept-alive connection with it.
+    assert!(
+        stream.ended(Duration::from_secs(15)).await,
+        "the stream ends at notAfter"
+    );
+    assert!(
+        std::time::SystemTime::now() >= not_after - Duration::from_secs(1),
+        "not before the certificate's notAfter"
+    );
+    wait_for("the kept-alive connection to end", Duration::from_secs(10), || async {
+        (broker.metric("connections_refused_total{listener=\"api\",reason=\"certificate_expired\"}") >= 1.0)
+            .then_some(())
+    })
+    .await;
+    // After it: nothing the certificate shows is accepted, resumed or not.
+    wait_for("the certificate to expire", Duration::from_secs(10), || async {
+        (std::time::SystemTime::now() > not_after + Duration::from_secs(1)).then_some(())
+    })
+    .await;
+    let answer = status_of(&engine, &url, None).await;
+    assert!(answer.is_err(), "an expired certificate gets no answer: {answer:?}");
+    let answer = get_over(&resuming, &addr).await;
+    assert!(
+        answer.is_err(),
+        "no session resumes past the certificate's expiry: {answer:?}"
+    );
+    // A fresh certificate is served again.
+    let renewed = client(&[&ca.pem], Some(&clients.leaf(&[ENGINE_SAN])));
+    assert_eq!(status_of(&renewed, &url, None).await, Ok(200));
     broker.stop().await.unwrap();
 }

@@ -37,15 +37,42 @@ struct Seen {
     served: usize,
     unavailable: usize,
     retry_after: Vec<u64>,
+    /// How long the watch lasted (longer than its window on a slow machine).
+    elapsed: Duration,
 }
 
-/// Polls `GET /v1/token` every 25 ms for `window`: every 200 must be a token
-/// the simulator issued with time left; every other answer must be a 503 with
-/// Retry-After.
+impl Seen {
+    /// A bound given per 2.5 s of watching, for however long it lasted.
+    fn scaled(&self, per_window: usize) -> usize {
+        let windows = (self.elapsed.as_secs_f64() / 2.5).max(1.0);
+        (per_window as f64 * windows).ceil() as usize
+    }
+}
+
+/// How long a scenario may take on a loaded machine before it fails.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Polls `GET /v1/token` every 25 ms for `window`, and then, if the scenario
+/// needs consumers to have seen a 503, on until they have (within
+/// [`PATIENCE`]): a loaded machine stretches the window, never fails it.
+/// Every 200 must be a token the simulator issued with time left; every
+/// other answer must be a 503 with Retry-After.
 async fn watch(broker: &Broker, sim: &SimHandle, window: Duration) -> Seen {
+    watch_until(broker, sim, window, |_| true).await
+}
+
+async fn watch_until(broker: &Broker, sim: &SimHandle, window: Duration, done: impl Fn(&Seen) -> bool) -> Seen {
     let mut seen = Seen::default();
-    let until = Instant::now() + window;
-    while Instant::now() < until {
+    let started = Instant::now();
+    loop {
+        let elapsed = started.elapsed();
+        if elapsed >= window && done(&seen) {
+            break;
+        }
+        assert!(
+            elapsed < PATIENCE,
+            "nothing expected seen within {PATIENCE:?}: {seen:?}"
+        );
         let (status, retry_after, body) = broker.get_token("").await;
         match status {
             200 => {
@@ -71,10 +98,11 @@ async fn watch(broker: &Broker, sim: &SimHandle, window: Duration) -> Seen {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    seen.elapsed = started.elapsed();
     seen
 }
 
-/// How long until consumers get a token again.
+/// Waits until consumers get a token again.
 async fn recovery(broker: &Broker, deadline: Duration) -> Duration {
     let started = Instant::now();
     loop {
@@ -84,6 +112,29 @@ async fn recovery(broker: &Broker, deadline: Duration) -> Duration {
         assert!(started.elapsed() < deadline, "no recovery within {deadline:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Clears the fault (and reloads, when an operator must) and checks the
+/// recovery by events rather than a stopwatch: the broker's next call
+/// succeeds and consumers are served (how soon that call comes is the
+/// back-off's, held by its own unit tests). A call already under way when
+/// the fault cleared may still fail.
+async fn clear_and_recover(broker: &Broker, sim: &SimHandle, reload: bool) {
+    let before = sim.state().calls().len();
+    sim.state().clear_fault();
+    if reload {
+        broker.reload().await;
+    }
+    recovery(broker, PATIENCE).await;
+    let after: Vec<String> = sim.state().calls()[before..]
+        .iter()
+        .map(|c| c.outcome.clone())
+        .collect();
+    let failed = after.iter().filter(|o| *o != "ok").count();
+    assert!(
+        after.last().is_some_and(|o| o == "ok") && failed <= 1,
+        "recovered on the first call after the fault cleared: {after:?}"
+    );
 }
 
 fn failures(broker: &Broker, reason: &str) -> f64 {
@@ -125,7 +176,11 @@ async fn steady_state_with(fault: FaultSpec, expect: Expect, kraken: &str) {
     assert_eq!(recovery(&broker, Duration::from_secs(5)).await.as_secs(), 0);
     let calls_before = sim.state().calls().len();
     sim.state().set_fault(fault);
-    let seen = watch(&broker, &sim, Duration::from_millis(2500)).await;
+    let needs_503 = !matches!(expect, Expect::Serves);
+    let seen = watch_until(&broker, &sim, Duration::from_millis(2500), |s| {
+        !needs_503 || s.unavailable > 0
+    })
+    .await;
     let calls = sim.state().calls().len() - calls_before;
     assert!(
         seen.served > 0,
@@ -145,7 +200,11 @@ async fn cold_start_with(fault: FaultSpec, expect: Expect, kraken: &str) {
     let (sim, key) = sim_with_key(TTL).await;
     sim.state().set_fault(fault);
     let broker = Broker::start_from_files_with(&sim, &key, REFRESH, TIMEOUT, kraken).await;
-    let seen = watch(&broker, &sim, Duration::from_millis(2000)).await;
+    let needs_503 = !matches!(expect, Expect::Serves);
+    let seen = watch_until(&broker, &sim, Duration::from_millis(2000), |s| {
+        !needs_503 || s.unavailable > 0
+    })
+    .await;
     let calls = sim.state().calls().len();
     if !matches!(expect, Expect::Serves) {
         assert_eq!(seen.served, 0, "no token can be had: {seen:?}");
@@ -167,13 +226,13 @@ async fn judge(broker: &Broker, sim: &SimHandle, expect: Expect, seen: &Seen, ca
             assert!(seen.unavailable > 0, "503 once no live token is left: {seen:?}");
             assert!(failures(broker, reason) >= 1.0, "reason {reason} counted");
             assert_eq!(broker.metric("token_valid{account=\"main\"}"), 0.0);
+            let bound = seen.scaled(max_calls);
             assert!(
-                calls <= max_calls,
-                "{calls} calls during the fault, at most {max_calls}"
+                calls <= bound,
+                "{calls} calls during the fault ({:?}), at most {bound}",
+                seen.elapsed
             );
-            sim.state().clear_fault();
-            let took = recovery(broker, Duration::from_secs(3)).await;
-            assert!(took <= Duration::from_millis(1500), "recovered in {took:?}");
+            clear_and_recover(broker, sim, false).await;
         }
         Expect::Permanent { reason } => {
             assert!(seen.unavailable > 0, "503 once no live token is left: {seen:?}");
@@ -185,13 +244,9 @@ async fn judge(broker: &Broker, sim: &SimHandle, expect: Expect, seen: &Seen, ca
             assert!(calls <= 2, "{calls} calls");
             let (_, readyz) = broker.admin_get("/readyz").await;
             assert!(readyz.contains("needs an operator"), "{readyz}");
-            sim.state().clear_fault();
-            broker.reload().await;
-            let took = recovery(broker, Duration::from_secs(3)).await;
-            assert!(
-                took <= Duration::from_millis(1500),
-                "a reload retries at once: {took:?}"
-            );
+            // Without the reload the next try is minutes away
+            // (retry_rejected): recovering at all is the reload's doing.
+            clear_and_recover(broker, sim, true).await;
         }
         Expect::Serves => {
             assert_eq!(seen.unavailable, 0, "consumers never see a 503: {seen:?}");
@@ -324,10 +379,7 @@ async fn persistent_invalid_nonces_stop_at_the_rejected_call_budget() {
     let (_, metrics) = broker.admin_get("/metrics").await;
     assert_eq!(common::metric_value(&metrics, "kraken_rejected_calls"), 2.0);
     // An operator's reload gets the budget's last call at once.
-    sim.state().clear_fault();
-    broker.reload().await;
-    let took = recovery(&broker, Duration::from_secs(3)).await;
-    assert!(took <= Duration::from_millis(1500), "{took:?}");
+    clear_and_recover(&broker, &sim, true).await;
     assert!(
         sim.state()
             .calls()
@@ -363,34 +415,45 @@ async fn rate_limited_backs_off_at_least_ten_seconds() {
         }
         let broker = Broker::start_from_files(&sim, &key, REFRESH, TIMEOUT).await;
         if !cold {
-            recovery(&broker, Duration::from_secs(5)).await;
+            recovery(&broker, PATIENCE).await;
             sim.state().set_fault(error("EAPI:Rate limit exceeded"));
         }
-        let before = sim
-            .state()
-            .calls()
-            .iter()
-            .filter(|c| c.outcome.starts_with("EAPI"))
-            .count();
-        assert!(before <= 1);
-        let seen = watch(&broker, &sim, Duration::from_millis(3000)).await;
-        assert!(seen.unavailable > 0);
-        let limited = sim
-            .state()
-            .calls()
-            .iter()
-            .filter(|c| c.outcome.starts_with("EAPI"))
-            .count();
-        assert_eq!(
-            limited, 1,
-            "one call, then nothing for 10 s: calls made while limited extend the limit"
-        );
+        // Consumers see a 503 once the live token is gone, however long
+        // that takes here; its Retry-After tells them of the back-off.
+        let seen = watch_until(&broker, &sim, Duration::ZERO, |s| s.unavailable > 0).await;
         assert!(
             seen.retry_after.iter().any(|s| *s >= 5),
             "Retry-After tells consumers: {:?}",
             seen.retry_after
         );
-        assert_eq!(failures(&broker, "rate_limited"), 1.0);
+        // The refresher says when it tries next: not for about 10 s.
+        let (_, readyz) = broker.admin_get("/readyz").await;
+        let next: u64 = readyz
+            .split("next attempt in ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no next attempt in {readyz}"));
+        let limited: Vec<u64> = sim
+            .state()
+            .calls()
+            .iter()
+            .filter(|c| c.outcome.starts_with("EAPI"))
+            .map(|c| c.at_unix_ms)
+            .collect();
+        assert!(!limited.is_empty());
+        // Calls made while limited extend the limit: each is 10 s after the
+        // one before, whatever the machine's speed.
+        assert!(
+            limited.windows(2).all(|w| w[1] - w[0] >= 10_000),
+            "rate-limited calls 10 s apart: {limited:?}"
+        );
+        let since_last = now_ms().saturating_sub(*limited.last().unwrap()) / 1000;
+        assert!(
+            next + since_last >= 9,
+            "the next attempt is 10 s after the last call: in {next} s, {since_last} s after it"
+        );
+        assert_eq!(failures(&broker, "rate_limited"), limited.len() as f64);
         broker.stop().await.unwrap();
     }
 }
@@ -585,8 +648,7 @@ async fn connection_refused_in_steady_state_and_at_cold_start() {
             .expect("rebind the simulator's port");
         let _sim =
             kraken_token_broker::sim::start(config(), listener, tokio_util::sync::CancellationToken::new()).unwrap();
-        let took = recovery(&broker, Duration::from_secs(3)).await;
-        assert!(took <= Duration::from_millis(1500), "recovered in {took:?}");
+        recovery(&broker, PATIENCE).await;
         broker.stop().await.unwrap();
     }
 }

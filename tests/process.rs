@@ -610,3 +610,33 @@ async fn a_fifo_swapped_in_for_a_secret_never_freezes_the_broker() {
     served.signal("TERM");
     assert_eq!(served.exit(Duration::from_secs(10)).await.code(), Some(0));
 }
+
+#[test]
+fn the_simulator_never_prints_a_secret_it_was_given() {
+    let key = kraken_token_broker::sim::SimKey::generate();
+    let mut child = std::process::Command::new(common::BIN)
+        .args(["simulate", "--listen", "127.0.0.1:0"])
+        .env("KTB_SIM_API_KEY", &key.api_key)
+        .env("KTB_SIM_API_SECRET", &key.api_secret)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut printed = String::new();
+    while !printed.contains("Press Ctrl-C") {
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() == 0 {
+            break;
+        }
+        printed.push_str(&line);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(printed.contains(&key.api_key), "the key is public: {printed}");
+    assert!(
+        !printed.contains(&key.api_secret),
+        "the secret given is not echoed: {printed}"
+    );
+    assert!(printed.contains("API secret: as given"), "{printed}");
+}

@@ -42,7 +42,7 @@ use super::client::{Consumer, ConsumerArgs, detail_of, error_chain, retry_after}
 use crate::sse::{self, Item};
 
 /// A stream with no whole block (an event or a keep-alive) for this long
-/// is taken as lost.
+/// is taken as lost (`--idle-limit`, hidden, sets another).
 pub const IDLE_LIMIT: Duration = Duration::from_secs(45);
 const BACKOFF_INITIAL: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -67,6 +67,10 @@ pub struct AgentArgs {
     /// Write the current token once and exit (an init container).
     #[arg(long)]
     pub once: bool,
+    /// How long the watch stream may go without a whole event or
+    /// keep-alive before it is taken as lost.
+    #[arg(long, hide = true, default_value = "45s", value_parser = crate::config::parse_duration)]
+    pub idle_limit: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -127,7 +131,7 @@ pub async fn run(args: AgentArgs) -> Result<(), Error> {
         let end = if args.once {
             once(&consumer, &out, &stop).await
         } else {
-            follow(&consumer, &out, &stop, &mut attempt).await
+            follow(&consumer, &out, &stop, &mut attempt, args.idle_limit).await
         };
         let (wait, why) = match end {
             End::Stopped | End::Done => return Ok(()),
@@ -145,13 +149,19 @@ pub async fn run(args: AgentArgs) -> Result<(), Error> {
             }
         };
         attempt = attempt.saturating_add(1);
-        let delay = wait.map_or_else(|| backoff(attempt), |w| w.min(MAX_RETRY_AFTER));
+        let delay = retry_wait(wait, attempt);
         warn!(reason = %why, retry_in_ms = delay.as_millis() as u64, "watch stream lost; reconnecting");
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             () = tokio::time::sleep(delay) => {}
         }
     }
+}
+
+/// How long to wait before reconnecting: the broker's `Retry-After`, at
+/// most [`MAX_RETRY_AFTER`], or else the back-off.
+fn retry_wait(retry_after: Option<Duration>, attempt: u32) -> Duration {
+    retry_after.map_or_else(|| backoff(attempt), |wait| wait.min(MAX_RETRY_AFTER))
 }
 
 /// The project's back-off, with jitter, so a fleet of agents does not
@@ -224,7 +234,7 @@ async fn once(consumer: &Consumer, out: &Output, stop: &CancellationToken) -> En
 }
 
 /// Follows the watch stream until it ends.
-async fn follow(consumer: &Consumer, out: &Output, stop: &CancellationToken, attempt: &mut u32) -> End {
+async fn follow(consumer: &Consumer, out: &Output, stop: &CancellationToken, attempt: &mut u32, idle: Duration) -> End {
     let request = match consumer.get(consumer.url("/v1/token/watch", &[])) {
         Ok(r) => r,
         Err(e) => return End::Failed(e.to_string()),
@@ -245,7 +255,7 @@ async fn follow(consumer: &Consumer, out: &Output, stop: &CancellationToken, att
     }
     info!(broker = %consumer.origin(), "following the watch stream");
     let mut parser = sse::Parser::default();
-    let mut idle_until = tokio::time::Instant::now() + IDLE_LIMIT;
+    let mut idle_until = tokio::time::Instant::now() + idle;
     loop {
         let chunk = tokio::select! {
             _ = stop.cancelled() => return End::Stopped,
@@ -258,7 +268,7 @@ async fn follow(consumer: &Consumer, out: &Output, stop: &CancellationToken, att
             Err(_) => {
                 return End::Retry(
                     None,
-                    format!("no whole event from the broker for {} s", IDLE_LIMIT.as_secs()),
+                    format!("no whole event from the broker for {} s", idle.as_secs_f64()),
                 );
             }
         };
@@ -267,7 +277,7 @@ async fn follow(consumer: &Consumer, out: &Output, stop: &CancellationToken, att
             Err(e) => return End::Retry(None, format!("not the broker's watch stream: {e}")),
         };
         for item in items {
-            idle_until = tokio::time::Instant::now() + IDLE_LIMIT;
+            idle_until = tokio::time::Instant::now() + idle;
             let Item::Event { name, data } = item else { continue };
             match name.as_str() {
                 "token" => match out.write(&data).await {
@@ -468,6 +478,13 @@ mod tests {
     }
 
     #[test]
+    fn retry_after_is_obeyed_up_to_its_cap() {
+        assert_eq!(retry_wait(Some(Duration::from_secs(7)), 1), Duration::from_secs(7));
+        assert_eq!(retry_wait(Some(Duration::from_secs(u64::MAX)), 1), MAX_RETRY_AFTER);
+        assert!(retry_wait(None, 1) <= BACKOFF_INITIAL);
+    }
+
+    #[test]
     fn backoff_grows_with_jitter_and_is_capped() {
         for attempt in 1..40 {
             let d = backoff(attempt);
@@ -492,6 +509,7 @@ mod tests {
             mode,
             owner: None,
             once: false,
+            idle_limit: IDLE_LIMIT,
         }
     }
 

@@ -52,6 +52,45 @@ impl Ca {
     }
 }
 
+/// What goes in a certificate made by [`Ca::issue`].
+#[derive(Default)]
+pub struct LeafSpec<'a> {
+    pub dns: &'a [&'a str],
+    pub uris: &'a [&'a str],
+    /// When it stops being valid (default: rcgen's, years ahead).
+    pub not_after: Option<std::time::SystemTime>,
+}
+
+impl Ca {
+    /// A certificate with exactly these DNS and URI SANs (a DNS SAN may
+    /// hold any text, `spiffe://...` too) and expiry.
+    pub fn issue(&self, spec: LeafSpec<'_>) -> Leaf {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        for dns in spec.dns {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(rcgen::string::Ia5String::try_from(*dns).unwrap()));
+        }
+        for uri in spec.uris {
+            params
+                .subject_alt_names
+                .push(SanType::URI(rcgen::string::Ia5String::try_from(*uri).unwrap()));
+        }
+        if let Some(at) = spec.not_after {
+            let secs = at.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+            params.not_after = time::OffsetDateTime::from_unix_timestamp(secs).unwrap();
+            params.not_before = time::OffsetDateTime::from_unix_timestamp(secs - 3600).unwrap();
+        }
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Leaf {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+}
+
 /// A reqwest client trusting `cas`, presenting `identity` if given.
 pub fn client(cas: &[&str], identity: Option<&Leaf>) -> reqwest::Client {
     let roots = cas

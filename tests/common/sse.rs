@@ -1,6 +1,9 @@
-//! A minimal Server-Sent Events reader for the watch stream's tests.
+//! A Server-Sent Events reader for the watch stream's tests, on the
+//! broker's own parser (the agent's).
 
 use std::time::Duration;
+
+use kraken_token_broker::sse::{Item, Parser};
 
 /// One event: its name and data.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,8 +25,9 @@ impl SseEvent {
 /// An open watch stream.
 pub struct SseReader {
     response: reqwest::Response,
-    buffer: String,
-    /// Comment lines seen (keep-alives).
+    parser: Parser,
+    ready: std::collections::VecDeque<SseEvent>,
+    /// Keep-alives seen.
     pub comments: usize,
 }
 
@@ -41,7 +45,8 @@ impl SseReader {
         assert!(kind.starts_with("text/event-stream"), "{kind}");
         SseReader {
             response,
-            buffer: String::new(),
+            parser: Parser::default(),
+            ready: std::collections::VecDeque::new(),
             comments: 0,
         }
     }
@@ -50,29 +55,20 @@ impl SseReader {
     pub async fn next(&mut self, deadline: Duration) -> Option<SseEvent> {
         let until = tokio::time::Instant::now() + deadline;
         loop {
-            while let Some(end) = self.buffer.find("\n\n") {
-                let block: String = self.buffer.drain(..end + 2).collect();
-                let (mut event, mut data) = (String::from("message"), Vec::new());
-                for line in block.lines() {
-                    if line.starts_with(':') {
-                        self.comments += 1;
-                    } else if let Some(v) = line.strip_prefix("event:") {
-                        event = v.trim_start().to_owned();
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data.push(v.strip_prefix(' ').unwrap_or(v).to_owned());
-                    }
-                }
-                if !data.is_empty() {
-                    return Some(SseEvent {
-                        event,
-                        data: data.join("\n"),
-                    });
-                }
+            if let Some(event) = self.ready.pop_front() {
+                return Some(event);
             }
             let left = until.saturating_duration_since(tokio::time::Instant::now());
             assert!(!left.is_zero(), "no event within {deadline:?}");
             match tokio::time::timeout(left, self.response.chunk()).await {
-                Ok(Ok(Some(chunk))) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
+                Ok(Ok(Some(chunk))) => {
+                    for item in self.parser.push(&chunk).expect("the broker's stream is well-formed") {
+                        match item {
+                            Item::Event { name, data } => self.ready.push_back(SseEvent { event: name, data }),
+                            Item::KeepAlive => self.comments += 1,
+                        }
+                    }
+                }
                 Ok(Ok(None)) | Ok(Err(_)) => return None,
                 Err(_) => panic!("no event within {deadline:?}"),
             }
