@@ -34,11 +34,11 @@ use crate::http::kubernetes::TokenReviewer;
 use crate::http::server::{Listener, ServerLimits, serve};
 use crate::http::throttle::AuthThrottle;
 use crate::http::{self, AppState, Consumer, Grant, ServeTable};
-use crate::kraken::{KeyLane, KrakenClient};
+use crate::kraken::{KeyLane, KrakenClient, KrakenSource};
 use crate::metrics::Metrics;
 use crate::telemetry::list;
 use crate::token::refresher::{self, Ambient, Jitter};
-use crate::token::{AccountHandle, AccountSetup, Applied, KrakenGate, KrakenSource};
+use crate::token::{AccountHandle, AccountSetup, Applied, KrakenGate};
 
 /// How long a request may wait for a refresh: a Kraken call, its nonce
 /// retry, and slack. Requests, and the shutdown drain, are bounded by it.

@@ -36,6 +36,7 @@
 pub mod audit;
 pub mod backoff;
 pub mod broker;
+pub mod bucket;
 pub mod clock;
 pub mod cmd;
 pub mod config;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::bucket::TokenBucket;
 use crate::config::RateLimit;
 
 /// One consumer's bucket. A std `Mutex`: the critical section is a few
@@ -14,14 +15,14 @@ use crate::config::RateLimit;
 #[derive(Debug)]
 pub struct RateLimiter {
     limit: RateLimit,
-    state: Mutex<(f64, Instant)>,
+    bucket: Mutex<TokenBucket>,
 }
 
 impl RateLimiter {
     pub fn new(limit: RateLimit) -> Self {
         Self {
             limit,
-            state: Mutex::new((limit.burst, Instant::now())),
+            bucket: Mutex::new(TokenBucket::new(limit.burst, limit.per_second, Instant::now())),
         }
     }
 
@@ -31,17 +32,10 @@ impl RateLimiter {
 
     /// Takes one request; otherwise how long until one is allowed.
     pub fn check(&self, now: Instant) -> Result<(), Duration> {
-        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (tokens, at) = *state;
-        let refilled =
-            (tokens + now.saturating_duration_since(at).as_secs_f64() * self.limit.per_second).min(self.limit.burst);
-        if refilled >= 1.0 {
-            *state = (refilled - 1.0, now);
-            Ok(())
-        } else {
-            *state = (refilled, now);
-            Err(Duration::from_secs_f64((1.0 - refilled) / self.limit.per_second))
-        }
+        self.bucket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take(now)
     }
 }
 

@@ -14,25 +14,20 @@ use dashmap::DashMap;
 use tokio::time::Instant;
 
 use super::address::AddressGroup;
+use crate::bucket::TokenBucket;
 
 /// Failed authentications an address may make in a burst ...
 pub const FAILURE_BURST: f64 = 20.0;
 /// ... and how many more per second after that.
 pub const FAILURES_PER_SEC: f64 = 2.0;
-/// Addresses tracked at most; past this, the oldest idea of "recent" is
-/// dropped wholesale so the table cannot grow without bound.
+/// Addresses tracked at most; past this, every address is forgotten at once
+/// so the table cannot grow without bound.
 const MAX_TRACKED: usize = 65_536;
-
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
 
 /// Failure buckets per client address.
 #[derive(Debug, Default)]
 pub struct AuthThrottle {
-    buckets: DashMap<AddressGroup, Bucket>,
+    buckets: DashMap<AddressGroup, TokenBucket>,
 }
 
 impl AuthThrottle {
@@ -40,24 +35,19 @@ impl AuthThrottle {
         Self::default()
     }
 
-    fn refilled(bucket: &Bucket, now: Instant) -> f64 {
-        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
-        (bucket.tokens + elapsed * FAILURES_PER_SEC).min(FAILURE_BURST)
-    }
-
     /// How long `peer` must wait, if it has used up its failures. On the
     /// path of every request, so it takes no write lock: good consumers
     /// (no failures, no bucket) pay one shared-lock lookup.
     pub fn blocked(&self, peer: Option<IpAddr>) -> Option<Duration> {
         let peer = AddressGroup::of(peer?);
-        let tokens = Self::refilled(&*self.buckets.get(&peer)?, Instant::now());
-        if tokens >= FAILURE_BURST {
+        let now = Instant::now();
+        let bucket = *self.buckets.get(&peer)?;
+        if bucket.is_full(now) {
             // Fully refilled: forget the address.
-            self.buckets
-                .remove_if(&peer, |_, b| Self::refilled(b, Instant::now()) >= FAILURE_BURST);
+            self.buckets.remove_if(&peer, |_, b| b.is_full(Instant::now()));
             return None;
         }
-        (tokens < 1.0).then(|| Duration::from_secs_f64((1.0 - tokens) / FAILURES_PER_SEC))
+        Some(bucket.wait(now)).filter(|wait| !wait.is_zero())
     }
 
     /// Counts one failed authentication from `peer`.
@@ -67,12 +57,10 @@ impl AuthThrottle {
             self.buckets.clear();
         }
         let now = Instant::now();
-        let mut bucket = self.buckets.entry(peer).or_insert(Bucket {
-            tokens: FAILURE_BURST,
-            at: now,
-        });
-        bucket.tokens = (Self::refilled(&bucket, now) - 1.0).max(0.0);
-        bucket.at = now;
+        self.buckets
+            .entry(peer)
+            .or_insert_with(|| TokenBucket::new(FAILURE_BURST, FAILURES_PER_SEC, now))
+            .spend(now);
     }
 
     pub fn tracked(&self) -> usize {

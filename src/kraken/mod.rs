@@ -7,6 +7,7 @@ pub mod error;
 pub mod nonce;
 pub mod otp;
 pub mod sign;
+pub mod source;
 pub mod wire;
 
 pub use client::{ApiCredentials, KeyLane, KrakenClient, USER_AGENT};
@@ -16,4 +17,5 @@ pub use error::{
 pub use nonce::NonceSource;
 pub use otp::Otp;
 pub use sign::{WS_TOKEN_PATH, decode_secret, sign, verify};
+pub use source::KrakenSource;
 pub use wire::{MAX_TOKEN_LIFETIME, WsToken};

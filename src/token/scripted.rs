@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use super::refresher::{FetchFuture, TokenSource};
+use super::source::{FetchFuture, TokenSource};
 use crate::kraken::{KrakenError, WsToken};
 use crate::secret::SecretString;
 
