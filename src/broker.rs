@@ -339,7 +339,7 @@ impl Broker {
                     Some(Grant {
                         account: name.clone(),
                         handle: running.handle.clone(),
-                        served: metrics.served(name, &c.name),
+                        served: metrics.consumers().served(name, &c.name),
                     })
                 })
                 .collect();
@@ -357,7 +357,7 @@ impl Broker {
                 identity: c.identity.clone(),
                 grants,
                 limiter,
-                rate_limited: metrics.rate_limited(&c.name),
+                rate_limited: metrics.consumers().rate_limited(&c.name),
                 watchers,
             }));
         }
@@ -366,7 +366,7 @@ impl Broker {
             .iter()
             .filter(|o| !config.consumers.iter().any(|c| c.name == o.name))
         {
-            metrics.remove_rate_limited(&gone.name);
+            metrics.consumers().remove_rate_limited(&gone.name);
         }
         // Series of grants that no longer exist go away.
         for old_consumer in &old.consumers {
@@ -376,7 +376,7 @@ impl Broker {
                     .iter()
                     .any(|c| c.name == old_consumer.name && c.accounts.contains(&grant.account));
                 if !kept {
-                    metrics.remove_served(&grant.account, &old_consumer.name);
+                    metrics.consumers().remove_served(&grant.account, &old_consumer.name);
                 }
             }
         }
@@ -561,7 +561,7 @@ fn finish_reload(
     let config = match read {
         Ok(Ok(config)) => config,
         Ok(Err(problems)) => {
-            broker.options.metrics.reload(false);
+            broker.options.metrics.process().reload(false);
             broker.audit_reload("refused", None);
             error!(error = %problems, "config reload refused; the running config stays in force");
             let problems = Arc::new(problems);
@@ -571,7 +571,7 @@ fn finish_reload(
             return;
         }
         Err(join) => {
-            broker.options.metrics.reload(false);
+            broker.options.metrics.process().reload(false);
             error!(error = %join, "config reload failed; the running config stays in force");
             return;
         }
@@ -581,7 +581,7 @@ fn finish_reload(
     }
     match broker.reload(config) {
         Ok((summary, applied)) => {
-            broker.options.metrics.reload(true);
+            broker.options.metrics.process().reload(true);
             broker.audit_reload("applied", Some(&summary));
             tokio::spawn(async move {
                 for change in applied {
@@ -599,7 +599,7 @@ fn finish_reload(
             });
         }
         Err(error) => {
-            broker.options.metrics.reload(false);
+            broker.options.metrics.process().reload(false);
             error!(%error, "config reload failed; the running config stays in force");
         }
     }
@@ -631,7 +631,7 @@ pub async fn run(
     let admin_addr = listeners.admin.local_addr().map_err(Error::Listener)?;
     let mut api = tokio::spawn(serve(
         Listener {
-            name: "api",
+            name: crate::metrics::ListenerName::Api,
             socket: listeners.api,
             tls: broker.tls(),
         },
@@ -642,7 +642,7 @@ pub async fn run(
     ));
     let mut admin = tokio::spawn(serve(
         Listener {
-            name: "admin",
+            name: crate::metrics::ListenerName::Admin,
             socket: listeners.admin,
             tls: None,
         },

@@ -56,6 +56,27 @@ pub fn fingerprint(key: &[u8], token: &str) -> String {
     hex::encode(mac.finalize().into_bytes())
 }
 
+/// The audit trail's family.
+pub struct AuditMetrics {
+    dropped: prometheus::IntCounter,
+}
+
+impl AuditMetrics {
+    pub fn register(r: &crate::metrics::Register<'_>) -> Self {
+        Self {
+            dropped: r.counter(
+                "audit_events_dropped_total",
+                "Audit lines lost: the sink did not keep up, or a write to it failed (a full disk); serving never waits for it.",
+            ),
+        }
+    }
+
+    /// `lines` audit lines lost.
+    pub fn dropped(&self, lines: u64) {
+        self.dropped.inc_by(lines);
+    }
+}
+
 /// What the auditor, its writer and its summariser share.
 struct Inner {
     tx: mpsc::Sender<String>,
@@ -78,7 +99,7 @@ impl Inner {
         if self.tx.try_send(text).is_ok() {
             return;
         }
-        self.metrics.audit_dropped(1);
+        self.metrics.audit().dropped(1);
         let mut last = self
             .last_queue_warning
             .lock()

@@ -238,7 +238,7 @@ fn run(mut sink: Sink, mut rx: mpsc::Receiver<String>, shared: &Shared) {
             }
             Err(error) => {
                 failing = true;
-                shared.metrics.audit_dropped(lines);
+                shared.metrics.audit().dropped(lines);
                 lost_since_warning += lines;
                 if last_warning.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
                     warn!(

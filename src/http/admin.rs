@@ -217,7 +217,8 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     });
     state
         .metrics
-        .set_gate(lockout_until, gate.rejected_in_window, gate.max_rejected_calls);
+        .gate()
+        .set(lockout_until, gate.rejected_in_window, gate.max_rejected_calls);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         state.metrics.encode(),

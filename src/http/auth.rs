@@ -66,7 +66,7 @@ impl Authenticated {
             }
         };
         grant.ok_or_else(|| {
-            self.metrics.auth_failure(AuthFailure::Forbidden);
+            self.metrics.consumers().auth_failure(AuthFailure::Forbidden);
             audit_failure(&self.table, "forbidden", self.consumer.identity.kind(), self.peer);
             ApiError::Forbidden
         })
@@ -247,7 +247,7 @@ impl FromRequestParts<AppState> for Authenticated {
                 Err(ApiError::TooManyRequests { retry_after })
             }
             Err(Refusal::Auth(failure, identity)) => {
-                state.metrics.auth_failure(failure);
+                state.metrics.consumers().auth_failure(failure);
                 audit_failure(&table, failure.as_str(), identity, peer);
                 if failure == AuthFailure::Invalid {
                     state.throttle.record_failure(ip);

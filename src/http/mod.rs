@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod kubernetes;
 pub mod limits;
+pub mod metrics;
 pub mod problem;
 pub mod server;
 pub mod throttle;
@@ -32,7 +33,7 @@ use axum::routing::{get, post};
 use prometheus::IntCounter;
 use tokio::time::Instant;
 
-use crate::metrics::{self, Metrics};
+use crate::metrics::{Metrics, Route};
 use crate::token::AccountHandle;
 use throttle::AuthThrottle;
 
@@ -82,7 +83,7 @@ impl Consumer {
             identity,
             grants,
             limiter: Arc::new(limits::RateLimiter::new(rate_limit)),
-            rate_limited: metrics.rate_limited(name),
+            rate_limited: metrics.consumers().rate_limited(name),
             watchers: Arc::new(tokio::sync::Semaphore::new(watch::MAX_WATCHERS_PER_CONSUMER)),
         }
     }
@@ -166,17 +167,6 @@ pub fn peer_ip(parts: &Parts) -> Option<IpAddr> {
         .map(|ConnectInfo(addr)| addr.ip())
 }
 
-/// The route label of a request path: one of the closed set of served
-/// routes, or `unmatched`, never the raw path. The routes are static, so this
-/// is exactly the matched route, known even for requests that time out.
-pub fn route_label(path: &str) -> &'static str {
-    metrics::ROUTES
-        .iter()
-        .copied()
-        .find(|route| *route == path)
-        .unwrap_or("unmatched")
-}
-
 /// Holds a route's in-flight gauge up for as long as a request is being
 /// answered, including a request whose client goes away mid-way.
 struct InFlight(prometheus::IntGauge);
@@ -197,7 +187,7 @@ impl Drop for InFlight {
 /// Counts every answered request by route and status (the admin API).
 async fn track(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let recorder = metrics.request(route_label(request.uri().path()));
+    let recorder = metrics.http().request(Route::of_path(request.uri().path()));
     let _in_flight = InFlight::enter(recorder.in_flight());
     let response = next.run(request).await;
     recorder.record(response.status().as_u16(), started.elapsed().as_secs_f64());
@@ -229,7 +219,7 @@ fn refuse_oversized(request: &Request) -> Option<problem::ApiError> {
 /// `no-store` and problem+json on every answer, metrics.
 async fn api_layer(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let recorder = metrics.request(route_label(request.uri().path()));
+    let recorder = metrics.http().request(Route::of_path(request.uri().path()));
     let _in_flight = InFlight::enter(recorder.in_flight());
     let response = match refuse_oversized(&request) {
         Some(refusal) => axum::response::IntoResponse::into_response(refusal),

@@ -48,7 +48,7 @@ use tower::ServiceExt as _;
 use tracing::{debug, info, warn};
 
 use super::address::AddressGroup;
-use crate::metrics::{ConnectionRefusal, Metrics};
+use crate::metrics::{ConnectionRefusal, ListenerName, Metrics, Route};
 use crate::tls::{ClientCertificate, HANDSHAKE_TIMEOUT};
 
 /// Limits of one listener.
@@ -147,7 +147,7 @@ pub fn raise_open_files_limit() -> u64 {
 /// A listener to serve: its socket, its name for metrics and logs, and with
 /// TLS, the server configuration new handshakes use.
 pub struct Listener {
-    pub name: &'static str,
+    pub name: ListenerName,
     pub socket: TcpListener,
     pub tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
 }
@@ -292,7 +292,7 @@ pub async fn serve(
     let name = listener.name;
     let graceful = GracefulShutdown::new();
     let registry = Arc::new(Mutex::new(Registry::default()));
-    let open = metrics.connections_open(name);
+    let open = metrics.http().connections_open(name);
     let mut next_id = 0u64;
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -324,11 +324,11 @@ pub async fn serve(
                 Ok(None) => {}
                 Ok(Some(evicted)) => {
                     evicted.cancel();
-                    metrics.connection_refused(name, ConnectionRefusal::Evicted);
+                    metrics.http().connection_refused(name, ConnectionRefusal::Evicted);
                 }
                 Err(full) => {
                     drop(reg);
-                    metrics.connection_refused(name, full.refusal());
+                    metrics.http().connection_refused(name, full.refusal());
                     debug!(%peer, cap = full.refusal().as_str(), "connection refused: at a connection cap, and every connection there has proven an identity");
                     continue;
                 }
@@ -385,7 +385,7 @@ struct Connection {
     router: Router,
     http: hyper::server::conn::http1::Builder,
     metrics: Metrics,
-    listener: &'static str,
+    listener: ListenerName,
 }
 
 impl Connection {
@@ -430,13 +430,13 @@ impl Connection {
             () = self.http(tls_stream, Some(cert), watcher) => {}
             () = sleep_for(left) => {
                 debug!(%peer, "client certificate expired: connection ended");
-                metrics.connection_refused(listener, ConnectionRefusal::CertificateExpired);
+                metrics.http().connection_refused(listener, ConnectionRefusal::CertificateExpired);
             }
         }
     }
 
     fn refuse(&self, why: ConnectionRefusal) {
-        self.metrics.connection_refused(self.listener, why);
+        self.metrics.http().connection_refused(self.listener, why);
     }
 
     async fn http<IO>(self, io: IO, cert: Option<ClientCertificate>, watcher: hyper_util::server::graceful::Watcher)
@@ -457,7 +457,8 @@ impl Connection {
             async move {
                 if let Some(detail) = refusal {
                     metrics
-                        .request(super::route_label(request.uri().path()))
+                        .http()
+                        .request(Route::of_path(request.uri().path()))
                         .record(400, 0.0);
                     let body = super::problem::problem_json(axum::http::StatusCode::BAD_REQUEST, detail);
                     let response = axum::http::Response::builder()
@@ -573,7 +574,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for AutoResponses<IO> {
         if this.pending.is_none()
             && let Some(status) = automatic_status(buf)
         {
-            this.metrics.request("unmatched").record(status, 0.0);
+            this.metrics.http().request(Route::Unmatched).record(status, 0.0);
             this.pending = Some((problem_response(status), 0));
         }
         if let Some((bytes, written)) = this.pending.as_mut() {
@@ -756,12 +757,12 @@ mod tests {
         };
         let shutdown = CancellationToken::new();
         let listener = Listener {
-            name: "api",
+            name: ListenerName::Api,
             socket,
             tls: None,
         };
         let server = tokio::spawn(serve(listener, router, shutdown.clone(), limits, metrics.clone()));
-        let open = metrics.connections_open("api");
+        let open = metrics.http().connections_open(ListenerName::Api);
         async fn ask(addr: SocketAddr, path: &str) -> String {
             let mut stream = TcpStream::connect(addr).await.unwrap();
             let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");

@@ -48,7 +48,7 @@ fn app() -> (Router, Metrics) {
     let grant = |account: &str, consumer: &str| Grant {
         account: account.to_owned(),
         handle: handles[account].clone(),
-        served: metrics.served(account, consumer),
+        served: metrics.consumers().served(account, consumer),
     };
     let credential = |c: &str| Identity::Credential { sha256: sha(c) };
     let consumers = vec![

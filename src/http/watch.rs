@@ -232,7 +232,7 @@ pub async fn watch(
         let _ = grant.handle.want_as(&auth.consumer.name, Duration::ZERO).await;
     }
     let reprove_at = auth.reprove_at;
-    let gauge = state.metrics.watch_streams(&account);
+    let gauge = state.metrics.consumers().watch_streams(&account);
     gauge.inc();
     let mut changes = grant.handle.changes();
     changes.mark_unchanged();

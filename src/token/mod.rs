@@ -14,6 +14,7 @@
 //! | [`scripted`] | a scripted token source for tests and benchmarks |
 
 pub mod gate;
+pub mod metrics;
 pub mod policy;
 pub mod published;
 pub mod refresher;

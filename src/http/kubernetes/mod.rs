@@ -49,7 +49,9 @@ use tracing::{error, warn};
 pub use claims::{Claims, looks_like_jwt, precheck};
 pub use jwks::{KeysState, Signature};
 
+use crate::bucket::TokenBucket;
 use crate::config::KubernetesConfig;
+use crate::http::metrics::ReviewResult;
 use crate::metrics::Metrics;
 use crate::secret::SecretString;
 
@@ -198,7 +200,8 @@ pub struct TokenReviewer {
     cache: DashMap<[u8; 32], Cached>,
     inflight: DashMap<[u8; 32], Arc<OnceCell<Outcome>>>,
     slots: Semaphore,
-    budget: Mutex<(f64, Instant)>,
+    /// New reviews per second ([`REVIEWS_PER_SEC`], burst [`REVIEW_BURST`]).
+    budget: Mutex<TokenBucket>,
     metrics: Metrics,
     /// Stops the keys' refresher when the reviewer goes (a reload that
     /// changes `[kubernetes]`, or shutdown).
@@ -244,7 +247,7 @@ impl TokenReviewer {
             cache: DashMap::new(),
             inflight: DashMap::new(),
             slots: Semaphore::new(MAX_CONCURRENT_REVIEWS),
-            budget: Mutex::new((REVIEW_BURST, Instant::now())),
+            budget: Mutex::new(TokenBucket::new(REVIEW_BURST, REVIEWS_PER_SEC, Instant::now())),
             metrics,
             _keys_refresher: stop.drop_guard(),
         })
@@ -327,13 +330,11 @@ impl TokenReviewer {
 
     /// Takes one new review from the budget.
     fn take_budget(&self) -> bool {
-        let mut budget = self.budget.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = Instant::now();
-        let tokens =
-            (budget.0 + now.saturating_duration_since(budget.1).as_secs_f64() * REVIEWS_PER_SEC).min(REVIEW_BURST);
-        let ok = tokens >= 1.0;
-        *budget = (if ok { tokens - 1.0 } else { tokens }, now);
-        ok
+        self.budget
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take(Instant::now())
+            .is_ok()
     }
 
     async fn ask(&self, token: &str) -> Outcome {
@@ -345,18 +346,18 @@ impl TokenReviewer {
                 per_sec = REVIEWS_PER_SEC,
                 "TokenReview budget spent: a ServiceAccount token is refused without a review (a flood of tokens?)"
             );
-            self.metrics.token_review("error");
+            self.metrics.consumers().token_review(ReviewResult::Error);
             return Err(busy);
         }
         let Ok(_slot) = tokio::time::timeout(REVIEW_TIMEOUT, self.slots.acquire()).await else {
-            self.metrics.token_review("error");
+            self.metrics.consumers().token_review(ReviewResult::Error);
             return Err(busy);
         };
         let outcome = self.call(token).await;
-        self.metrics.token_review(match &outcome {
-            Ok(_) => "authenticated",
-            Err(ReviewError::Rejected(_)) => "rejected",
-            Err(ReviewError::Unavailable { .. }) => "error",
+        self.metrics.consumers().token_review(match &outcome {
+            Ok(_) => ReviewResult::Authenticated,
+            Err(ReviewError::Rejected(_)) => ReviewResult::Rejected,
+            Err(ReviewError::Unavailable { .. }) => ReviewResult::Error,
         });
         outcome
     }
