@@ -102,7 +102,7 @@ fn cached_token(c: &mut Criterion) {
         let grant = Grant {
             account: "main".into(),
             handle: handle.clone(),
-            served: metrics.served("main", "bench"),
+            served: metrics.consumers().served("main", "bench"),
         };
         // A rate limit that never binds: the bench measures the path, not the limit.
         let unlimited = RateLimit {
