@@ -44,7 +44,6 @@ pub mod files;
 pub mod http;
 pub mod kraken;
 pub mod metrics;
-pub mod reload;
 pub mod secret;
 pub mod signal;
 pub mod sim;

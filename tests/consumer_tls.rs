@@ -211,19 +211,15 @@ async fn a_rotated_certificate_is_taken_without_a_failed_request_and_a_broken_on
 
     // A broken certificate: the reload is refused, the one in force stays.
     std::fs::write(dir.path().join("tls.crt"), "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
-    let refused = broker
-        .reload_outcome()
-        .await
-        .expect_err("a broken certificate is refused");
+    let outcome = broker.reload_outcome().await;
+    let refused = outcome.refusal().expect("a broken certificate is refused");
     assert!(refused.to_string().contains("listen.tls"), "{refused}");
     // A key that does not fit the certificate: refused as well.
     let other = ca2.leaf(&["127.0.0.1"]);
     std::fs::write(dir.path().join("tls.crt"), &other.cert).unwrap();
     std::fs::write(dir.path().join("tls.key"), ca2.leaf(&["127.0.0.1"]).key).unwrap();
-    let refused = broker
-        .reload_outcome()
-        .await
-        .expect_err("a key that does not fit is refused");
+    let outcome = broker.reload_outcome().await;
+    let refused = outcome.refusal().expect("a key that does not fit is refused");
     assert!(refused.to_string().contains("listen.tls"), "{refused}");
     assert_eq!(status_of(&only_new, &url, Some(&broker.credential)).await, Ok(200));
     load.more(20, "answers after the refusals").await;

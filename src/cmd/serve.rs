@@ -73,7 +73,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         }
     });
     if let Some(interval) = args.reload_poll.filter(|d| !d.is_zero()) {
-        crate::reload::poll_sources(args.config.clone(), interval, requests).await;
+        crate::broker::poll::poll_sources(args.config.clone(), interval, requests).await;
     }
     let listeners = Listeners {
         api: bind(config.listen.api, "listen.api").await?,

@@ -227,9 +227,10 @@ impl Broker {
 
     /// A reload the test expects to apply; what it changed.
     pub async fn reload(&self) -> ReloadSummary {
-        self.reload_outcome()
-            .await
-            .unwrap_or_else(|refused| panic!("the reload was refused: {refused}"))
+        match self.reload_outcome().await {
+            ReloadOutcome::Applied(summary) => summary,
+            other => panic!("the reload was not applied: {other:?}"),
+        }
     }
 
     /// `GET /v1/token` with a query; status, `Retry-After`, JSON body.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use crate::broker::ReloadRequest;
+use super::ReloadRequest;
 use crate::config::{Config, SecretSource};
 use crate::files::{MAX_CONFIG_BYTES, MAX_SECRET_BYTES, READ_TIMEOUT, read_off_runtime, read_regular};
 
