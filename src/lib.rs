@@ -42,6 +42,7 @@ pub mod cmd;
 pub mod config;
 pub mod files;
 pub mod http;
+pub mod identity;
 pub mod kraken;
 pub mod metrics;
 pub mod secret;

@@ -185,7 +185,7 @@ fn config_on(
 ) -> (PathBuf, String) {
     write(dir, "api-key", &format!("{}\n", key.api_key));
     write(dir, "api-secret", &format!("{}\n", key.api_secret));
-    let (credential, hash) = kraken_token_broker::http::auth::new_credential();
+    let (credential, hash) = kraken_token_broker::identity::credential::new_credential();
     let text = common::config_text(sim, dir, &hex::encode(hash), "", "")
         .replace("api = \"127.0.0.1:0\"", &format!("api = \"127.0.0.1:{port}\""));
     (write(dir, "broker.toml", &text), credential.expose().to_owned())

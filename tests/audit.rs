@@ -68,7 +68,7 @@ async fn every_decision_is_audited_by_fingerprint_and_no_token_is_in_the_trail()
         .unwrap()
         .to_owned();
     assert_ne!(replacement, token);
-    let (wrong, _) = kraken_token_broker::http::auth::new_credential();
+    let (wrong, _) = kraken_token_broker::identity::credential::new_credential();
     assert_eq!(served.get("/v1/token", Some(wrong.expose())).await.0, 401);
     served.signal("HUP");
 

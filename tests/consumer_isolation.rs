@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::{Broker, config_tables, sim_with_key, write, write_key};
-use kraken_token_broker::http::auth::new_credential;
+use kraken_token_broker::identity::credential::new_credential;
 use kraken_token_broker::sim::SimHandle;
 use kraken_token_broker::token::refresher::{ACCOUNT_FORCED_BURST, FORCED_REFRESH_BURST, FORCED_REFRESH_EVERY};
 

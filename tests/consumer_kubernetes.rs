@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::apiserver::{FakeApiServer, forged, forged_with};
 use common::{Broker, config_tables, credential_consumer, sim_with_key, write, write_key};
-use kraken_token_broker::http::auth::new_credential;
-use kraken_token_broker::http::kubernetes::{REVIEW_BURST, REVIEWS_PER_SEC};
+use kraken_token_broker::identity::credential::new_credential;
+use kraken_token_broker::identity::service_account::{REVIEW_BURST, REVIEWS_PER_SEC};
 use kraken_token_broker::sim::SimHandle;
 
 const AUDIENCE: &str = "kraken-token-broker";

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::apiserver::{FakeApiServer, forged};
 use common::pki::{Ca, client};
 use common::{Served, config_tables, credential_consumer, sim_with_key, write, write_key};
-use kraken_token_broker::http::auth::new_credential;
+use kraken_token_broker::identity::credential::new_credential;
 
 const AUDIENCE: &str = "kraken-token-broker";
 const ENGINE: &str = "system:serviceaccount:trading:mm-engine";

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::pki::{Ca, Leaf, LeafSpec, client};
 use common::{Broker, config_tables, credential_consumer, sim_with_key, wait_for, write, write_key};
-use kraken_token_broker::http::auth::new_credential;
+use kraken_token_broker::identity::credential::new_credential;
 use kraken_token_broker::sim::{SimHandle, SimKey};
 
 /// A config with `[listen.tls]` from files in `dir`, one bearer consumer

@@ -44,11 +44,11 @@ async fn with_consumers(
     let d = dir.path();
     common::write(d, "api-key", &format!("{}\n", key.api_key));
     common::write(d, "api-secret", &format!("{}\n", key.api_secret));
-    let (credential, hash) = kraken_token_broker::http::auth::new_credential();
+    let (credential, hash) = kraken_token_broker::identity::credential::new_credential();
     let mut text = common::process::config_text(sim, d, &hex::encode(hash), "", "");
     let mut credentials = Vec::new();
     for i in 0..n {
-        let (c, h) = kraken_token_broker::http::auth::new_credential();
+        let (c, h) = kraken_token_broker::identity::credential::new_credential();
         text.push_str(&format!(
             "\n[[consumer]]\nname = \"engine-{i}\"\ncredential_sha256 = \"{}\"\naccounts = [\"main\"]\n",
             hex::encode(h)
@@ -202,7 +202,7 @@ async fn a_reload_that_revokes_the_consumer_ends_its_streams_and_shutdown_ends_t
     );
 
     // The consumer's credential is replaced: its open streams end.
-    let (_, other_hash) = kraken_token_broker::http::auth::new_credential();
+    let (_, other_hash) = kraken_token_broker::identity::credential::new_credential();
     let current = text
         .lines()
         .find_map(|l| l.strip_prefix("credential_sha256 = \""))

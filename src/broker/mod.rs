@@ -33,10 +33,10 @@ pub use reload::{ReloadOutcome, ReloadRequest, Reloads};
 use crate::audit::Auditor;
 use crate::clock::WallClock;
 use crate::config::Config;
-use crate::http::kubernetes::TokenReviewer;
 use crate::http::server::{Listener, ServerLimits, serve};
 use crate::http::throttle::AuthThrottle;
 use crate::http::{self, AppState, ServeTable};
+use crate::identity::service_account::TokenReviewer;
 use crate::kraken::KrakenClient;
 use crate::metrics::{ListenerName, Metrics};
 use crate::token::refresher::{self, Jitter};
@@ -62,7 +62,7 @@ pub enum Error {
     #[error("a listener has no local address: {0}")]
     Listener(#[source] std::io::Error),
     #[error(transparent)]
-    Kubernetes(#[from] crate::http::kubernetes::SetupError),
+    Kubernetes(#[from] crate::identity::service_account::SetupError),
 }
 
 /// How a refresher ended without being asked to.

@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use crate::audit::Auditor;
 use crate::config::{Config, ConsumerConfig};
-use crate::http::kubernetes::TokenReviewer;
 use crate::http::limits::RateLimiter;
 use crate::http::watch::MAX_WATCHERS_PER_CONSUMER;
 use crate::http::{Consumer, Grant, ServeTable};
+use crate::identity::service_account::TokenReviewer;
 use crate::metrics::Metrics;
 
 use super::accounts::AccountTable;

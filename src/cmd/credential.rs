@@ -4,7 +4,7 @@
 use clap::{Args, Subcommand};
 
 use crate::config::valid_name;
-use crate::http::auth::new_credential;
+use crate::identity::credential::new_credential;
 
 #[derive(Debug, Subcommand)]
 pub enum CredentialCommand {

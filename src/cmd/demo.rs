@@ -10,7 +10,7 @@ use clap::Args;
 use super::{Error, bind};
 use crate::broker::{self, Listeners, Options};
 use crate::config::{AccountConfig, Config, ConsumerConfig, DEFAULT_RATE_LIMIT, Identity, KrakenConfig, ListenConfig};
-use crate::http::auth::new_credential;
+use crate::identity::credential::new_credential;
 use crate::kraken::{ApiCredentials, decode_secret};
 use crate::secret::SecretString;
 use crate::sim::{self, SimConfig, SimKey};

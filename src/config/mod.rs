@@ -40,6 +40,7 @@ use crate::files::{MAX_CONFIG_BYTES, read_regular};
 use crate::kraken::ApiCredentials;
 use crate::token::RefreshPolicy;
 
+pub use crate::identity::{Identity, San};
 pub use problems::{ConfigError, Problem};
 pub use secrets::{SecretReader, SystemSecrets, expand_env};
 pub use validate::kubernetes::DEFAULT_REVIEW_CACHE_TTL;
@@ -145,68 +146,6 @@ pub struct AccountConfig {
     /// The key's "Key Expiration" at Kraken, as the operator set it there
     /// (Kraken has no endpoint that tells it).
     pub key_expires_at: Option<SystemTime>,
-}
-
-/// How a consumer proves who it is: exactly one per consumer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Identity {
-    /// A bearer credential; only its SHA-256 is stored.
-    Credential { sha256: [u8; 32] },
-    /// A projected ServiceAccount token, checked with a TokenReview.
-    ServiceAccount { namespace: String, service_account: String },
-    /// A client certificate verified against `listen.tls.client_ca`, with
-    /// this SAN.
-    ClientCert { san: San },
-}
-
-/// A client certificate's subject alternative name, of its type: a DNS SAN
-/// never proves a URI identity, nor a URI SAN a DNS one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum San {
-    Dns(String),
-    /// A URI such as a SPIFFE ID.
-    Uri(String),
-}
-
-impl San {
-    /// Whether a verified certificate holds this SAN, in a SAN of its type
-    /// (DNS names compared without regard to ASCII case, as DNS does).
-    pub fn matches(&self, cert: &crate::tls::ClientCertificate) -> bool {
-        match self {
-            San::Dns(name) => cert.dns.iter().any(|d| d.eq_ignore_ascii_case(name)),
-            San::Uri(uri) => cert.uris.iter().any(|u| u == uri),
-        }
-    }
-
-    /// A legacy `san = "..."`, typed by its form: a URI has a scheme (`x:`),
-    /// which no DNS name can hold, so the reading is never ambiguous.
-    fn from_legacy(text: String) -> Self {
-        if text.contains(':') {
-            San::Uri(text)
-        } else {
-            San::Dns(text)
-        }
-    }
-}
-
-impl fmt::Display for San {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            San::Dns(name) => write!(f, "DNS SAN {name}"),
-            San::Uri(uri) => write!(f, "URI SAN {uri}"),
-        }
-    }
-}
-
-impl Identity {
-    /// The kind, as logs and audit lines name it.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Identity::Credential { .. } => "credential",
-            Identity::ServiceAccount { .. } => "service_account",
-            Identity::ClientCert { .. } => "client_cert",
-        }
-    }
 }
 
 /// A consumer's request-rate limit: a token bucket.

@@ -11,7 +11,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::AppState;
-use super::kubernetes::KeysState;
+use crate::identity::service_account::KeysState;
 use crate::token::{Health, Published};
 
 /// `GET /healthz`: 200 while the process serves.

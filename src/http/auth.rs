@@ -21,17 +21,16 @@ use std::time::Duration;
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
-use super::kubernetes::{ReviewError, Signature, looks_like_jwt};
 use super::problem::ApiError;
 use super::server::Standing;
 use super::{AppState, Consumer, Grant, ServeTable};
 use crate::config::Identity;
+use crate::identity::ClientCertificate;
+use crate::identity::credential::{self, digest_eq};
+use crate::identity::service_account::{ReviewError, Signature, looks_like_jwt};
 use crate::metrics::{AuthFailure, Metrics};
-use crate::tls::ClientCertificate;
 
 /// A request whose consumer proved who it is.
 pub struct Authenticated {
@@ -92,19 +91,6 @@ fn bearer(value: &[u8]) -> Result<&[u8], AuthFailure> {
         return Err(AuthFailure::Invalid);
     }
     Ok(credential)
-}
-
-/// Whether two SHA-256 digests are equal, in constant time: every word is
-/// compared, with no early exit, and `subtle` makes the final decision.
-/// (`subtle`'s slice comparison works byte by byte; this is 8x fewer steps.)
-fn digest_eq(a: &[u8; 32], b: &[u8; 32]) -> subtle::Choice {
-    let mut diff = 0u64;
-    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-        let x = u64::from_ne_bytes(x.try_into().expect("8-byte chunk"));
-        let y = u64::from_ne_bytes(y.try_into().expect("8-byte chunk"));
-        diff |= x ^ y;
-    }
-    diff.ct_eq(&0)
 }
 
 /// The credential consumer whose credential hashes to `hash`: every stored
@@ -181,7 +167,7 @@ async fn identify(parts: &Parts, table: &ServeTable, state: &AppState) -> Result
         };
         return table.by_service_account(&username).ok_or_else(invalid);
     }
-    let hash: [u8; 32] = Sha256::digest(credential).into();
+    let hash = credential::hash(credential);
     find_consumer(table, &hash).ok_or(Refusal::Auth(AuthFailure::Invalid, "credential"))
 }
 
@@ -260,46 +246,5 @@ impl FromRequestParts<AppState> for Authenticated {
                 })
             }
         }
-    }
-}
-
-/// Prefix of consumer credentials, so a leaked one is recognisable in scans.
-pub const CREDENTIAL_PREFIX: &str = "ktb_";
-
-/// A fresh random consumer credential (256 bits) and its SHA-256.
-pub fn new_credential() -> (crate::secret::SecretString, [u8; 32]) {
-    use base64::Engine as _;
-    let bytes: [u8; 32] = rand::random();
-    let credential = format!(
-        "{CREDENTIAL_PREFIX}{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-    );
-    let hash: [u8; 32] = Sha256::digest(credential.as_bytes()).into();
-    (crate::secret::SecretString::new(credential), hash)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn digest_eq_compares_every_byte() {
-        let a = [7u8; 32];
-        assert!(bool::from(digest_eq(&a, &a)));
-        for i in 0..32 {
-            let mut b = a;
-            b[i] ^= 1;
-            assert!(!bool::from(digest_eq(&a, &b)), "a difference in byte {i}");
-        }
-    }
-
-    #[test]
-    fn credentials_are_random_prefixed_and_hash_to_their_sha256() {
-        let (a, hash) = new_credential();
-        let (b, _) = new_credential();
-        assert_ne!(a, b);
-        assert!(a.expose().starts_with(CREDENTIAL_PREFIX));
-        assert_eq!(a.expose().len(), CREDENTIAL_PREFIX.len() + 43);
-        assert_eq!(hex::encode(hash), crate::secret::sha256_hex(a.expose().as_bytes()));
     }
 }

@@ -5,6 +5,7 @@
 
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 
+use crate::identity::service_account::ReviewResult;
 use crate::metrics::Register;
 
 /// HTTP durations: a cached token is served in microseconds; a request that
@@ -140,27 +141,6 @@ impl AuthFailure {
             AuthFailure::Missing => "missing",
             AuthFailure::Invalid => "invalid",
             AuthFailure::Forbidden => "forbidden",
-        }
-    }
-}
-
-/// How a TokenReview ended, as labelled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReviewResult {
-    Authenticated,
-    Rejected,
-    /// The API server could not be asked, or reviews were saturated.
-    Error,
-}
-
-impl ReviewResult {
-    pub const ALL: [ReviewResult; 3] = [ReviewResult::Authenticated, ReviewResult::Rejected, ReviewResult::Error];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ReviewResult::Authenticated => "authenticated",
-            ReviewResult::Rejected => "rejected",
-            ReviewResult::Error => "error",
         }
     }
 }

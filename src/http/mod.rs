@@ -7,7 +7,6 @@ pub mod address;
 pub mod admin;
 pub mod api;
 pub mod auth;
-pub mod kubernetes;
 pub mod limits;
 pub mod metrics;
 pub mod problem;
@@ -96,7 +95,7 @@ pub struct ServeTable {
     pub accounts: BTreeMap<String, AccountHandle>,
     pub ws_url: String,
     /// TokenReviews for ServiceAccount consumers, with `[kubernetes]`.
-    pub reviewer: Option<Arc<kubernetes::TokenReviewer>>,
+    pub reviewer: Option<Arc<crate::identity::service_account::TokenReviewer>>,
     /// The audit trail, with `[audit]`.
     pub audit: Option<Arc<crate::audit::Auditor>>,
 }
@@ -121,7 +120,7 @@ impl ServeTable {
                 crate::config::Identity::ServiceAccount {
                     namespace,
                     service_account,
-                } => kubernetes::is_service_account(username, namespace, service_account),
+                } => crate::identity::service_account::is_service_account(username, namespace, service_account),
                 _ => false,
             })
             .cloned()
@@ -129,7 +128,7 @@ impl ServeTable {
 
     /// The consumer a verified client certificate proves, by a SAN of the
     /// type the consumer names.
-    pub fn by_certificate(&self, cert: &crate::tls::ClientCertificate) -> Option<Arc<Consumer>> {
+    pub fn by_certificate(&self, cert: &crate::identity::ClientCertificate) -> Option<Arc<Consumer>> {
         self.consumers
             .iter()
             .find(|c| matches!(&c.identity, crate::config::Identity::ClientCert { san } if san.matches(cert)))

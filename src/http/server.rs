@@ -48,8 +48,9 @@ use tower::ServiceExt as _;
 use tracing::{debug, info, warn};
 
 use super::address::AddressGroup;
+use crate::identity::ClientCertificate;
 use crate::metrics::{ConnectionRefusal, ListenerName, Metrics, Route};
-use crate::tls::{ClientCertificate, HANDSHAKE_TIMEOUT};
+use crate::tls::HANDSHAKE_TIMEOUT;
 
 /// Limits of one listener.
 #[derive(Debug, Clone, Copy)]

@@ -8,7 +8,7 @@ use kraken_token_broker::clock::WallClock;
 use kraken_token_broker::config::{
     AccountConfig, Config, ConsumerConfig, Identity, KrakenConfig, ListenConfig, RateLimit,
 };
-use kraken_token_broker::http::auth::new_credential;
+use kraken_token_broker::identity::credential::new_credential;
 use kraken_token_broker::kraken::{ApiCredentials, decode_secret};
 use kraken_token_broker::metrics::Metrics;
 use kraken_token_broker::secret::SecretString;

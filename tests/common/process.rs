@@ -6,7 +6,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kraken_token_broker::http::auth::new_credential;
+use kraken_token_broker::identity::credential::new_credential;
 use kraken_token_broker::sim::{SimHandle, SimKey};
 
 use super::wait_for;

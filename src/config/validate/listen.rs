@@ -61,7 +61,7 @@ fn tls<R: SecretReader>(f: &mut Findings<'_>, tls: &Spanned<TlsSection>, reader:
             digest: digest.finalize().into(),
         }),
         Err(e) => {
-            f.problem(cert_at, "listen.tls", e);
+            f.problem(cert_at, "listen.tls", e.to_string());
             None
         }
     }

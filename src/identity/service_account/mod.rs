@@ -51,7 +51,6 @@ pub use jwks::{KeysState, Signature};
 
 use crate::bucket::TokenBucket;
 use crate::config::KubernetesConfig;
-use crate::http::metrics::ReviewResult;
 use crate::metrics::Metrics;
 use crate::secret::SecretString;
 
@@ -70,6 +69,27 @@ const OWN_TOKEN_REREAD: Duration = Duration::from_secs(60);
 const MAX_CACHED: usize = 10_000;
 /// What `Retry-After` says when reviews are saturated or failing.
 pub const REVIEW_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// How a TokenReview ended, as labelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReviewResult {
+    Authenticated,
+    Rejected,
+    /// The API server could not be asked, or reviews were saturated.
+    Error,
+}
+
+impl ReviewResult {
+    pub const ALL: [ReviewResult; 3] = [ReviewResult::Authenticated, ReviewResult::Rejected, ReviewResult::Error];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReviewResult::Authenticated => "authenticated",
+            ReviewResult::Rejected => "rejected",
+            ReviewResult::Error => "error",
+        }
+    }
+}
 
 /// Why a ServiceAccount token was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
