@@ -284,6 +284,10 @@ enum Misbehaviour {
     NotUtf8,
     /// 503 with a Retry-After of 2^64 - 1 seconds.
     HugeRetryAfter,
+    /// 503 whose body trickles a byte a second, forever.
+    TrickledRefusal,
+    /// 503 whose body never ends.
+    EndlessRefusal,
 }
 
 impl FakeBroker {
@@ -318,6 +322,28 @@ impl FakeBroker {
                             let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(body) })
                                 .chain(futures_util::stream::pending());
                             (sse, Body::from_stream(stream)).into_response()
+                        }
+                        Misbehaviour::TrickledRefusal => {
+                            let ticks = futures_util::stream::unfold((), |()| async move {
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                Some((Ok::<_, std::io::Error>(b"x".to_vec()), ()))
+                            });
+                            (
+                                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                                [("retry-after", "1")],
+                                Body::from_stream(ticks),
+                            )
+                                .into_response()
+                        }
+                        Misbehaviour::EndlessRefusal => {
+                            let chunks =
+                                futures_util::stream::repeat_with(|| Ok::<_, std::io::Error>(vec![b'a'; 64 * 1024]));
+                            (
+                                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                                [("retry-after", "1")],
+                                Body::from_stream(chunks),
+                            )
+                                .into_response()
                         }
                         Misbehaviour::HugeRetryAfter => (
                             axum::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -402,4 +428,36 @@ async fn a_directory_every_user_may_write_is_refused_with_the_way_out() {
         logs.contains(&format!("--out {}/ktb/token.json", shared.path().display())),
         "{logs}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_whose_body_trickles_or_never_ends_is_cut_short() {
+    for (how, says) in [
+        (Misbehaviour::EndlessRefusal, "larger than"),
+        (Misbehaviour::TrickledRefusal, "did not arrive within"),
+    ] {
+        let fake = FakeBroker::start(how).await;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("token.json");
+        let mut agent = Agent::start(
+            &["--url", &fake.url, "--out", out.to_str().unwrap(), "--idle-limit", "2s"],
+            &[("KTB_CONSUMER_CREDENTIAL", "ktb_any")],
+        );
+        let pid = agent.child.id();
+        let mut rss_max = 0;
+        wait_for("a reconnect", Duration::from_secs(30), || {
+            rss_max = rss_max.max(common::rss_kib(pid));
+            let done = fake.connections() >= 2;
+            async move { done.then_some(()) }
+        })
+        .await;
+        assert!(rss_max < 64 * 1024, "{says}: the agent stays small ({rss_max} KiB)");
+        // And SIGTERM is obeyed mid-answer.
+        agent.signal("TERM");
+        assert!(
+            agent.exit(Duration::from_secs(5)).await.success(),
+            "{says}: exits 0 at once"
+        );
+        let _ = says;
+    }
 }

@@ -242,3 +242,28 @@ async fn a_stranger_in_a_loop_writes_one_audit_line_not_one_per_request() {
         "{failures:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_writes_every_line_and_the_last_summary() {
+    let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+    let trail = tempfile::tempdir().unwrap();
+    let audit_file = trail.path().join("audit.jsonl");
+    let mut served = auditing_to(&sim, &key, &audit_file, trail.path()).await;
+    for _ in 0..500 {
+        assert!([401, 429].contains(&served.get("/v1/token", Some("ktb_wrong")).await.0));
+    }
+    for _ in 0..200 {
+        assert_eq!(served.get("/v1/token", Some(&served.credential)).await.0, 200);
+    }
+    // At once, well inside the 30 s summary interval.
+    served.signal("TERM");
+    assert!(served.exit(Duration::from_secs(15)).await.success());
+    let lines = audit_lines(&audit_file);
+    let failed: u64 = lines
+        .iter()
+        .filter(|l| l["event"] == "auth.failed")
+        .map(|l| l["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(failed, 500, "every refused request is in the trail, repeats summarised");
+    assert_eq!(lines.iter().filter(|l| l["event"] == "token.served").count(), 200);
+}

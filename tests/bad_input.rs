@@ -56,7 +56,11 @@ async fn good_consumer_is_served(broker: &Broker) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_never_get_a_5xx_and_the_server_lives_on() {
     let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
-    let broker = Broker::start(&sim, &key, policy(450.0, 60.0, 30.0, (1.0, 60.0))).await;
+    let broker = Broker::on(&sim)
+        .key(&key)
+        .policy(policy(450.0, 60.0, 30.0, (1.0, 60.0)))
+        .start()
+        .await;
     good_consumer_is_served(&broker).await;
     let addr = host(&broker.api);
     let auth = format!("Authorization: Bearer {}\r\n", broker.credential);
@@ -211,13 +215,12 @@ async fn clients_trickling_headers_are_cut_off_and_good_consumers_are_not() {
         header_read_timeout: Duration::from_secs(1),
         ..ServerLimits::default()
     };
-    let broker = Broker::start_limited(
-        &sim,
-        vec![common::account("main", &key)],
-        policy(450.0, 60.0, 30.0, (1.0, 60.0)),
-        limits,
-    )
-    .await;
+    let broker = Broker::on(&sim)
+        .accounts(vec![common::account("main", &key)])
+        .policy(policy(450.0, 60.0, 30.0, (1.0, 60.0)))
+        .limits(limits)
+        .start()
+        .await;
     good_consumer_is_served(&broker).await;
     let addr = host(&broker.api);
     let trickles: Vec<_> = (0..50)
@@ -268,7 +271,11 @@ async fn raw_answer(addr: &str, request: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ambiguous_requests_are_refused_in_problem_json_and_counted() {
     let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
-    let broker = Broker::start(&sim, &key, policy(450.0, 60.0, 30.0, (1.0, 60.0))).await;
+    let broker = Broker::on(&sim)
+        .key(&key)
+        .policy(policy(450.0, 60.0, 30.0, (1.0, 60.0)))
+        .start()
+        .await;
     good_consumer_is_served(&broker).await;
     let addr = host(&broker.api);
     let auth = format!("Authorization: Bearer {}\r\n", broker.credential);
@@ -480,13 +487,12 @@ async fn two_addresses_holding_every_slot_with_requests_never_keep_a_consumer_ou
         max_per_address: 128,
         ..ServerLimits::default()
     };
-    let broker = Broker::start_limited(
-        &sim,
-        vec![common::account("main", &key)],
-        policy(450.0, 60.0, 30.0, (1.0, 60.0)),
-        limits,
-    )
-    .await;
+    let broker = Broker::on(&sim)
+        .accounts(vec![common::account("main", &key)])
+        .policy(policy(450.0, 60.0, 30.0, (1.0, 60.0)))
+        .limits(limits)
+        .start()
+        .await;
     good_consumer_is_served(&broker).await;
     let addr = host(&broker.api);
     // Two addresses, 128 connections each (the listener holds 128 in all),
@@ -533,7 +539,11 @@ async fn two_addresses_holding_every_slot_with_requests_never_keep_a_consumer_ou
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_connections_on_the_admin_listener_never_fail_a_probe() {
     let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
-    let broker = Broker::start(&sim, &key, policy(450.0, 60.0, 30.0, (1.0, 60.0))).await;
+    let broker = Broker::on(&sim)
+        .key(&key)
+        .policy(policy(450.0, 60.0, 30.0, (1.0, 60.0)))
+        .start()
+        .await;
     good_consumer_is_served(&broker).await;
     let admin = host(&broker.admin);
     let crowd = Crowd::start(
@@ -567,7 +577,11 @@ async fn a_hundred_connections_on_the_admin_listener_never_fail_a_probe() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expect_100_continue_gets_the_interim_answer_then_the_real_one() {
     let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
-    let broker = Broker::start(&sim, &key, policy(450.0, 60.0, 30.0, (1.0, 60.0))).await;
+    let broker = Broker::on(&sim)
+        .key(&key)
+        .policy(policy(450.0, 60.0, 30.0, (1.0, 60.0)))
+        .start()
+        .await;
     let (_, _, body) = broker.get_token("").await;
     let token = body["token"].as_str().unwrap().to_owned();
     let report = format!("{{\"token\":\"{token}\"}}");
@@ -593,5 +607,152 @@ async fn expect_100_continue_gets_the_interim_answer_then_the_real_one() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let fresh: serde_json::Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
     assert_ne!(fresh["token"].as_str().unwrap(), token, "the report replaced the token");
+    broker.stop().await.unwrap();
+}
+
+/// The bytes the kernel holds unsent on the server side of `port`'s
+/// connections (tx_queue of /proc/net/tcp), at most and in all.
+fn server_send_queues(port: u16) -> (u64, u64) {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let queues: Vec<u64> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = u16::from_str_radix(fields.get(1)?.rsplit(':').next()?, 16).ok()?;
+            let tx = u64::from_str_radix(fields.get(4)?.split(':').next()?, 16).ok()?;
+            (local_port == port).then_some(tx)
+        })
+        .collect();
+    (queues.iter().copied().max().unwrap_or(0), queues.iter().sum())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_never_read_park_little_and_not_for_long() {
+    let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+    let limits = ServerLimits {
+        write_stall: Duration::from_secs(1),
+        ..ServerLimits::default()
+    };
+    let broker = Broker::on(&sim)
+        .accounts(vec![common::account("main", &key)])
+        .policy(policy(450.0, 60.0, 30.0, (1.0, 60.0)))
+        .limits(limits)
+        .start()
+        .await;
+    good_consumer_is_served(&broker).await;
+    let baseline = broker.metric("connections_open{listener=\"api\"}");
+    let addr = host(&broker.api);
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let request = b"GET /v1/token HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ktb_wrong\r\n\r\n".repeat(200);
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        // A small receive buffer of its own, so the answers back up into
+        // the broker's kernel rather than this one's.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut stream = socket.connect(addr.parse().unwrap()).await.unwrap();
+        // Requests piled up and never an answer read.
+        for _ in 0..50 {
+            let write = tokio::time::timeout(Duration::from_millis(200), stream.write_all(&request)).await;
+            if !matches!(write, Ok(Ok(()))) {
+                break; // the broker stopped reading: its answers are not read
+            }
+        }
+        held.push(stream);
+    }
+    let (most, all) = server_send_queues(port);
+    println!("20 pipelining strangers: the kernel holds {most} bytes at most per connection, {all} in all");
+    assert!(most <= 256 * 1024, "{most} bytes parked on one connection");
+    good_consumer_is_served(&broker).await;
+    // A writer stalled past the limit is closed.
+    let stalled_at = std::time::Instant::now();
+    common::wait_for(
+        "the stalled connections to be closed",
+        Duration::from_secs(30),
+        || async { (broker.metric("connections_open{listener=\"api\"}") <= baseline).then_some(()) },
+    )
+    .await;
+    let took = stalled_at.elapsed();
+    println!("closed {took:?} after the last write");
+    assert!(
+        took < Duration::from_secs(9),
+        "by the write stall (1 s here), before the idle timeout (10 s)"
+    );
+    drop(held);
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_holding_every_slot_never_keeps_another_consumer_out() {
+    let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+    let limits = ServerLimits {
+        max_connections: 64,
+        max_per_address: 64,
+        max_proven_per_consumer: 16,
+        ..ServerLimits::default()
+    };
+    // A neighbour whose credential is valid, held to 1 request a second.
+    let (neighbour, hash) = kraken_token_broker::identity::credential::new_credential();
+    let broker = Broker::on(&sim)
+        .key(&key)
+        .policy(policy(450.0, 60.0, 30.0, (1.0, 60.0)))
+        .limits(limits)
+        .consumer(kraken_token_broker::config::ConsumerConfig {
+            name: "neighbour".into(),
+            identity: kraken_token_broker::config::Identity::Credential { sha256: hash },
+            accounts: vec!["main".into()],
+            rate_limit: kraken_token_broker::config::RateLimit {
+                per_second: 1.0,
+                burst: 5.0,
+            },
+        })
+        .start()
+        .await;
+    good_consumer_is_served(&broker).await;
+    let addr = host(&broker.api);
+    // Every slot, from two addresses, each connection asking again and again
+    // (mostly 429s: its rate limit) so none is ever idle.
+    let request: &'static [u8] = Box::leak(
+        format!(
+            "GET /v1/token HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+            neighbour.expose()
+        )
+        .into_bytes()
+        .into_boxed_slice(),
+    );
+    let crowd = Crowd::start(
+        &addr,
+        &[[127, 0, 0, 2].into(), [127, 0, 0, 3].into()],
+        64,
+        request,
+        Duration::from_millis(500),
+    );
+    common::wait_for(
+        "the neighbour to fill the listener",
+        Duration::from_secs(20),
+        || async { (broker.metric("connections_open{listener=\"api\"}") >= 64.0).then_some(()) },
+    )
+    .await;
+    let engine = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let mut served = 0;
+    for _ in 0..20 {
+        let r = engine
+            .get(format!("{}/v1/token", broker.api))
+            .bearer_auth(&broker.credential)
+            .send()
+            .await;
+        served += usize::from(r.is_ok_and(|r| r.status() == 200));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let limited = broker.metric("rate_limited_total{consumer=\"neighbour\"}");
+    let full = broker.metric("connections_refused_total{listener=\"api\",reason=\"listener_full\"}");
+    crowd.stop().await;
+    println!(
+        "engine served {served}/20 while the neighbour held the listener ({limited} of its requests refused 429, {full} newcomers refused)"
+    );
+    assert_eq!(served, 20, "the engine is served every time");
+    assert_eq!(full, 0.0);
     broker.stop().await.unwrap();
 }

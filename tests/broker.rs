@@ -25,7 +25,11 @@ async fn cold_start_with_500_concurrent_consumers_makes_one_upstream_call() {
         count: Some(1),
         ..FaultSpec::default()
     });
-    let broker = Broker::start(&sim, &key, policy(450.0, 60.0, 30.0, (1.0, 60.0))).await;
+    let broker = Broker::on(&sim)
+        .key(&key)
+        .policy(policy(450.0, 60.0, 30.0, (1.0, 60.0)))
+        .start()
+        .await;
     let asks: Vec<_> = (0..500)
         .map(|_| {
             let (http, url, credential) = (
@@ -62,7 +66,11 @@ async fn cold_start_with_500_concurrent_consumers_makes_one_upstream_call() {
 async fn tokens_are_refreshed_ahead_of_use_by_over_several_lifetimes() {
     // 3 s tokens; refresh 1.5-1.7 s before use-by; never serve under 1 s left.
     let (sim, key) = sim_with_key(Duration::from_secs(3)).await;
-    let broker = Broker::start(&sim, &key, policy(1.5, 1.0, 0.2, (0.2, 1.0))).await;
+    let broker = Broker::on(&sim)
+        .key(&key)
+        .policy(policy(1.5, 1.0, 0.2, (0.2, 1.0)))
+        .start()
+        .await;
     let mut served = Vec::new();
     let until = now_ms() + 9_000;
     while now_ms() < until {
@@ -102,7 +110,11 @@ async fn tokens_are_refreshed_ahead_of_use_by_over_several_lifetimes() {
 #[tokio::test]
 async fn an_outage_longer_than_a_token_serves_it_then_fails_closed_then_recovers() {
     let (sim, key) = sim_with_key(Duration::from_secs(4)).await;
-    let broker = Broker::start(&sim, &key, policy(2.0, 1.5, 0.0, (0.2, 1.0))).await;
+    let broker = Broker::on(&sim)
+        .key(&key)
+        .policy(policy(2.0, 1.5, 0.0, (0.2, 1.0)))
+        .start()
+        .await;
     let (status, _, first) = broker.get_token("").await;
     assert_eq!(status, 200);
     let first = first["token"].as_str().unwrap().to_owned();
@@ -164,15 +176,14 @@ async fn a_rejected_key_is_not_hammered_and_says_why() {
     })
     .await;
     let unknown = SimKey::generate();
-    let broker = Broker::start_with(
-        &sim,
-        vec![
+    let broker = Broker::on(&sim)
+        .accounts(vec![
             common::account("revoked", &unknown),
             common::account("denied", &no_permission),
-        ],
-        policy(450.0, 60.0, 30.0, (0.1, 0.5)),
-    )
-    .await;
+        ])
+        .policy(policy(450.0, 60.0, 30.0, (0.1, 0.5)))
+        .start()
+        .await;
     let (status, readyz) = wait_for("both accounts to fail", Duration::from_secs(5), || async {
         let (status, body) = broker.admin_get("/readyz").await;
         (body.matches("needs an operator").count() == 2).then_some((status, body))
@@ -207,7 +218,11 @@ async fn a_rejected_key_is_not_hammered_and_says_why() {
 #[tokio::test]
 async fn fifty_reports_of_the_current_token_cause_one_call_and_an_old_token_none() {
     let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
-    let broker = Broker::start(&sim, &key, policy(450.0, 60.0, 30.0, (1.0, 60.0))).await;
+    let broker = Broker::on(&sim)
+        .key(&key)
+        .policy(policy(450.0, 60.0, 30.0, (1.0, 60.0)))
+        .start()
+        .await;
     let (_, _, first) = broker.get_token("").await;
     let old = first["token"].as_str().unwrap().to_owned();
     assert_eq!(sim.state().calls().len(), 1);
@@ -246,7 +261,11 @@ async fn fifty_reports_of_the_current_token_cause_one_call_and_an_old_token_none
 #[tokio::test]
 async fn min_ttl_above_the_held_token_refreshes_first() {
     let (sim, key) = sim_with_key(Duration::from_secs(20)).await;
-    let broker = Broker::start(&sim, &key, policy(10.0, 2.0, 0.0, (0.2, 1.0))).await;
+    let broker = Broker::on(&sim)
+        .key(&key)
+        .policy(policy(10.0, 2.0, 0.0, (0.2, 1.0)))
+        .start()
+        .await;
     let (_, _, first) = broker.get_token("").await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (status, _, second) = broker.get_token("?min_ttl=19").await;
@@ -262,7 +281,11 @@ async fn min_ttl_above_the_held_token_refreshes_first() {
 #[tokio::test]
 async fn oversized_heads_and_wrong_methods_over_a_real_socket() {
     let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
-    let broker = Broker::start(&sim, &key, policy(450.0, 60.0, 30.0, (1.0, 60.0))).await;
+    let broker = Broker::on(&sim)
+        .key(&key)
+        .policy(policy(450.0, 60.0, 30.0, (1.0, 60.0)))
+        .start()
+        .await;
     let big = "a".repeat(12 * 1024);
     let r = broker
         .http

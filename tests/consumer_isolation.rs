@@ -46,7 +46,7 @@ accounts = ["main"]
         quiet_hash = hex::encode(quiet_hash),
     );
     let path = write(d, "broker.toml", &text);
-    let broker = Broker::start_from_config(path, dir, quiet.expose()).await;
+    let broker = Broker::from_config(path, dir, quiet.expose()).await;
     Two {
         broker,
         sim,

@@ -68,7 +68,7 @@ rate_limit = {{ per_second = 10000, burst = 100000 }}
         d = d.display(),
     );
     let path = write(d, "broker.toml", &text);
-    let broker = Broker::start_from_config(path, tempfile::tempdir().unwrap(), credential.expose()).await;
+    let broker = Broker::from_config(path, tempfile::tempdir().unwrap(), credential.expose()).await;
     let c = Cluster { broker, api, sim, dir };
     c.signing_keys_are(if keys { "loaded" } else { "unreadable" }).await;
     c

@@ -125,7 +125,7 @@ async fn tls_broker(client_ca: Option<&Ca>, more: &str) -> (Broker, SimHandle, C
     // The broker owns a copy of the directory's path; the test keeps the
     // directory itself to rotate files in it.
     let owned = tempfile::tempdir().unwrap();
-    let mut broker = Broker::start_from_config(path, owned, credential.expose()).await;
+    let mut broker = Broker::from_config(path, owned, credential.expose()).await;
     broker.http = client(&[&ca.pem], None);
     (broker, sim, ca, dir)
 }
@@ -497,5 +497,63 @@ async fn an_expired_client_certificate_ends_its_connections_and_streams_and_neve
     // A fresh certificate is served again.
     let renewed = client(&[&ca.pem], Some(&clients.leaf(&[ENGINE_SAN])));
     assert_eq!(status_of(&renewed, &url, None).await, Ok(200));
+    broker.stop().await.unwrap();
+}
+
+/// The first 65,000 bytes of a 65,535-byte ClientHello, in TLS records:
+/// what a stranger sends to make the server buffer it, then stalls.
+fn partial_client_hello() -> Vec<u8> {
+    let mut message = vec![0x01, 0x00, 0xff, 0xff]; // ClientHello, 65535 bytes
+    message.resize(65_000, 0x42);
+    let mut out = Vec::new();
+    for record in message.chunks(16_384) {
+        out.extend_from_slice(&[0x16, 0x03, 0x01]);
+        out.extend_from_slice(&(record.len() as u16).to_be_bytes());
+        out.extend_from_slice(record);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_client_hellos_cost_bounded_memory_and_the_engine_is_served() {
+    use tokio::io::AsyncWriteExt as _;
+    let (broker, _sim, _ca, _dir) = tls_broker(None, "").await;
+    assert_eq!(broker.get_token("").await.0, 200);
+    let addr = broker.api.trim_start_matches("https://").to_owned();
+    let me = std::process::id();
+    let before = common::rss_kib(me);
+    let hello = partial_client_hello();
+    let mut held = Vec::new();
+    let mut peak = before;
+    for i in 0..600 {
+        let source = std::net::IpAddr::from([127, 0, 0, 11 + (i % 3) as u8]);
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(std::net::SocketAddr::new(source, 0)).unwrap();
+        if let Ok(mut stream) = socket.connect(addr.parse().unwrap()).await {
+            let _ = tokio::time::timeout(Duration::from_millis(50), stream.write_all(&hello)).await;
+            held.push(stream);
+        }
+        if i % 50 == 49 {
+            peak = peak.max(common::rss_kib(me));
+        }
+    }
+    // While the strangers stall, the engine's new connections get through.
+    let engine = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(_ca.pem.as_bytes()).unwrap()])
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    for _ in 0..5 {
+        assert_eq!(
+            status_of(&engine, &format!("{}/v1/token", broker.api), Some(&broker.credential)).await,
+            Ok(200)
+        );
+    }
+    peak = peak.max(common::rss_kib(me));
+    let growth = peak.saturating_sub(before);
+    println!("600 stalled ClientHellos from 3 addresses: test process RSS {before} KiB -> {peak} KiB (+{growth} KiB)");
+    // Unbounded, the same crowd took +37 MiB here; bounded, about 6 MiB.
+    assert!(growth < 20 * 1024, "+{growth} KiB: handshakes under way are bounded");
+    drop(held);
     broker.stop().await.unwrap();
 }

@@ -172,7 +172,7 @@ async fn steady_state(fault: FaultSpec, expect: Expect) {
 /// As [`steady_state`], with more lines for the `[kraken]` table.
 async fn steady_state_with(fault: FaultSpec, expect: Expect, kraken: &str) {
     let (sim, key) = sim_with_key(TTL).await;
-    let broker = Broker::start_from_files_with(&sim, &key, REFRESH, TIMEOUT, kraken).await;
+    let broker = Broker::from_files(&sim, &key, REFRESH, TIMEOUT, kraken).await;
     assert_eq!(recovery(&broker, Duration::from_secs(5)).await.as_secs(), 0);
     let calls_before = sim.state().calls().len();
     sim.state().set_fault(fault);
@@ -199,7 +199,7 @@ async fn cold_start(fault: FaultSpec, expect: Expect) {
 async fn cold_start_with(fault: FaultSpec, expect: Expect, kraken: &str) {
     let (sim, key) = sim_with_key(TTL).await;
     sim.state().set_fault(fault);
-    let broker = Broker::start_from_files_with(&sim, &key, REFRESH, TIMEOUT, kraken).await;
+    let broker = Broker::from_files(&sim, &key, REFRESH, TIMEOUT, kraken).await;
     let needs_503 = !matches!(expect, Expect::Serves);
     let seen = watch_until(&broker, &sim, Duration::from_millis(2000), |s| {
         !needs_503 || s.unavailable > 0
@@ -362,7 +362,7 @@ async fn persistent_invalid_nonces_stop_at_the_rejected_call_budget() {
         ..SimConfig::default()
     })
     .await;
-    let broker = Broker::start_from_files(&sim, &key, REFRESH, TIMEOUT).await;
+    let broker = Broker::from_files(&sim, &key, REFRESH, TIMEOUT, "").await;
     recovery(&broker, Duration::from_secs(5)).await;
     let before = sim.state().calls().len();
     sim.state().set_fault(error("EAPI:Invalid nonce"));
@@ -393,7 +393,7 @@ async fn persistent_invalid_nonces_stop_at_the_rejected_call_budget() {
 #[tokio::test]
 async fn a_single_invalid_nonce_is_invisible_to_consumers() {
     let (sim, key) = sim_with_key(TTL).await;
-    let broker = Broker::start_from_files(&sim, &key, REFRESH, TIMEOUT).await;
+    let broker = Broker::from_files(&sim, &key, REFRESH, TIMEOUT, "").await;
     recovery(&broker, Duration::from_secs(5)).await;
     sim.state().set_fault(FaultSpec {
         count: Some(1),
@@ -413,7 +413,7 @@ async fn rate_limited_backs_off_at_least_ten_seconds() {
         if cold {
             sim.state().set_fault(error("EAPI:Rate limit exceeded"));
         }
-        let broker = Broker::start_from_files(&sim, &key, REFRESH, TIMEOUT).await;
+        let broker = Broker::from_files(&sim, &key, REFRESH, TIMEOUT, "").await;
         if !cold {
             recovery(&broker, PATIENCE).await;
             sim.state().set_fault(error("EAPI:Rate limit exceeded"));
@@ -466,7 +466,7 @@ async fn throttled_waits_until_krakens_timestamp() {
         .as_secs()
         + 3;
     let (sim, key) = sim_with_key(TTL).await;
-    let broker = Broker::start_from_files(&sim, &key, REFRESH, TIMEOUT).await;
+    let broker = Broker::from_files(&sim, &key, REFRESH, TIMEOUT, "").await;
     recovery(&broker, Duration::from_secs(5)).await;
     sim.state().set_fault(error(&format!("EService:Throttled: {until}")));
     let seen = watch(&broker, &sim, Duration::from_millis(2000)).await;
@@ -500,7 +500,7 @@ async fn lockout_opens_the_circuit_with_no_further_calls() {
         if cold {
             sim.state().set_fault(error("EGeneral:Temporary lockout"));
         }
-        let broker = Broker::start_from_files(&sim, &key, REFRESH, TIMEOUT).await;
+        let broker = Broker::from_files(&sim, &key, REFRESH, TIMEOUT, "").await;
         if !cold {
             recovery(&broker, Duration::from_secs(5)).await;
             sim.state().set_fault(error("EGeneral:Temporary lockout"));
@@ -624,7 +624,7 @@ async fn connection_refused_in_steady_state_and_at_cold_start() {
         };
         let sim = start_sim(config()).await;
         let addr = sim.addr();
-        let broker = Broker::start_from_files(&sim, &key, REFRESH, TIMEOUT).await;
+        let broker = Broker::from_files(&sim, &key, REFRESH, TIMEOUT, "").await;
         if cold {
             sim.shutdown().await.unwrap();
         } else {
@@ -786,7 +786,7 @@ async fn a_huge_expires_is_clamped_to_krakens_900_seconds() {
         if cold {
             sim.state().set_fault(huge.clone());
         }
-        let broker = Broker::start_from_files(&sim, &key, REFRESH, TIMEOUT).await;
+        let broker = Broker::from_files(&sim, &key, REFRESH, TIMEOUT, "").await;
         if !cold {
             recovery(&broker, Duration::from_secs(5)).await;
             sim.state().set_fault(huge);
@@ -817,7 +817,7 @@ async fn the_same_token_again_is_served_and_refreshing_goes_on_normally() {
     let dup = shaped(json!({"token": "the-very-same-token"}));
     let (sim, key) = sim_with_key(TTL).await;
     sim.state().set_fault(dup);
-    let broker = Broker::start_from_files(&sim, &key, REFRESH, TIMEOUT).await;
+    let broker = Broker::from_files(&sim, &key, REFRESH, TIMEOUT, "").await;
     let seen = watch(&broker, &sim, Duration::from_millis(3000)).await;
     assert_eq!(seen.unavailable, 0, "{seen:?}");
     let calls = sim.state().calls().len();

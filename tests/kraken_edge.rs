@@ -40,7 +40,7 @@ async fn three_rejected_keys_beside_a_good_one_never_lock_the_address_or_cost_th
         retry_rejected: Duration::from_secs(1),
         ..policy(450.0, 60.0, 30.0, (0.2, 1.0))
     };
-    let broker = Broker::start_with(&sim, accounts, fast_rejected).await;
+    let broker = Broker::on(&sim).accounts(accounts).policy(fast_rejected).start().await;
     let stop = Arc::new(AtomicBool::new(false));
     let consumer = common::fetch_until(
         broker.http.clone(),
@@ -83,12 +83,11 @@ async fn a_lockout_answered_to_one_account_pauses_every_account_which_keeps_serv
         ..SimConfig::default()
     })
     .await;
-    let broker = Broker::start_with(
-        &sim,
-        vec![account("one", &a), account("two", &b)],
-        policy(2.0, 1.0, 0.0, (0.2, 1.0)),
-    )
-    .await;
+    let broker = Broker::on(&sim)
+        .accounts(vec![account("one", &a), account("two", &b)])
+        .policy(policy(2.0, 1.0, 0.0, (0.2, 1.0)))
+        .start()
+        .await;
     for name in ["one", "two"] {
         wait_for("tokens", Duration::from_secs(5), || async {
             (broker.get_token(&format!("?account={name}")).await.0 == 200).then_some(())
@@ -236,7 +235,11 @@ async fn tokens_that_live_less_than_min_served_ttl_get_503_and_a_back_off_not_a_
             ..SimConfig::default()
         })
         .await;
-        let broker = Broker::start(&sim, &key, policy(450.0, 60.0, 0.0, (1.0, 60.0))).await;
+        let broker = Broker::on(&sim)
+            .key(&key)
+            .policy(policy(450.0, 60.0, 0.0, (1.0, 60.0)))
+            .start()
+            .await;
         let (status, retry_after, body) = broker.get_token("").await;
         assert_eq!(status, 503, "expires {expires}: {body}");
         assert!(retry_after.is_some());
@@ -268,7 +271,11 @@ async fn an_edge_retry_after_is_honoured() {
         ..SimConfig::default()
     })
     .await;
-    let broker = Broker::start(&sim, &key, policy(450.0, 60.0, 0.0, (0.1, 0.5))).await;
+    let broker = Broker::on(&sim)
+        .key(&key)
+        .policy(policy(450.0, 60.0, 0.0, (0.1, 0.5)))
+        .start()
+        .await;
     let (status, retry_after, _) = broker.get_token("").await;
     assert_eq!(status, 503);
     let secs: u64 = retry_after.unwrap().parse().unwrap();
@@ -291,7 +298,11 @@ async fn kraken_in_maintenance_is_an_outage_the_broker_rides_out() {
         ..SimConfig::default()
     })
     .await;
-    let broker = Broker::start(&sim, &key, policy(1.5, 1.0, 0.0, (0.2, 0.5))).await;
+    let broker = Broker::on(&sim)
+        .key(&key)
+        .policy(policy(1.5, 1.0, 0.0, (0.2, 0.5)))
+        .start()
+        .await;
     assert_eq!(broker.get_token("").await.0, 200);
     sim.state().set_system_status(SystemStatus::Maintenance);
     wait_for("the token to run out", Duration::from_secs(5), || async {

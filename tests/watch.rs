@@ -56,10 +56,7 @@ async fn with_consumers(
         credentials.push(c.expose().to_owned());
     }
     let path = common::write(d, "broker.toml", &text);
-    (
-        Broker::start_from_config(path, dir, credential.expose()).await,
-        credentials,
-    )
+    (Broker::from_config(path, dir, credential.expose()).await, credentials)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,7 +113,11 @@ async fn two_hundred_watchers_get_every_new_token() {
 async fn a_watcher_that_never_reads_holds_nothing_back_and_is_let_go() {
     // Tokens of 3 s, refreshed 1.5 s ahead: a new one about every 1.5 s.
     let (sim, key) = sim_with_key(Duration::from_secs(3)).await;
-    let broker = Broker::start(&sim, &key, policy(1.5, 0.5, 0.0, (0.2, 1.0))).await;
+    let broker = Broker::on(&sim)
+        .key(&key)
+        .policy(policy(1.5, 0.5, 0.0, (0.2, 1.0)))
+        .start()
+        .await;
     let stalled = {
         use tokio::io::AsyncWriteExt;
         let mut s = tokio::net::TcpStream::connect(broker.api.trim_start_matches("http://"))
@@ -157,7 +158,11 @@ async fn a_watcher_that_never_reads_holds_nothing_back_and_is_let_go() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_longer_than_a_token_is_unavailable_then_a_token_again() {
     let (sim, key) = sim_with_key(Duration::from_secs(3)).await;
-    let broker = Broker::start(&sim, &key, policy(1.5, 0.5, 0.0, (0.2, 0.5))).await;
+    let broker = Broker::on(&sim)
+        .key(&key)
+        .policy(policy(1.5, 0.5, 0.0, (0.2, 0.5)))
+        .start()
+        .await;
     let http = reqwest::Client::new();
     let mut reader = SseReader::open(&http, &watch_url(&broker), &broker.credential).await;
     let first = reader.next(EVENT).await.unwrap();
@@ -186,7 +191,7 @@ async fn an_outage_longer_than_a_token_is_unavailable_then_a_token_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_revokes_the_consumer_ends_its_streams_and_shutdown_ends_the_rest() {
     let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
-    let broker = Broker::start_from_files(&sim, &key, "", "2s").await;
+    let broker = Broker::from_files(&sim, &key, "", "2s", "").await;
     let http = reqwest::Client::new();
     let mut reader = SseReader::open(&http, &watch_url(&broker), &broker.credential).await;
     assert!(reader.next(EVENT).await.unwrap().token().is_some());
@@ -232,7 +237,11 @@ async fn a_reload_that_revokes_the_consumer_ends_its_streams_and_shutdown_ends_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_has_a_bounded_number_of_streams() {
     let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
-    let broker = Broker::start(&sim, &key, policy(450.0, 60.0, 30.0, (1.0, 60.0))).await;
+    let broker = Broker::on(&sim)
+        .key(&key)
+        .policy(policy(450.0, 60.0, 30.0, (1.0, 60.0)))
+        .start()
+        .await;
     let http = reqwest::Client::new();
     let mut open = Vec::new();
     for _ in 0..MAX_WATCHERS_PER_CONSUMER {

@@ -29,8 +29,9 @@ use dashmap::DashMap;
 use hmac::{Hmac, KeyInit as _, Mac as _};
 use sha2::Sha256;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::config::{AuditConfig, AuditSink};
@@ -79,7 +80,7 @@ impl AuditMetrics {
 
 /// What the auditor, its writer and its summariser share.
 struct Inner {
-    tx: mpsc::Sender<String>,
+    tx: mpsc::Sender<writer::Message>,
     metrics: Metrics,
     writer: Arc<writer::Shared>,
     repeats: Mutex<repeats::Repeats>,
@@ -96,7 +97,7 @@ impl Inner {
         let Ok(text) = serde_json::to_string(&line) else {
             return; // an event of strings and numbers always serialises
         };
-        if self.tx.try_send(text).is_ok() {
+        if self.tx.try_send(writer::Message::Line(text)).is_ok() {
             return;
         }
         self.metrics.audit().dropped(1);
@@ -141,9 +142,18 @@ pub struct Auditor {
     inner: Arc<Inner>,
     /// Token SHA-256 → fingerprint: one HMAC per token, not per request.
     fingerprints: DashMap<[u8; 32], Arc<str>>,
-    /// Stops the summariser (which writes what it holds) when the auditor
-    /// goes; the writer ends once the queue's last sender is gone.
-    _summariser: DropGuard,
+    /// Stops the summariser, which writes what it holds as it ends.
+    stop_summarising: CancellationToken,
+    /// The summariser, awaited by [`Auditor::close`].
+    summariser: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Auditor {
+    /// A replaced auditor (a reload changed `[audit]`) still writes its
+    /// summary; its writer ends once the queue's last sender is gone.
+    fn drop(&mut self) {
+        self.stop_summarising.cancel();
+    }
 }
 
 impl std::fmt::Debug for Auditor {
@@ -178,7 +188,7 @@ impl Auditor {
         });
         let stop = CancellationToken::new();
         let (summariser, stopped) = (Arc::clone(&inner), stop.clone());
-        tokio::spawn(async move {
+        let summarising = tokio::spawn(async move {
             let mut since = SystemTime::now();
             loop {
                 tokio::select! {
@@ -197,8 +207,40 @@ impl Auditor {
             sink: config.sink.clone(),
             inner,
             fingerprints: DashMap::new(),
-            _summariser: stop.drop_guard(),
+            stop_summarising: stop,
+            summariser: Mutex::new(Some(summarising)),
         })
+    }
+
+    /// Writes out everything recorded so far, the summary of repeated
+    /// failures included, within `deadline` (the broker's shutdown): what
+    /// cannot be written by then is counted as lost, with a WARN.
+    pub async fn close(&self, deadline: Duration) {
+        self.stop_summarising.cancel();
+        let summariser = self
+            .summariser
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let written = tokio::time::timeout(deadline, async {
+            if let Some(summariser) = summariser {
+                let _ = summariser.await;
+            }
+            let (ack, done) = tokio::sync::oneshot::channel();
+            if self.inner.tx.send(writer::Message::Flush(ack)).await.is_ok() {
+                let _ = done.await;
+            }
+        })
+        .await;
+        if written.is_err() {
+            let queued = QUEUE.saturating_sub(self.inner.tx.capacity()) as u64;
+            self.inner.metrics.audit().dropped(queued);
+            warn!(
+                lost = queued,
+                ?deadline,
+                "audit lines still queued at shutdown are lost: the sink did not take them in time"
+            );
+        }
     }
 
     /// Whether this auditor writes `config` (else a reload starts another).
@@ -322,7 +364,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt as _;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         // A queue nobody drains fills and drops, never blocks.
-        let (tx, _rx) = mpsc::channel(1);
+        let (tx, _rx) = mpsc::channel::<writer::Message>(1);
         let stuck = Inner {
             tx,
             metrics: metrics.clone(),
@@ -358,6 +400,25 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(!lines(&path).is_empty());
+    }
+
+    #[tokio::test]
+    async fn closing_writes_everything_recorded_and_the_last_summary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        // A summary interval that never ends by itself.
+        let auditor = Auditor::start_summarising_every(&config(&path), Metrics::new(), Duration::from_secs(3600));
+        for _ in 0..500 {
+            auditor.auth_failed(Some("10.0.0.9".parse().unwrap()), "invalid", "credential");
+        }
+        for _ in 0..2000 {
+            auditor.record(reloaded());
+        }
+        auditor.close(Duration::from_secs(10)).await;
+        // No wait: everything is in the file when close returns.
+        let got = lines(&path);
+        assert_eq!(got.len(), 2 + 2000, "the first failure, 2000 lines, the last summary");
+        assert_eq!(got.last().unwrap()["count"], 499);
     }
 
     #[tokio::test]

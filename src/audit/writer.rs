@@ -9,7 +9,9 @@
 //!   works again.
 //! - A file sink is reopened (created, 0600) when asked (a reload, SIGHUP)
 //!   and when its path no longer names the open file (logrotate renamed or
-//!   deleted it), checked at most every [`ROTATION_CHECK`].
+//!   deleted it), checked before every batch.
+//! - A [`Message::Flush`] is answered once everything queued before it is
+//!   written: the broker's shutdown waits for it.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -27,8 +29,6 @@ use crate::metrics::Metrics;
 
 /// Lines written in one append at most.
 const BATCH: usize = 256;
-/// How often a file sink's path is checked against the open file.
-pub const ROTATION_CHECK: Duration = Duration::from_secs(1);
 /// The fewest seconds between two WARNs about lost lines.
 pub const WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -129,18 +129,13 @@ fn identity(meta: &std::fs::Metadata) -> (u64, u64) {
 struct FileSink {
     path: PathBuf,
     open: Option<(Output<File>, (u64, u64))>,
-    checked: Option<Instant>,
 }
 
 impl FileSink {
     /// Reopens the file if asked, if it is not open, or if its path names
-    /// another file now (checked at most every [`ROTATION_CHECK`]).
+    /// another file now (a `stat` per batch: lines are never written to a
+    /// file that was renamed or deleted before the batch).
     fn follow(&mut self, asked: bool) {
-        let due = self.checked.is_none_or(|at| at.elapsed() >= ROTATION_CHECK);
-        if !(asked || self.open.is_none() || due) {
-            return;
-        }
-        self.checked = Some(Instant::now());
         let named = std::fs::metadata(&self.path).ok().map(|m| identity(&m));
         let held = self.open.as_ref().map(|(_, id)| *id);
         if !asked && held.is_some() && held == named {
@@ -183,15 +178,21 @@ enum Sink {
     File(FileSink),
 }
 
+/// What the writer is handed.
+pub(super) enum Message {
+    Line(String),
+    /// Answered once every line queued before it is written (or lost).
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
 /// Starts the writer thread for `sink`; lines come through `rx`, and the
 /// thread ends when every sender is gone.
-pub(super) fn start(sink: &AuditSink, rx: mpsc::Receiver<String>, shared: Arc<Shared>) {
+pub(super) fn start(sink: &AuditSink, rx: mpsc::Receiver<Message>, shared: Arc<Shared>) {
     let sink = match sink {
         AuditSink::Stdout => Sink::Stdout(Output::new(io::stdout())),
         AuditSink::File(path) => Sink::File(FileSink {
             path: path.clone(),
             open: None,
-            checked: None,
         }),
     };
     let spawned = std::thread::Builder::new()
@@ -202,53 +203,73 @@ pub(super) fn start(sink: &AuditSink, rx: mpsc::Receiver<String>, shared: Arc<Sh
     }
 }
 
-fn run(mut sink: Sink, mut rx: mpsc::Receiver<String>, shared: &Shared) {
-    let mut lost_since_warning = 0u64;
-    let mut last_warning: Option<Instant> = None;
-    let mut failing = false;
+/// What the writer remembers between batches: lost lines not warned of yet.
+#[derive(Default)]
+struct Losses {
+    since_warning: u64,
+    last_warning: Option<Instant>,
+    failing: bool,
+}
+
+fn run(mut sink: Sink, mut rx: mpsc::Receiver<Message>, shared: &Shared) {
+    let mut losses = Losses::default();
     let mut batch = Vec::with_capacity(BATCH);
     while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(line) => batch.push(line),
-                Err(_) => break,
+        let mut flushes = Vec::new();
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            match message {
+                Message::Line(line) => batch.push(line),
+                Message::Flush(ack) => flushes.push(ack),
+            }
+            if batch.len() < BATCH && flushes.is_empty() {
+                next = rx.try_recv().ok();
             }
         }
-        let mut bytes = Vec::with_capacity(batch.iter().map(|l| l.len() + 1).sum());
-        for line in batch.drain(..) {
-            bytes.extend_from_slice(line.as_bytes());
-            bytes.push(b'\n');
+        if !batch.is_empty() {
+            write_batch(&mut sink, &mut batch, shared, &mut losses);
         }
-        let lines = bytes.iter().filter(|b| **b == b'\n').count() as u64;
-        let asked = shared.reopen.swap(false, Ordering::Relaxed);
-        let written = match &mut sink {
-            Sink::Stdout(out) => out.append_stream(&bytes),
-            Sink::File(file) => {
-                file.follow(asked);
-                file.append(&bytes)
+        for ack in flushes {
+            let _ = ack.send(());
+        }
+    }
+}
+
+/// Writes `batch` (emptying it) whole, or counts and warns of its loss.
+fn write_batch(sink: &mut Sink, batch: &mut Vec<String>, shared: &Shared, losses: &mut Losses) {
+    let mut bytes = Vec::with_capacity(batch.iter().map(|l| l.len() + 1).sum());
+    for line in batch.drain(..) {
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.push(b'\n');
+    }
+    let lines = bytes.iter().filter(|b| **b == b'\n').count() as u64;
+    let asked = shared.reopen.swap(false, Ordering::Relaxed);
+    let written = match sink {
+        Sink::Stdout(out) => out.append_stream(&bytes),
+        Sink::File(file) => {
+            file.follow(asked);
+            file.append(&bytes)
+        }
+    };
+    match written {
+        Ok(()) => {
+            if losses.failing {
+                info!("audit lines are written again");
             }
-        };
-        match written {
-            Ok(()) => {
-                if failing {
-                    info!("audit lines are written again");
-                }
-                failing = false;
-            }
-            Err(error) => {
-                failing = true;
-                shared.metrics.audit().dropped(lines);
-                lost_since_warning += lines;
-                if last_warning.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
-                    warn!(
-                        %error,
-                        lost = lost_since_warning,
-                        "cannot write audit lines: they are lost (counted in audit_events_dropped_total)"
-                    );
-                    last_warning = Some(Instant::now());
-                    lost_since_warning = 0;
-                }
+            losses.failing = false;
+        }
+        Err(error) => {
+            losses.failing = true;
+            shared.metrics.audit().dropped(lines);
+            losses.since_warning += lines;
+            if losses.last_warning.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                warn!(
+                    %error,
+                    lost = losses.since_warning,
+                    "cannot write audit lines: they are lost (counted in audit_events_dropped_total)"
+                );
+                losses.last_warning = Some(Instant::now());
+                losses.since_warning = 0;
             }
         }
     }

@@ -333,10 +333,17 @@ pub async fn run(
         }
     })
     .await;
+    // Every audit line of the requests just answered, and the last summary.
+    if let Some(auditor) = &broker.auditor {
+        auditor.close(AUDIT_CLOSE_TIMEOUT).await;
+    }
     broker.stop().await;
     info!("broker stopped");
     outcome
 }
+
+/// How long shutdown waits for the audit trail to be written out.
+const AUDIT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves until shutdown, a refresher's death or a server's end, taking
 /// reloads meanwhile; the outcome, and which server ended if one did.

@@ -53,11 +53,13 @@ fn consumer(c: &ConsumerConfig, old: &ServeTable, parts: &Parts<'_>) -> Consumer
     let limiter = before
         .filter(|o| o.limiter.limit() == c.rate_limit)
         .map_or_else(|| Arc::new(RateLimiter::new(c.rate_limit)), |o| Arc::clone(&o.limiter));
-    // ... and its open watch streams' permits, any reload.
+    // ... and its open watch streams' permits and protected connections,
+    // any reload.
     let watchers = before.map_or_else(
         || Arc::new(tokio::sync::Semaphore::new(MAX_WATCHERS_PER_CONSUMER)),
         |o| Arc::clone(&o.watchers),
     );
+    let proven = before.map(|o| Arc::clone(&o.proven)).unwrap_or_default();
     let grants = c
         .accounts
         .iter()
@@ -76,6 +78,7 @@ fn consumer(c: &ConsumerConfig, old: &ServeTable, parts: &Parts<'_>) -> Consumer
         limiter,
         rate_limited: consumers.rate_limited(&c.name),
         watchers,
+        proven,
     }
 }
 

@@ -157,6 +157,35 @@ impl Consumer {
     }
 }
 
+/// The largest answer read from the broker: a token's JSON, or a problem,
+/// is under 1 KiB; anything past this is not the broker's and is not read.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+/// How long an answer's body may take to arrive once its head has.
+pub const ANSWER_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An answer's body as UTF-8 text: at most [`MAX_ANSWER_BYTES`], within
+/// `deadline` ([`ANSWER_BODY_TIMEOUT`] unless the caller knows better);
+/// `Err` says why not (cut off, too slow, too large, not text), never with
+/// the body in it.
+pub async fn read_answer(mut response: reqwest::Response, deadline: Duration) -> Result<String, String> {
+    let mut body = Vec::new();
+    let read = tokio::time::timeout(deadline, async {
+        while let Some(chunk) = response.chunk().await.map_err(|e| error_chain(&e.without_url()))? {
+            if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+                return Err(format!("the answer is larger than {MAX_ANSWER_BYTES} bytes"));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(())
+    })
+    .await;
+    match read {
+        Ok(Ok(())) => String::from_utf8(body).map_err(|_| "the answer is not UTF-8 text".to_owned()),
+        Ok(Err(why)) => Err(why),
+        Err(_) => Err(format!("the answer did not arrive within {deadline:?}")),
+    }
+}
+
 /// An error and its causes, one line.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();

@@ -41,10 +41,9 @@ pub async fn run(args: FetchArgs) -> Result<(), Error> {
     })?;
     let status = response.status();
     let retry_after = super::client::retry_after(&response);
-    let body = response
-        .text()
+    let body = super::client::read_answer(response, super::client::ANSWER_BODY_TIMEOUT)
         .await
-        .map_err(|e| Error::Fetch(format!("the broker's answer was cut off: {}", e.without_url())))?;
+        .map_err(|why| Error::Fetch(format!("the broker's answer cannot be read: {why}")))?;
     if status.is_success() {
         println!("{body}");
         return Ok(());

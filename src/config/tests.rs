@@ -328,6 +328,14 @@ fn client_certificate_identities_name_their_san_type() {
             san: San::Dns("mm.trading.svc".into())
         }
     );
+    let (id, _) = identity(r#"client_cert = { dns = "MM.Trading.svc" }"#).unwrap();
+    assert_eq!(
+        id,
+        Identity::ClientCert {
+            san: San::Dns("mm.trading.svc".into())
+        },
+        "one form of a DNS name"
+    );
     for bad in [
         r#"client_cert = { dns = "a", uri = "spiffe://b" }"#,
         r#"client_cert = { dns = "spiffe://td/x" }"#,
@@ -340,6 +348,20 @@ fn client_certificate_identities_name_their_san_type() {
             "{bad}: {problems:?}"
         );
     }
+}
+
+#[test]
+fn two_consumers_cannot_name_one_dns_name_in_two_cases() {
+    let (text, s) = with_mtls(
+        "client_cert = { dns = \"mm.trading.svc\" }\n\n[[consumer]]\nname = \"mm2\"\naccounts = [\"main\"]\nclient_cert = { dns = \"MM.TRADING.SVC\" }",
+    );
+    let problems = Config::parse(&text, &s).unwrap_err();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.to_string().contains("the same client certificate SAN")),
+        "{problems:?}"
+    );
 }
 
 #[test]

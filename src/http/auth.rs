@@ -154,6 +154,7 @@ async fn identify(parts: &Parts, table: &ServeTable, state: &AppState) -> Result
         match reviewer.signature(token).await {
             Signature::Valid => {}
             Signature::Invalid(_) => return Err(invalid()),
+            Signature::Busy => return Err(Refusal::Unavailable(Duration::from_secs(1))),
             Signature::Unchecked => {
                 if let Some(retry_after) = state.throttle.blocked(super::peer_ip(parts)) {
                     return Err(Refusal::Throttled(retry_after));
@@ -196,11 +197,6 @@ impl FromRequestParts<AppState> for Authenticated {
         let ip = peer.map(|p| p.ip());
         match identify(parts, &table, state).await {
             Ok(consumer) => {
-                // The connection proved an identity: it is not a stranger's
-                // to be evicted for a newcomer.
-                if let Some(standing) = parts.extensions.get::<Standing>() {
-                    standing.set_proven(true);
-                }
                 if let Err(retry_after) = consumer.limiter.check(Instant::now()) {
                     consumer.rate_limited.inc();
                     let limit = consumer.limiter.limit();
@@ -211,6 +207,11 @@ impl FromRequestParts<AppState> for Authenticated {
                             consumer.name, limit.per_second, limit.burst
                         ),
                     });
+                }
+                // The connection proved an identity within its consumer's
+                // limits: it is not a stranger's to be evicted for a newcomer.
+                if let Some(standing) = parts.extensions.get::<Standing>() {
+                    standing.prove(&consumer.proven);
                 }
                 let reprove_at = reprove_at(parts, &consumer, &table);
                 Ok(Self {

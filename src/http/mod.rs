@@ -66,6 +66,9 @@ pub struct Consumer {
     /// Its open watch streams, at most [`watch::MAX_WATCHERS_PER_CONSUMER`]
     /// (kept across reloads, as the limiter is).
     pub watchers: Arc<tokio::sync::Semaphore>,
+    /// Its connections protected from eviction, at most
+    /// [`server::ServerLimits::max_proven_per_consumer`] (kept across reloads).
+    pub proven: server::ProvenConnections,
 }
 
 impl Consumer {
@@ -84,6 +87,7 @@ impl Consumer {
             limiter: Arc::new(limits::RateLimiter::new(rate_limit)),
             rate_limited: metrics.consumers().rate_limited(name),
             watchers: Arc::new(tokio::sync::Semaphore::new(watch::MAX_WATCHERS_PER_CONSUMER)),
+            proven: server::ProvenConnections::default(),
         }
     }
 }

@@ -92,42 +92,73 @@ pub fn account(name: &str, key: &SimKey) -> AccountConfig {
     }
 }
 
-impl Broker {
-    /// One account `main` signing with `key`, one consumer granted it.
-    pub async fn start(sim: &SimHandle, key: &SimKey, policy: RefreshPolicy) -> Broker {
-        Self::start_with(sim, vec![account("main", key)], policy).await
+/// A test broker to start against a simulator: its accounts, refresh
+/// policy, listener limits and extra consumers; `start` runs it with one
+/// consumer `engine` (unlimited) granted every account.
+pub struct Start<'s> {
+    sim: &'s SimHandle,
+    accounts: Vec<AccountConfig>,
+    policy: RefreshPolicy,
+    limits: kraken_token_broker::http::server::ServerLimits,
+    consumers: Vec<ConsumerConfig>,
+}
+
+impl Start<'_> {
+    /// One account `main` signing with `key`.
+    pub fn key(self, key: &SimKey) -> Self {
+        self.account(account("main", key))
     }
 
-    pub async fn start_with(sim: &SimHandle, accounts: Vec<AccountConfig>, policy: RefreshPolicy) -> Broker {
-        Self::start_limited(sim, accounts, policy, Default::default()).await
+    pub fn account(mut self, account: AccountConfig) -> Self {
+        self.accounts.push(account);
+        self
     }
 
-    /// As `start_with`, with the listeners' limits given.
-    pub async fn start_limited(
-        sim: &SimHandle,
-        accounts: Vec<AccountConfig>,
-        policy: RefreshPolicy,
-        limits: kraken_token_broker::http::server::ServerLimits,
-    ) -> Broker {
+    pub fn accounts(mut self, accounts: Vec<AccountConfig>) -> Self {
+        self.accounts.extend(accounts);
+        self
+    }
+
+    pub fn policy(mut self, policy: RefreshPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    pub fn limits(mut self, limits: kraken_token_broker::http::server::ServerLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Another consumer beside `engine`.
+    pub fn consumer(mut self, consumer: ConsumerConfig) -> Self {
+        self.consumers.push(consumer);
+        self
+    }
+
+    pub async fn start(self) -> Broker {
         let (credential, credential_sha256) = new_credential();
-        let config = test_config(sim, accounts, policy, credential_sha256);
-        Self::launch(config, credential.expose().to_owned(), None, limits).await
+        let mut config = test_config(self.sim, self.accounts, self.policy, credential_sha256);
+        config.consumers.extend(self.consumers);
+        Broker::launch(config, credential.expose().to_owned(), None, self.limits).await
+    }
+}
+
+impl Broker {
+    /// A broker to start against `sim` (see [`Start`]).
+    pub fn on(sim: &SimHandle) -> Start<'_> {
+        Start {
+            sim,
+            accounts: Vec::new(),
+            policy: RefreshPolicy::default(),
+            limits: Default::default(),
+            consumers: Vec::new(),
+        }
     }
 
     /// One account `main` whose key and secret are in files, loaded through
-    /// `Config::load` as `serve` does; `reload()` re-reads them.
-    pub async fn start_from_files(sim: &SimHandle, key: &SimKey, refresh: &str, timeout: &str) -> Broker {
-        Self::start_from_files_with(sim, key, refresh, timeout, "").await
-    }
-
-    /// As [`Broker::start_from_files`], with more lines for `[kraken]`.
-    pub async fn start_from_files_with(
-        sim: &SimHandle,
-        key: &SimKey,
-        refresh: &str,
-        timeout: &str,
-        kraken: &str,
-    ) -> Broker {
+    /// `Config::load` as `serve` does (with `refresh` lines, the Kraken
+    /// `timeout`, and more lines for `[kraken]`); `reload()` re-reads them.
+    pub async fn from_files(sim: &SimHandle, key: &SimKey, refresh: &str, timeout: &str, kraken: &str) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         std::fs::write(d.join("api-key"), format!("{}\n", key.api_key)).unwrap();
@@ -151,7 +182,7 @@ impl Broker {
     /// `reload()` re-reads it. `credential` is what `get_token` sends. With
     /// `[listen.tls]`, `api` is an `https://` URL and `http` must be given a
     /// client trusting the server's CA.
-    pub async fn start_from_config(path: PathBuf, dir: tempfile::TempDir, credential: &str) -> Broker {
+    pub async fn from_config(path: PathBuf, dir: tempfile::TempDir, credential: &str) -> Broker {
         let config = Config::load(&path).unwrap_or_else(|e| panic!("a valid test config: {e}"));
         let tls = config.listen.tls.is_some();
         let mut broker = Self::launch(config, credential.to_owned(), Some((path, dir)), Default::default()).await;

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::Error;
-use super::client::{Consumer, ConsumerArgs, detail_of, error_chain, retry_after};
+use super::client::{ANSWER_BODY_TIMEOUT, Consumer, ConsumerArgs, detail_of, error_chain, read_answer, retry_after};
 use crate::sse::{self, Item};
 use output::{Output, Written};
 
@@ -209,22 +209,18 @@ async fn once(consumer: &Consumer, out: &Output, stop: &CancellationToken) -> En
         Err(e) => return unreachable(consumer, e),
     };
     let (status, retry) = (response.status(), retry_after(&response));
-    let body = match response.bytes().await {
-        Ok(body) => body,
-        Err(e) => {
-            return End::Retry(
-                None,
-                format!("the answer was cut off: {}", error_chain(&e.without_url())),
-            );
-        }
+    let body = tokio::select! {
+        _ = stop.cancelled() => return End::Stopped,
+        body = read_answer(response, ANSWER_BODY_TIMEOUT) => body,
     };
-    let Ok(body) = std::str::from_utf8(&body) else {
-        return End::Retry(None, "the broker's answer is not UTF-8 text".into());
+    let body = match body {
+        Ok(body) => body,
+        Err(why) => return End::Retry(None, format!("the broker's answer cannot be read: {why}")),
     };
     if !status.is_success() {
-        return classify(status, retry, body);
+        return classify(status, retry, &body);
     }
-    match out.write(body).await {
+    match out.write(&body).await {
         Ok(Written::Yes | Written::Unchanged) => End::Done,
         Ok(Written::NoToken) => End::Retry(None, "the broker's answer holds no token".into()),
         Err(e) => End::Failed(e),
@@ -248,7 +244,10 @@ async fn follow(consumer: &Consumer, out: &Output, stop: &CancellationToken, att
     };
     let (status, retry) = (response.status(), retry_after(&response));
     if !status.is_success() {
-        let body = response.text().await.unwrap_or_default();
+        let body = tokio::select! {
+            _ = stop.cancelled() => return End::Stopped,
+            body = read_answer(response, idle.min(ANSWER_BODY_TIMEOUT)) => body.unwrap_or_default(),
+        };
         return classify(status, retry, &body);
     }
     info!(broker = %consumer.origin(), "following the watch stream");

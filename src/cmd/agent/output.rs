@@ -30,6 +30,9 @@ pub(super) enum Written {
 pub(super) struct Output {
     path: PathBuf,
     name: String,
+    /// The directory as named, checked before each write to be still the
+    /// one held open (`dir`).
+    dir_path: PathBuf,
     dir: Arc<OwnedFd>,
     mode: u32,
     owner: Option<Owner>,
@@ -99,6 +102,7 @@ impl Output {
         Ok(Self {
             path,
             name,
+            dir_path: dir,
             dir: Arc::new(fd),
             mode: args.mode,
             owner: args.owner,
@@ -130,6 +134,7 @@ impl Output {
         if *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) == Some(sha) {
             return Ok(Written::Unchanged);
         }
+        self.still_the_directory()?;
         let (dir, name, mode, owner) = (Arc::clone(&self.dir), self.name.clone(), self.mode, self.owner);
         let text = format!("{json}\n");
         tokio::task::spawn_blocking(move || replace(&dir, &name, text.as_bytes(), mode, owner))
@@ -144,6 +149,26 @@ impl Output {
             "token file replaced"
         );
         Ok(Written::Yes)
+    }
+}
+
+impl Output {
+    /// Whether `--out`'s directory still names the directory held open: in
+    /// a parent others may write (an `emptyDir`), another user can rename
+    /// the agent's directory aside and put one of their own in its place,
+    /// and an engine would read their file. The agent stops rather than
+    /// write where no engine reads.
+    fn still_the_directory(&self) -> Result<(), String> {
+        let held = rustix::fs::fstat(&*self.dir).map_err(|e| format!("cannot read the held directory: {e}"))?;
+        let named = rustix::fs::stat(&self.dir_path).ok();
+        match named {
+            Some(named) if (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino) => Ok(()),
+            _ => Err(format!(
+                "{} is no longer the directory the agent checked at start: another user replaced it, so an engine reading {} would not read the agent's token; give the agent a directory whose parent only the pod's own user can write",
+                self.dir_path.display(),
+                self.path.display()
+            )),
+        }
     }
 }
 
@@ -272,6 +297,25 @@ mod tests {
             unsafe_directory(&stat_of(0o755, 4242), 1000)
                 .unwrap()
                 .contains("another user")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_directory_swapped_under_the_agent_stops_it() {
+        let base = tempfile::tempdir().unwrap();
+        let out = Output::new(&args(base.path().join("ktb/token.json"), 0o600)).unwrap();
+        out.write(r#"{"token":"one"}"#).await.unwrap();
+        // Another user renames the agent's directory aside and puts theirs.
+        std::fs::rename(base.path().join("ktb"), base.path().join("aside")).unwrap();
+        std::fs::create_dir(base.path().join("ktb")).unwrap();
+        std::fs::write(base.path().join("ktb/token.json"), r#"{"token":"ATTACKER"}"#).unwrap();
+        let refused = out.write(r#"{"token":"two"}"#).await.unwrap_err();
+        assert!(refused.contains("no longer the directory"), "{refused}");
+        assert!(
+            std::fs::read_to_string(base.path().join("aside/token.json"))
+                .unwrap()
+                .contains("one"),
+            "nothing more is written where no engine reads"
         );
     }
 

@@ -229,7 +229,9 @@ fn client_cert_san(f: &mut Findings<'_>, cert: &Spanned<ClientCertSection>, key:
     let c = cert.get_ref();
     let (dns, uri, legacy) = (text(&c.dns), text(&c.uri), text(&c.san));
     match (dns, uri, legacy) {
-        (Some(dns), None, None) if !dns.contains(':') => Some(San::Dns(dns)),
+        // DNS names are matched without regard to case: one form, so two
+        // consumers cannot name the same one.
+        (Some(dns), None, None) if !dns.contains(':') => Some(San::Dns(dns.to_ascii_lowercase())),
         (Some(_), None, None) => {
             f.problem(
                 at(cert),

@@ -18,6 +18,14 @@ pub struct ServerLimits {
     pub max_header_bytes: usize,
     /// The longest in-flight requests get to finish after shutdown begins.
     pub drain_timeout: Duration,
+    /// How long a write may make no progress (the client reads nothing)
+    /// before the connection is closed.
+    pub write_stall: Duration,
+    /// Connections one consumer may have protected from eviction at once:
+    /// a quarter of the listener, so no consumer, however many addresses it
+    /// connects from, can hold the listener against the others (its further
+    /// connections are served, but may be closed for a newcomer).
+    pub max_proven_per_consumer: usize,
 }
 
 /// The consumer API's caps, sized for the chart's 128 MiB: a connection
@@ -48,6 +56,8 @@ impl Default for ServerLimits {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: MAX_HEAD_READ,
             drain_timeout: Duration::from_secs(25),
+            write_stall: super::stall::WRITE_STALL,
+            max_proven_per_consumer: API_MAX_CONNECTIONS / 4,
         }
     }
 }
@@ -72,6 +82,7 @@ impl ServerLimits {
         Self {
             max_connections,
             max_per_address: self.max_per_address.min(max_connections),
+            max_proven_per_consumer: self.max_proven_per_consumer.min(max_connections / 4).max(1),
             ..self
         }
     }

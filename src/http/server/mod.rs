@@ -24,8 +24,10 @@
 //! - A bounded graceful drain on shutdown.
 
 mod caps;
+mod handshakes;
 mod registry;
 mod rewrite;
+mod stall;
 
 use std::io;
 use std::net::SocketAddr;
@@ -50,7 +52,7 @@ pub use caps::{
     ADMIN_MAX_CONNECTIONS, ADMIN_MAX_PER_ADDRESS, API_MAX_CONNECTIONS, API_MAX_PER_ADDRESS, MAX_HEAD_READ,
     ServerLimits, raise_open_files_limit,
 };
-pub use registry::Standing;
+pub use registry::{ProvenConnections, Standing};
 
 use super::address::AddressGroup;
 use crate::identity::ClientCertificate;
@@ -69,6 +71,7 @@ pub struct Listener {
 
 /// What every connection of a listener shares.
 struct Shared {
+    handshakes: Arc<handshakes::Handshakes>,
     name: ListenerName,
     registry: Arc<Mutex<Registry>>,
     limits: ServerLimits,
@@ -100,7 +103,8 @@ impl Shared {
                 return None;
             }
         }
-        let (standing, kill) = (Standing::default(), CancellationToken::new());
+        let standing = Standing::new(self.limits.max_proven_per_consumer);
+        let kill = CancellationToken::new();
         let entry = Entry {
             group,
             opened: Instant::now(),
@@ -134,6 +138,7 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192));
     let shared = Shared {
+        handshakes: handshakes::Handshakes::new(handshakes::MAX_HANDSHAKES, handshakes::HANDSHAKES_PER_ADDRESS),
         name: listener.name,
         registry: Arc::new(Mutex::new(Registry::default())),
         limits,
@@ -162,8 +167,11 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        stall::bound_buffers(&stream);
         let tls = listener.tls.as_ref().map(|t| t.load_full());
         let conn = Connection {
+            handshakes: Arc::clone(&shared.handshakes),
+            write_stall: shared.limits.write_stall,
             peer,
             standing,
             router: shared.router.clone(),
@@ -192,6 +200,8 @@ pub async fn serve(
 
 /// One accepted connection.
 struct Connection {
+    handshakes: Arc<handshakes::Handshakes>,
+    write_stall: Duration,
     peer: SocketAddr,
     standing: Standing,
     router: Router,
@@ -207,11 +217,22 @@ impl Connection {
         tls: Option<Arc<rustls::ServerConfig>>,
         watcher: hyper_util::server::graceful::Watcher,
     ) {
+        let stream = stall::WriteDeadline::new(stream, self.write_stall);
         let Some(config) = tls else {
             return self.http(stream, None, watcher).await;
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        let tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        let group = AddressGroup::of(self.peer.ip());
+        let handshake = async {
+            // A turn first (waiting for one counts against the deadline).
+            let Some(turn) = self.handshakes.turn(group).await else {
+                return Err(std::io::Error::other("too many handshakes under way from this address"));
+            };
+            let accepted = acceptor.accept(stream).await;
+            drop(turn);
+            accepted
+        };
+        let tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
             Ok(Ok(tls_stream)) => tls_stream,
             Ok(Err(error)) => {
                 debug!(%error, peer = %self.peer, "TLS handshake failed (cleartext sent to the TLS port, or a refused client certificate)");
@@ -258,7 +279,7 @@ impl Connection {
         let (peer, standing, router, metrics) = (self.peer, self.standing, self.router, self.metrics.clone());
         let service = tower::service_fn(move |mut request: hyper::Request<Incoming>| {
             // Unproven until this request proves an identity.
-            standing.set_proven(false);
+            standing.withdraw();
             request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
             request.extensions_mut().insert(standing.clone());
             if let Some(cert) = &cert {

@@ -6,7 +6,7 @@
 //! ends.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prometheus::IntGauge;
@@ -21,17 +21,66 @@ use crate::metrics::ConnectionRefusal;
 /// last request on it proved a consumer's identity. A proven connection is
 /// never evicted for a newcomer; any other is (an unauthenticated request,
 /// a 404, a refused credential: what a stranger holding slots sends).
-#[derive(Debug, Clone, Default)]
-pub struct Standing(Arc<AtomicBool>);
+#[derive(Debug, Clone)]
+pub struct Standing {
+    proof: Arc<Mutex<Option<Proof>>>,
+    /// The protected connections one consumer may hold on this listener.
+    cap: usize,
+}
+
+/// A connection counted among a consumer's proven connections; the count
+/// goes down when the proof is withdrawn or the connection closes.
+#[derive(Debug)]
+struct Proof(Arc<AtomicUsize>);
+
+impl Drop for Proof {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One consumer's proven connections, counted across all of them (kept
+/// across reloads, as the consumer's limiter is).
+pub type ProvenConnections = Arc<AtomicUsize>;
 
 impl Standing {
-    /// Records whether the request now answered proved an identity.
-    pub fn set_proven(&self, proven: bool) {
-        self.0.store(proven, Ordering::Relaxed);
+    /// A connection not proven yet, on a listener where one consumer may
+    /// hold `cap` protected connections.
+    pub fn new(cap: usize) -> Self {
+        Self {
+            proof: Arc::default(),
+            cap,
+        }
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Proof>> {
+        self.proof.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The request now answered proved the consumer whose proven
+    /// connections are `count`: the connection is protected from eviction,
+    /// unless that consumer already holds its cap of protected connections
+    /// (one consumer cannot hold the listener for itself).
+    pub fn prove(&self, count: &ProvenConnections) {
+        let cap = self.cap;
+        let mut slot = self.slot();
+        if slot.as_ref().is_some_and(|p| Arc::ptr_eq(&p.0, count)) {
+            return;
+        }
+        *slot = None;
+        let taken = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < cap).then_some(n + 1));
+        if taken.is_ok() {
+            *slot = Some(Proof(Arc::clone(count)));
+        }
+    }
+
+    /// The request now arriving has proved nothing yet.
+    pub fn withdraw(&self) {
+        *self.slot() = None;
     }
 
     pub fn proven(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.slot().is_some()
     }
 }
 
@@ -155,8 +204,10 @@ mod tests {
 
     fn entry(id: u64, group: AddressGroup, proven: bool) -> (Entry, CancellationToken) {
         let kill = CancellationToken::new();
-        let standing = Standing::default();
-        standing.set_proven(proven);
+        let standing = Standing::new(usize::MAX);
+        if proven {
+            standing.prove(&ProvenConnections::default());
+        }
         let entry = Entry {
             group,
             opened: Instant::now() + Duration::from_millis(id),
@@ -217,6 +268,25 @@ mod tests {
         assert!(!quiet_kill.is_cancelled(), "the quiet address keeps its connection");
         assert!(crowd_kills[0].is_cancelled(), "the crowd's oldest goes");
         assert_eq!(reg.per_group[&crowd], 8);
+    }
+
+    #[test]
+    fn a_consumer_protects_at_most_its_cap_of_connections() {
+        let count = ProvenConnections::default();
+        let connections: Vec<Standing> = (0..5).map(|_| Standing::new(3)).collect();
+        for c in &connections {
+            c.prove(&count);
+        }
+        let protected = connections.iter().filter(|c| c.proven()).count();
+        assert_eq!(protected, 3, "the cap holds");
+        assert_eq!(count.load(Ordering::Relaxed), 3);
+        // Proving again on a protected connection takes no second place.
+        connections[0].prove(&count);
+        assert_eq!(count.load(Ordering::Relaxed), 3);
+        // A withdrawn proof, or a closed connection, gives its place back.
+        connections[0].withdraw();
+        drop(connections);
+        assert_eq!(count.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub const RETRY: Duration = Duration::from_secs(30);
 /// The fewest seconds between two reads caused by unknown key ids, so that
 /// tokens naming random key ids cannot make the broker hammer the API server.
 pub const MIN_REFETCH: Duration = Duration::from_secs(10);
+/// How long a token waits for its turn at a signature check.
+const VERIFY_WAIT: Duration = Duration::from_secs(1);
 /// Clock skew allowed on `exp` when checking a signed token.
 const LEEWAY_SECS: u64 = 30;
 /// Signature algorithms a ServiceAccount token may use: asymmetric only
@@ -47,6 +49,8 @@ const ALGORITHMS: &[Algorithm] = &[
 /// What a signature check found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Signature {
+    /// Signature checks are all taken (a flood of tokens): try again shortly.
+    Busy,
     /// Signed by one of the cluster's keys, unexpired, of our audience.
     Valid,
     /// Not a token of this cluster for us: refuse it without a review.
@@ -78,6 +82,9 @@ pub struct Jwks {
     audience: String,
     keys: ArcSwap<KeySet>,
     state: Mutex<KeysState>,
+    /// Signature checks under way: one at a time, so a flood of forged
+    /// tokens takes at most one core from serving everyone else.
+    verifying: tokio::sync::Semaphore,
     /// When a read last started, so unknown key ids refetch at most every
     /// [`MIN_REFETCH`]; an async mutex, so concurrent misses make one read.
     last_read: tokio::sync::Mutex<Option<Instant>>,
@@ -122,6 +129,7 @@ impl Jwks {
             audience: audience.to_owned(),
             keys: ArcSwap::from_pointee(KeySet::new()),
             state: Mutex::new(KeysState::Pending),
+            verifying: tokio::sync::Semaphore::new(1),
             last_read: tokio::sync::Mutex::new(None),
             fetch,
         }
@@ -222,16 +230,21 @@ impl Jwks {
             None => None,
         };
         let Some(key) = key else {
-            // No key of that id: forged, unless the keys could not be read
-            // (the cluster may have rotated them meanwhile).
-            return match self.state() {
-                KeysState::Loaded { .. } => Signature::Invalid("signed by a key the cluster does not hold"),
-                KeysState::Pending | KeysState::Failing { .. } => Signature::Unchecked,
+            // No key of that id (after a fresh read, if one was allowed):
+            // forged, whenever any keys are held. Only while none could
+            // ever be read does the review decide alone.
+            return if self.keys.load().is_empty() {
+                Signature::Unchecked
+            } else {
+                Signature::Invalid("signed by a key the cluster does not hold")
             };
         };
         let mut validation = Validation::new(header.alg);
         validation.set_audience(&[&self.audience]);
         validation.leeway = LEEWAY_SECS;
+        let Ok(Ok(_turn)) = tokio::time::timeout(VERIFY_WAIT, self.verifying.acquire()).await else {
+            return Signature::Busy;
+        };
         match jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation) {
             Ok(_) => Signature::Valid,
             Err(error) => Signature::Invalid(match error.kind() {
@@ -347,6 +360,27 @@ mod tests {
                 .await;
         }
         assert_eq!(reads.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keys_held_from_an_earlier_read_still_refuse_unknown_key_ids() {
+        let (key, jwk) = signing_key("k1");
+        let (other, _) = signing_key("k2");
+        let (jwks, _) = jwks(vec![Ok(json!({"keys": [jwk]})), Err("unreachable".into())]);
+        assert!(jwks.read().await);
+        tokio::time::advance(MIN_REFETCH).await;
+        assert!(!jwks.read().await, "the API server is gone");
+        assert!(matches!(jwks.state(), KeysState::Failing { keys: 1, .. }));
+        tokio::time::advance(MIN_REFETCH).await;
+        let forged = sign(&other, "k2", claims("ktb", 600));
+        assert!(
+            matches!(jwks.check(&forged).await, Signature::Invalid(_)),
+            "no review for it"
+        );
+        assert_eq!(
+            jwks.check(&sign(&key, "k1", claims("ktb", 600))).await,
+            Signature::Valid
+        );
     }
 
     #[tokio::test]
