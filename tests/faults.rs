@@ -177,7 +177,7 @@ async fn steady_state_with(fault: FaultSpec, expect: Expect, kraken: &str) {
     let calls_before = sim.state().calls().len();
     sim.state().set_fault(fault);
     let needs_503 = !matches!(expect, Expect::Serves);
-    let seen = watch_until(&broker, &sim, Duration::from_millis(2500), |s| {
+    let seen = watch_until(&broker, &sim, Duration::from_millis(1500), |s| {
         !needs_503 || s.unavailable > 0
     })
     .await;
@@ -201,7 +201,7 @@ async fn cold_start_with(fault: FaultSpec, expect: Expect, kraken: &str) {
     sim.state().set_fault(fault);
     let broker = Broker::from_files(&sim, &key, REFRESH, TIMEOUT, kraken).await;
     let needs_503 = !matches!(expect, Expect::Serves);
-    let seen = watch_until(&broker, &sim, Duration::from_millis(2000), |s| {
+    let seen = watch_until(&broker, &sim, Duration::from_millis(1000), |s| {
         !needs_503 || s.unavailable > 0
     })
     .await;
@@ -366,7 +366,7 @@ async fn persistent_invalid_nonces_stop_at_the_rejected_call_budget() {
     recovery(&broker, Duration::from_secs(5)).await;
     let before = sim.state().calls().len();
     sim.state().set_fault(error("EAPI:Invalid nonce"));
-    let seen = watch(&broker, &sim, Duration::from_millis(3000)).await;
+    let seen = watch_until(&broker, &sim, Duration::from_millis(2000), |s| s.unavailable > 0).await;
     let calls = sim.state().calls().len() - before;
     assert_eq!(calls, 2, "an attempt and its retry, then nothing: {seen:?}");
     assert!(seen.unavailable > 0);
@@ -469,7 +469,7 @@ async fn throttled_waits_until_krakens_timestamp() {
     let broker = Broker::from_files(&sim, &key, REFRESH, TIMEOUT, "").await;
     recovery(&broker, Duration::from_secs(5)).await;
     sim.state().set_fault(error(&format!("EService:Throttled: {until}")));
-    let seen = watch(&broker, &sim, Duration::from_millis(2000)).await;
+    let seen = watch_until(&broker, &sim, Duration::ZERO, |s| s.unavailable > 0).await;
     assert!(seen.unavailable > 0);
     assert!(failures(&broker, "rate_limited") >= 1.0);
     let state = sim.state().clone();
@@ -505,7 +505,7 @@ async fn lockout_opens_the_circuit_with_no_further_calls() {
             recovery(&broker, Duration::from_secs(5)).await;
             sim.state().set_fault(error("EGeneral:Temporary lockout"));
         }
-        let seen = watch(&broker, &sim, Duration::from_millis(2500)).await;
+        let seen = watch_until(&broker, &sim, Duration::from_millis(1000), |s| s.unavailable > 0).await;
         assert!(seen.unavailable > 0);
         assert!(
             seen.retry_after.iter().all(|s| *s >= 800),

@@ -144,16 +144,15 @@ impl Registry {
     }
 
     /// The connection to evict when the listener is full: the oldest
-    /// unproven one of the address holding the most unproven connections,
-    /// so a crowd pays for a newcomer from elsewhere, never the few
-    /// connections of a quiet address.
+    /// unproven one of the address holding the most connections (or, if all
+    /// of its are proven, of the next), so a crowd pays for a newcomer from
+    /// elsewhere, never the few connections of a quiet address. The counts
+    /// per address are kept as connections come and go: no pass over every
+    /// connection to count them.
     pub(super) fn eviction_candidate(&self) -> Option<u64> {
-        let mut unproven: HashMap<AddressGroup, usize> = HashMap::new();
-        for entry in self.entries.values().filter(|e| !e.standing.proven()) {
-            *unproven.entry(entry.group).or_default() += 1;
-        }
-        let (group, _) = unproven.into_iter().max_by_key(|(group, n)| (*n, *group))?;
-        self.oldest_unproven(group)
+        let mut groups: Vec<(usize, AddressGroup)> = self.per_group.iter().map(|(g, n)| (*n, *g)).collect();
+        groups.sort_unstable_by(|a, b| b.cmp(a));
+        groups.into_iter().find_map(|(_, group)| self.oldest_unproven(group))
     }
 
     /// Makes room for a newcomer from `group`: evicts an unproven connection
