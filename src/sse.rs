@@ -13,6 +13,13 @@
 /// event is about 400 bytes).
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 
+/// The watch stream's event carrying a token (its data is the JSON body of
+/// `GET /v1/token`).
+pub const TOKEN_EVENT: &str = "token";
+/// The watch stream's event saying no token can be served now (its data is
+/// the problem body `GET /v1/token` would answer).
+pub const UNAVAILABLE_EVENT: &str = "unavailable";
+
 /// One complete block of the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Item {

@@ -10,7 +10,7 @@
 //! - A file sink is reopened (created, 0600) when asked (a reload, SIGHUP)
 //!   and when its path no longer names the open file (logrotate renamed or
 //!   deleted it), checked before every batch.
-//! - A [`Message::Flush`] is answered once everything queued before it is
+//! - A `Message::Flush` is answered once everything queued before it is
 //!   written: the broker's shutdown waits for it.
 
 use std::fs::File;

@@ -19,12 +19,37 @@ pub async fn healthz() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], r#"{"status":"ok"}"#).into_response()
 }
 
+/// Whether this replica takes traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Status {
+    Ready,
+    NotReady,
+}
+
+/// An account's state, by whose making its failure is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum AccountState {
+    /// A token can be served now.
+    Serving,
+    /// The first refresh is not done.
+    Starting,
+    /// The held token is too short and a refresh is in flight.
+    Refreshing,
+    /// Refreshes fail for a reason that passes or every replica shares.
+    Failing,
+    /// Kraken refuses this replica's own key: an operator must act.
+    Rejected,
+    /// Kraken locked out this broker's address.
+    LockedOut,
+}
+
 #[derive(Serialize)]
 struct AccountReadiness {
     /// A token can be served for this account now.
     ready: bool,
-    /// `serving`, `starting`, `refreshing`, `failing`, `rejected` or `locked_out`.
-    state: &'static str,
+    state: AccountState,
     #[serde(skip_serializing_if = "Option::is_none")]
     expires_in: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -49,27 +74,35 @@ struct KubernetesReadiness {
     /// `loaded`: forged tokens are refused without a TokenReview;
     /// `pending` (just started) or `unreadable`: every token that passes
     /// the claim checks is reviewed.
-    signing_keys: &'static str,
+    signing_keys: SigningKeys,
     keys: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum SigningKeys {
+    Pending,
+    Loaded,
+    Unreadable,
 }
 
 impl KubernetesReadiness {
     fn of(state: KeysState) -> Self {
         match state {
             KeysState::Pending => Self {
-                signing_keys: "pending",
+                signing_keys: SigningKeys::Pending,
                 keys: 0,
                 error: None,
             },
             KeysState::Loaded { keys, .. } => Self {
-                signing_keys: "loaded",
+                signing_keys: SigningKeys::Loaded,
                 keys,
                 error: None,
             },
             KeysState::Failing { keys, error } => Self {
-                signing_keys: "unreadable",
+                signing_keys: SigningKeys::Unreadable,
                 keys,
                 error: Some(error),
             },
@@ -79,7 +112,7 @@ impl KubernetesReadiness {
 
 #[derive(Serialize)]
 struct Readiness {
-    status: &'static str,
+    status: Status,
     /// Why this replica is (not) taking traffic, in words.
     why: String,
     accounts: BTreeMap<String, AccountReadiness>,
@@ -121,15 +154,16 @@ fn why_not_servable(published: &Published, now: Instant) -> String {
     format!("{short}{health}")
 }
 
-/// An account's state, by whose making its failure is.
-fn state_of(published: &Published, servable: bool) -> &'static str {
-    match (&published.health, servable) {
-        (_, true) => "serving",
-        (Health::Starting, false) => "starting",
-        (Health::Healthy, false) => "refreshing",
-        (Health::Failing { permanent: true, .. }, false) => "rejected",
-        (Health::Failing { .. }, false) => "failing",
-        (Health::CircuitOpen { .. }, false) => "locked_out",
+impl AccountState {
+    fn of(published: &Published, servable: bool) -> Self {
+        match (&published.health, servable) {
+            (_, true) => Self::Serving,
+            (Health::Starting, false) => Self::Starting,
+            (Health::Healthy, false) => Self::Refreshing,
+            (Health::Failing { permanent: true, .. }, false) => Self::Rejected,
+            (Health::Failing { .. }, false) => Self::Failing,
+            (Health::CircuitOpen { .. }, false) => Self::LockedOut,
+        }
     }
 }
 
@@ -146,42 +180,12 @@ fn state_of(published: &Published, servable: bool) -> &'static str {
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let table = state.table.load();
     let now = Instant::now();
-    let mut accounts = BTreeMap::new();
-    for (name, handle) in &table.accounts {
-        let published = handle.published();
-        let servable = published.servable(Duration::ZERO, now);
-        let readiness = AccountReadiness {
-            ready: servable.is_some(),
-            state: state_of(&published, servable.is_some()),
-            expires_in: servable.map(|t| t.remaining(now).as_secs()),
-            reason: servable.is_none().then(|| why_not_servable(&published, now)),
-        };
-        accounts.insert(name.clone(), readiness);
-    }
-    let starting: Vec<&str> = accounts
+    let accounts: BTreeMap<String, AccountReadiness> = table
+        .accounts
         .iter()
-        .filter(|(_, a)| a.state == "starting")
-        .map(|(n, _)| n.as_str())
+        .map(|(name, handle)| (name.clone(), AccountReadiness::of(&handle.published(), now)))
         .collect();
-    let all_own_fault = !accounts.is_empty() && accounts.values().all(|a| a.state == "rejected");
-    let (ready, why) = if !starting.is_empty() {
-        (
-            false,
-            format!("the first refresh of {} is not done yet", starting.join(", ")),
-        )
-    } else if all_own_fault {
-        (
-            false,
-            "every account's key is rejected by Kraken (this replica's own keys): another replica may serve".to_owned(),
-        )
-    } else if accounts.values().all(|a| a.ready) {
-        (true, "every account can be served".to_owned())
-    } else {
-        (
-            true,
-            "some accounts cannot be served now, for reasons other replicas share or that pass: consumers get 503 with Retry-After".to_owned(),
-        )
-    };
+    let (status, why) = verdict(&accounts);
     let gate = state.gate.status(now);
     let kraken = KrakenReadiness {
         lockout_until: gate.lockout.as_ref().map(|(until, _)| {
@@ -193,18 +197,57 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         max_rejected_calls: gate.max_rejected_calls,
     };
     let body = Readiness {
-        status: if ready { "ready" } else { "not_ready" },
+        status,
         why,
         accounts,
         kraken,
         kubernetes: table.reviewer.as_ref().map(|r| KubernetesReadiness::of(r.keys_state())),
     };
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+    let code = match status {
+        Status::Ready => StatusCode::OK,
+        Status::NotReady => StatusCode::SERVICE_UNAVAILABLE,
     };
-    (status, axum::Json(body)).into_response()
+    (code, axum::Json(body)).into_response()
+}
+
+impl AccountReadiness {
+    fn of(published: &Published, now: Instant) -> Self {
+        let servable = published.servable(Duration::ZERO, now);
+        Self {
+            ready: servable.is_some(),
+            state: AccountState::of(published, servable.is_some()),
+            expires_in: servable.map(|t| t.remaining(now).as_secs()),
+            reason: servable.is_none().then(|| why_not_servable(published, now)),
+        }
+    }
+}
+
+/// The readiness policy applied to the accounts' states, with its reason.
+fn verdict(accounts: &BTreeMap<String, AccountReadiness>) -> (Status, String) {
+    let starting: Vec<&str> = accounts
+        .iter()
+        .filter(|(_, a)| a.state == AccountState::Starting)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if !starting.is_empty() {
+        return (
+            Status::NotReady,
+            format!("the first refresh of {} is not done yet", starting.join(", ")),
+        );
+    }
+    if !accounts.is_empty() && accounts.values().all(|a| a.state == AccountState::Rejected) {
+        return (
+            Status::NotReady,
+            "every account's key is rejected by Kraken (this replica's own keys): another replica may serve".to_owned(),
+        );
+    }
+    if accounts.values().all(|a| a.ready) {
+        return (Status::Ready, "every account can be served".to_owned());
+    }
+    (
+        Status::Ready,
+        "some accounts cannot be served now, for reasons other replicas share or that pass: consumers get 503 with Retry-After".to_owned(),
+    )
 }
 
 /// `GET /metrics`: the Prometheus text format.
@@ -224,4 +267,69 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         state.metrics.encode(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account(state: AccountState) -> AccountReadiness {
+        AccountReadiness {
+            ready: state == AccountState::Serving,
+            state,
+            expires_in: None,
+            reason: None,
+        }
+    }
+
+    fn verdict_of(states: &[AccountState]) -> Status {
+        let accounts = states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("a{i}"), account(*s)))
+            .collect();
+        verdict(&accounts).0
+    }
+
+    #[test]
+    fn the_states_keep_their_documented_names() {
+        let names: Vec<String> = [
+            AccountState::Serving,
+            AccountState::Starting,
+            AccountState::Refreshing,
+            AccountState::Failing,
+            AccountState::Rejected,
+            AccountState::LockedOut,
+        ]
+        .iter()
+        .map(|s| serde_json::to_string(s).unwrap())
+        .collect();
+        assert_eq!(
+            names,
+            [
+                r#""serving""#,
+                r#""starting""#,
+                r#""refreshing""#,
+                r#""failing""#,
+                r#""rejected""#,
+                r#""locked_out""#
+            ]
+        );
+        assert_eq!(serde_json::to_string(&Status::NotReady).unwrap(), r#""not_ready""#);
+        assert_eq!(
+            serde_json::to_string(&SigningKeys::Unreadable).unwrap(),
+            r#""unreadable""#
+        );
+    }
+
+    #[test]
+    fn not_ready_only_while_starting_or_when_every_key_is_rejected() {
+        use AccountState::*;
+        assert_eq!(verdict_of(&[Serving, Starting]), Status::NotReady);
+        assert_eq!(verdict_of(&[Rejected, Rejected]), Status::NotReady);
+        assert_eq!(verdict_of(&[Rejected, Failing]), Status::Ready);
+        assert_eq!(verdict_of(&[LockedOut]), Status::Ready);
+        assert_eq!(verdict_of(&[Serving, Rejected]), Status::Ready);
+        assert_eq!(verdict_of(&[]), Status::Ready);
+    }
 }

@@ -3,7 +3,7 @@
 //! as `GET /v1/token`), then each new one as the broker holds it (a refresh,
 //! an invalidation), an `unavailable` event (problem JSON) when none good
 //! enough is held and refreshing is failing (or a refresh under way has not
-//! brought one within [`REFRESH_GRACE`]), and a comment line every
+//! brought one within `REFRESH_GRACE`), and a comment line every
 //! [`KEEP_ALIVE`] through proxies.
 //!
 //! A stream holds no queue: on each wake it reads what is published now, so
@@ -137,7 +137,11 @@ impl Watcher {
                     self.sent = Sent::Token(token.sha256);
                     record_served(&self.table, &consumer, grant, self.peer, token, "watch");
                     let json = token_json(token, &self.account, &self.table.ws_url, now);
-                    return Some(Event::default().event("token").data(String::from_utf8_lossy(&json)));
+                    return Some(
+                        Event::default()
+                            .event(crate::sse::TOKEN_EVENT)
+                            .data(String::from_utf8_lossy(&json)),
+                    );
                 }
                 // None held but none failing either: a refresh is under way
                 // (an invalidation, a cold start). Wait for it, a while.
@@ -154,7 +158,7 @@ impl Watcher {
                     let json = problem_json(StatusCode::SERVICE_UNAVAILABLE, &detail);
                     return Some(
                         Event::default()
-                            .event("unavailable")
+                            .event(crate::sse::UNAVAILABLE_EVENT)
                             .data(String::from_utf8_lossy(&json)),
                     );
                 }

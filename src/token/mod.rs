@@ -12,6 +12,7 @@
 //! | [`policy`] | what to do after a failed call (pure) |
 //! | [`gate`] | the process-wide rejected-call budget and address-wide lockout |
 //! | [`scripted`] | a scripted token source for tests and benchmarks |
+//! | [`metrics`] | the token and gate metric families |
 
 pub mod gate;
 pub mod metrics;

@@ -15,7 +15,7 @@ pub struct SseEvent {
 impl SseEvent {
     /// The `token` field of a `token` event's JSON.
     pub fn token(&self) -> Option<String> {
-        (self.event == "token")
+        (self.event == kraken_token_broker::sse::TOKEN_EVENT)
             .then(|| serde_json::from_str::<serde_json::Value>(&self.data).ok())
             .flatten()
             .and_then(|v| v["token"].as_str().map(str::to_owned))

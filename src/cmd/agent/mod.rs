@@ -34,7 +34,7 @@ use tracing::{info, warn};
 
 use super::Error;
 use super::client::{ANSWER_BODY_TIMEOUT, Consumer, ConsumerArgs, detail_of, error_chain, read_answer, retry_after};
-use crate::sse::{self, Item};
+use crate::sse::{self, Item, TOKEN_EVENT, UNAVAILABLE_EVENT};
 use output::{Output, Written};
 
 mod output;
@@ -277,14 +277,14 @@ async fn follow(consumer: &Consumer, out: &Output, stop: &CancellationToken, att
             idle_until = tokio::time::Instant::now() + idle;
             let Item::Event { name, data } = item else { continue };
             match name.as_str() {
-                "token" => match out.write(&data).await {
+                TOKEN_EVENT => match out.write(&data).await {
                     Ok(Written::Yes | Written::Unchanged) => *attempt = 0,
                     Ok(Written::NoToken) => {
                         return End::Retry(None, "the broker sent a token event without a token".into());
                     }
                     Err(e) => return End::Failed(e),
                 },
-                "unavailable" => {
+                UNAVAILABLE_EVENT => {
                     let detail = detail_of(reqwest::StatusCode::SERVICE_UNAVAILABLE, &data);
                     warn!(%detail, "the broker has no good token now; the file keeps the last one until it has");
                 }

@@ -14,7 +14,7 @@
 //!   the oldest of the address holding the most. So a crowd, however many
 //!   requests it sends, never keeps a consumer from another address out,
 //!   nor a probe out of the admin listener.
-//! - Each connection's slot is held by a guard ([`Slot`]), given back
+//! - Each connection's slot is held by a guard (`Slot`), given back
 //!   however its task ends, a panic included.
 //! - Request heads: a deadline (which also closes idle keep-alive
 //!   connections and slow-header clients) and a size cap that bounds each

@@ -143,7 +143,7 @@ pub(super) struct KeyState {
     pub(super) counter_at: Instant,
 }
 
-/// A bad key given to [`SimState::add_key`].
+/// A bad key given to [`super::SimState::add_key`].
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("the API secret is not valid base64")]
