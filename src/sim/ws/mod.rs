@@ -30,7 +30,7 @@ use serde_json::{Value, json};
 
 use super::SimShared;
 use super::state::{SimState, SystemStatus, Tier};
-use orders::{Order, add_order, cancel_order};
+use orders::{Order, trade};
 use replies::{ack, error_reply, now_rfc3339, snapshot};
 
 mod orders;
@@ -160,8 +160,7 @@ pub fn respond(text: &str, state: &SimState, session: &mut Session) -> Vec<Value
                 snapshot(channel, sequence),
             ]
         }
-        "add_order" => add_order(&request, token, state, session, &time_in),
-        "cancel_order" => cancel_order(&request, token, state, session, &time_in),
+        "add_order" | "cancel_order" => trade(&method, &request, token, state, session, &time_in),
         other => vec![error_reply(
             "EGeneral:Unknown method",
             Some(other),

@@ -82,16 +82,27 @@ fn push_execution(replies: &mut Vec<Value>, session: &mut Session, data: Value) 
     }
 }
 
-pub(super) fn add_order(
+/// `add_order` or `cancel_order`: refused unless [`trading_allowed`], then
+/// answered.
+pub(super) fn trade(
+    method: &str,
     request: &Value,
     token: Option<&str>,
     state: &SimState,
     session: &mut Session,
     time_in: &str,
 ) -> Vec<Value> {
-    if let Err(error) = trading_allowed("add_order", token, state, session) {
-        return vec![error_reply(error, Some("add_order"), Some(request), time_in)];
+    if let Err(error) = trading_allowed(method, token, state, session) {
+        return vec![error_reply(error, Some(method), Some(request), time_in)];
     }
+    if method == "add_order" {
+        add_order(request, session, time_in)
+    } else {
+        cancel_order(request, session, time_in)
+    }
+}
+
+fn add_order(request: &Value, session: &mut Session, time_in: &str) -> Vec<Value> {
     let p = |name: &str| request.pointer(&format!("/params/{name}"));
     let text = |name: &str| p(name).and_then(Value::as_str).map(str::to_owned);
     let (Some(symbol), Some(side), Some(order_type), Some(qty)) = (
@@ -136,16 +147,7 @@ pub(super) fn add_order(
     replies
 }
 
-pub(super) fn cancel_order(
-    request: &Value,
-    token: Option<&str>,
-    state: &SimState,
-    session: &mut Session,
-    time_in: &str,
-) -> Vec<Value> {
-    if let Err(error) = trading_allowed("cancel_order", token, state, session) {
-        return vec![error_reply(error, Some("cancel_order"), Some(request), time_in)];
-    }
+fn cancel_order(request: &Value, session: &mut Session, time_in: &str) -> Vec<Value> {
     let ids: Vec<String> = request
         .pointer("/params/order_id")
         .and_then(Value::as_array)

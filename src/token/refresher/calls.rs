@@ -302,23 +302,6 @@ impl Refresher {
         if let Next::LockedOut { until } = next {
             self.ambient.gate.locked_out(&self.name, until);
         }
-        if next == Next::ResignNow {
-            // Invisible to readers: the health stays as it was. The retry is
-            // one of a rejected key: the gate has its say.
-            let just_failed = Failure {
-                reason,
-                detail: error.to_string(),
-                consecutive: streak.failures,
-                next,
-                short_lifetime: None,
-                held: None,
-            };
-            if let Err(held) = self.ambient.gate.permit(Risk::Retry, now) {
-                return self.held(streak, Some(just_failed), held, now);
-            }
-            self.call_with(streak, failing);
-            return;
-        }
         let failure = Failure {
             reason,
             detail: error.to_string(),
@@ -327,6 +310,15 @@ impl Refresher {
             short_lifetime: None,
             held: None,
         };
+        if next == Next::ResignNow {
+            // Invisible to readers: the health stays as it was. The retry is
+            // one of a rejected key: the gate has its say.
+            if let Err(held) = self.ambient.gate.permit(Risk::Retry, now) {
+                return self.held(streak, Some(failure), held, now);
+            }
+            self.call_with(streak, failing);
+            return;
+        }
         self.fail(streak, failure, now);
     }
 }
