@@ -16,6 +16,9 @@ use common::{BIN, FAST_REFRESH, Served, sim_with_key, wait_for, write};
 struct Agent {
     child: Child,
     stderr: Arc<Mutex<String>>,
+    /// The thread copying stderr: joined once the agent exits, so
+    /// everything it wrote has been read.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Agent {
@@ -34,14 +37,18 @@ impl Agent {
         let stderr = Arc::new(Mutex::new(String::new()));
         let sink = Arc::clone(&stderr);
         let pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                 let mut s = sink.lock().unwrap();
                 s.push_str(&line);
                 s.push('\n');
             }
         });
-        Agent { child, stderr }
+        Agent {
+            child,
+            stderr,
+            reader: Some(reader),
+        }
     }
 
     fn signal(&self, name: &str) {
@@ -57,6 +64,13 @@ impl Agent {
         let until = Instant::now() + deadline;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                // The pipe ends with the process: read it to the end.
+                if let Some(reader) = self.reader.take() {
+                    tokio::task::spawn_blocking(move || reader.join())
+                        .await
+                        .unwrap()
+                        .unwrap();
+                }
                 return status;
             }
             assert!(

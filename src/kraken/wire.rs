@@ -89,7 +89,8 @@ pub fn parse_ws_token_response(body: &[u8]) -> Result<WsToken, KrakenError> {
     }
     let max = MAX_TOKEN_LIFETIME.as_secs_f64();
     let lifetime_clamped = expires > max;
-    let lifetime = Duration::from_secs_f64(expires.min(max));
+    let lifetime = Duration::try_from_secs_f64(expires.min(max))
+        .map_err(|_| malformed("expires is not a positive number of seconds"))?;
     Ok(WsToken {
         token,
         lifetime,

@@ -22,6 +22,9 @@ pub struct Served {
     pub credential: String,
     pub dir: tempfile::TempDir,
     pub http: reqwest::Client,
+    /// The thread copying stderr: joined once the process exits, so every
+    /// line it wrote is in `logs`.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Writes `contents` to `dir/name` and returns the path.
@@ -166,7 +169,7 @@ impl Served {
         let logs = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().unwrap();
         let sink = Arc::clone(&logs);
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push(line);
             }
@@ -179,6 +182,7 @@ impl Served {
             credential: credential.to_owned(),
             dir,
             http,
+            reader: Some(reader),
         };
         let line = served
             .wait_log("the broker to listen", Duration::from_secs(10), |l| {
@@ -257,6 +261,13 @@ impl Served {
         let until = std::time::Instant::now() + deadline;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                // The pipe ends with the process: read it to the end.
+                if let Some(reader) = self.reader.take() {
+                    tokio::task::spawn_blocking(move || reader.join())
+                        .await
+                        .unwrap()
+                        .unwrap();
+                }
                 return status;
             }
             assert!(
