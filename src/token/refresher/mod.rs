@@ -45,13 +45,13 @@ pub use demand::{ACCOUNT_FORCED_BURST, ACCOUNT_FORCED_EVERY, FORCED_REFRESH_BURS
 pub use handle::{AccountHandle, Answer, Applied, Cause, Unavailable};
 
 use super::gate::KrakenGate;
+use super::metrics::AccountMetrics;
 use super::policy::{Next, Streak};
 use super::published::{CachedToken, Health, Published, ServingRule};
 use super::source::AccountSetup;
 use crate::bucket::TokenBucket;
 use crate::clock::WallClock;
 use crate::kraken::{KrakenError, MAX_TOKEN_LIFETIME, WsToken};
-use crate::metrics::AccountMetrics;
 use handle::{Control, REQUEST_QUEUE, Request};
 use state::{Failure, State, Trigger, Waiter};
 
