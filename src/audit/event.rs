@@ -17,8 +17,7 @@ pub enum Event {
         /// The token's keyed fingerprint.
         token: String,
         expires_at: String,
-        /// `get`, `invalidate` or `watch`.
-        via: &'static str,
+        via: Via,
     },
     /// A consumer reported a token Kraken refused.
     #[serde(rename = "token.invalidated")]
@@ -50,7 +49,7 @@ pub enum Event {
     /// A config reload's outcome.
     #[serde(rename = "config.reloaded")]
     ConfigReloaded {
-        result: &'static str,
+        result: ReloadResult,
         #[serde(skip_serializing_if = "Option::is_none")]
         added: Option<Vec<String>>,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -58,6 +57,39 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         removed: Option<Vec<String>>,
     },
+}
+
+/// How a served token left: `get`, `invalidate` or `watch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Via {
+    /// `GET /v1/token`.
+    Get,
+    /// `POST /v1/token/invalidate`, answered with the new token.
+    Invalidate,
+    /// An event of `GET /v1/token/watch`.
+    Watch,
+}
+
+impl Via {
+    /// As logs and audit lines name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Get => "get",
+            Via::Invalidate => "invalidate",
+            Via::Watch => "watch",
+        }
+    }
+}
+
+/// What a config reload ended in: `applied`, `refused` (invalid) or
+/// `failed` (could not be read or put in force).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReloadResult {
+    Applied,
+    Refused,
+    Failed,
 }
 
 /// An event with the time it was recorded: one audit line.

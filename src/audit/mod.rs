@@ -17,7 +17,7 @@ pub mod event;
 pub mod repeats;
 pub mod writer;
 
-pub use event::Event;
+pub use event::{Event, ReloadResult, Via};
 pub use writer::open;
 
 use std::net::IpAddr;
@@ -344,7 +344,7 @@ mod tests {
 
     fn reloaded() -> Event {
         Event::ConfigReloaded {
-            result: "applied",
+            result: ReloadResult::Applied,
             added: None,
             changed: None,
             removed: None,

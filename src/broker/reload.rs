@@ -1,8 +1,10 @@
 //! Reloading: requests (SIGHUP, the poller, a test) are queued while one
 //! read of the config and its secrets runs off the control loop; its result
-//! is applied at once, and whoever asked is answered once every refresher
-//! has its change, with one typed [`ReloadOutcome`], from which the log
-//! line, the metric and the audit line all come.
+//! is applied at once, with one typed [`ReloadOutcome`] from which the log
+//! line, the metric and the audit line all come. They are written on the
+//! control loop as the outcome is decided, so they follow the order of the
+//! reloads and none is pending at shutdown; whoever asked is answered once
+//! every refresher has its change.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,7 +15,7 @@ use tracing::{error, info, warn};
 
 use super::Broker;
 use super::accounts::ReloadSummary;
-use crate::audit::{Auditor, Event};
+use crate::audit::{Auditor, Event, ReloadResult};
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::telemetry::list;
@@ -27,7 +29,16 @@ pub enum ReloadOutcome {
     Refused(Arc<ConfigError>),
     /// The new config could not be read or put in force (a read that
     /// failed, a client that cannot be built): the running one stays.
-    Failed(Arc<str>),
+    Failed(Arc<ReloadFailure>),
+}
+
+/// Why a valid config could not be read or put in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadFailure {
+    #[error("the read of the config stopped: {0}")]
+    Read(#[source] tokio::task::JoinError),
+    #[error("the new config cannot be put in force: {0}")]
+    Apply(#[source] super::Error),
 }
 
 impl ReloadOutcome {
@@ -59,7 +70,7 @@ impl ReloadOutcome {
                     "config reloaded"
                 );
                 Event::ConfigReloaded {
-                    result: "applied",
+                    result: ReloadResult::Applied,
                     added: Some(s.added.clone()),
                     changed: Some(s.changed.clone()),
                     removed: Some(s.removed.clone()),
@@ -68,7 +79,7 @@ impl ReloadOutcome {
             ReloadOutcome::Refused(problems) => {
                 error!(error = %problems, "config reload refused; the running config stays in force");
                 Event::ConfigReloaded {
-                    result: "refused",
+                    result: ReloadResult::Refused,
                     added: None,
                     changed: None,
                     removed: None,
@@ -77,7 +88,7 @@ impl ReloadOutcome {
             ReloadOutcome::Failed(why) => {
                 error!(error = %why, "config reload failed; the running config stays in force");
                 Event::ConfigReloaded {
-                    result: "failed",
+                    result: ReloadResult::Failed,
                     added: None,
                     changed: None,
                     removed: None,
@@ -163,34 +174,33 @@ impl ReloadQueue {
     }
 }
 
-/// Applies a freshly read config; once it is in force (or refused),
-/// reports the outcome and answers whoever asked.
+/// Applies a freshly read config and reports the outcome at once, on the
+/// control loop; answers whoever asked once the change is in force (at once
+/// when it was refused or failed).
 pub(super) fn finish(broker: &mut Broker, read: Read, replies: Vec<oneshot::Sender<ReloadOutcome>>) {
-    let (metrics, auditor) = (broker.options.metrics.clone(), broker.auditor.clone());
-    let answer = move |outcome: ReloadOutcome, auditor: Option<Arc<Auditor>>| {
-        outcome.report(&metrics, auditor.as_deref());
+    let (outcome, applied) = match read {
+        Ok(Ok(config)) => {
+            for warning in &config.warnings {
+                warn!(warning = %warning, "config warning");
+            }
+            match broker.reload(config) {
+                Ok((summary, applied)) => (ReloadOutcome::Applied(summary), applied),
+                Err(error) => (ReloadOutcome::Failed(Arc::new(ReloadFailure::Apply(error))), Vec::new()),
+            }
+        }
+        Ok(Err(problems)) => (ReloadOutcome::Refused(Arc::new(problems)), Vec::new()),
+        Err(join) => (ReloadOutcome::Failed(Arc::new(ReloadFailure::Read(join))), Vec::new()),
+    };
+    outcome.report(&broker.options.metrics, broker.auditor.as_deref());
+    if replies.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        for change in applied {
+            change.wait().await;
+        }
         for reply in replies {
             let _ = reply.send(outcome.clone());
         }
-    };
-    let config = match read {
-        Ok(Ok(config)) => config,
-        Ok(Err(problems)) => return answer(ReloadOutcome::Refused(Arc::new(problems)), auditor),
-        Err(join) => return answer(ReloadOutcome::Failed(Arc::from(join.to_string())), auditor),
-    };
-    for warning in &config.warnings {
-        warn!(warning = %warning, "config warning");
-    }
-    match broker.reload(config) {
-        Ok((summary, applied)) => {
-            let auditor = broker.auditor.clone();
-            tokio::spawn(async move {
-                for change in applied {
-                    change.wait().await;
-                }
-                answer(ReloadOutcome::Applied(summary), auditor);
-            });
-        }
-        Err(error) => answer(ReloadOutcome::Failed(Arc::from(error.to_string())), auditor),
-    }
+    });
 }

@@ -13,7 +13,7 @@ use tracing::debug;
 use super::Grant;
 use super::auth::Authenticated;
 use super::problem::ApiError;
-use crate::audit::Event;
+use crate::audit::{Event, Via};
 use crate::token::{CachedToken, Cause, Unavailable, token_sha256};
 
 /// The largest `min_ttl` accepted: Kraken's documented token lifetime.
@@ -141,7 +141,7 @@ fn count_served(auth: &Authenticated, grant: &Grant, token: &CachedToken, method
     if method == Method::HEAD {
         return;
     }
-    record_served(&auth.table, &auth.consumer, grant, auth.peer, token, "get");
+    record_served(&auth.table, &auth.consumer, grant, auth.peer, token, Via::Get);
 }
 
 /// Counts one token handed to `consumer` (by `via`: `get`, `invalidate`,
@@ -152,10 +152,10 @@ pub(super) fn record_served(
     grant: &Grant,
     peer: Option<std::net::SocketAddr>,
     token: &CachedToken,
-    via: &'static str,
+    via: Via,
 ) {
     grant.served.inc();
-    debug!(consumer = %consumer.name, account = %grant.account, token = %token.fingerprint, via, "token served");
+    debug!(consumer = %consumer.name, account = %grant.account, token = %token.fingerprint, via = via.as_str(), "token served");
     if let Some(audit) = &table.audit {
         audit.record(Event::TokenServed {
             consumer: consumer.name.clone(),
@@ -259,7 +259,7 @@ pub async fn invalidate(
             replaced: token.sha256 != reported_sha,
         });
     }
-    record_served(&auth.table, &auth.consumer, grant, auth.peer, &token, "invalidate");
+    record_served(&auth.table, &auth.consumer, grant, auth.peer, &token, Via::Invalidate);
     Ok(token_response(&token, &grant.account, &table.ws_url, Instant::now()))
 }
 

@@ -33,6 +33,7 @@ use super::api::{parse_query, record_served, token_json};
 use super::auth::Authenticated;
 use super::problem::{ApiError, problem_json};
 use super::{AppState, Consumer, Grant, ServeTable};
+use crate::audit::Via;
 use crate::token::Health;
 
 /// Watch streams one consumer may hold open at once.
@@ -135,7 +136,7 @@ impl Watcher {
                 Some(token) if self.sent != Sent::Token(token.sha256) => {
                     self.waiting_since = None;
                     self.sent = Sent::Token(token.sha256);
-                    record_served(&self.table, &consumer, grant, self.peer, token, "watch");
+                    record_served(&self.table, &consumer, grant, self.peer, token, Via::Watch);
                     let json = token_json(token, &self.account, &self.table.ws_url, now);
                     return Some(
                         Event::default()
