@@ -104,7 +104,7 @@ impl KubernetesReadiness {
             KeysState::Failing { keys, error } => Self {
                 signing_keys: SigningKeys::Unreadable,
                 keys,
-                error: Some(error),
+                error: Some(error.to_string()),
             },
         }
     }

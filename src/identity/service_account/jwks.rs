@@ -60,22 +60,36 @@ pub enum Signature {
 }
 
 /// Whether the keys could be read, for the log and `/readyz`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum KeysState {
     /// Not read yet (the broker has just started).
     Pending,
     /// Held, read at this Unix time.
     Loaded { keys: usize, at: SystemTime },
     /// The last read failed; `keys` are still held from an earlier one.
-    Failing { keys: usize, error: String },
+    Failing { keys: usize, error: Arc<JwksError> },
+}
+
+/// Why the keys could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    #[error(transparent)]
+    Api(#[from] super::ApiError),
+    #[error("not a JWKS document: {0}")]
+    NotJwks(#[source] serde_json::Error),
+    #[error("the JWKS document holds no usable signing key")]
+    NoUsableKey,
 }
 
 /// The signing keys, by key id.
 type KeySet = HashMap<String, Arc<DecodingKey>>;
 
 /// Reads the keys with the broker's own token; given by the reviewer.
-pub type Fetch =
-    Arc<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, String>> + Send>> + Send + Sync>;
+pub type Fetch = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, super::ApiError>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// The cluster's signing keys and their refreshing.
 pub struct Jwks {
@@ -97,8 +111,8 @@ struct Document {
 }
 
 /// The usable signing keys of a JWKS document.
-pub fn parse(document: &[u8]) -> Result<KeySet, String> {
-    let doc: Document = serde_json::from_slice(document).map_err(|e| format!("not a JWKS document: {e}"))?;
+pub fn parse(document: &[u8]) -> Result<KeySet, JwksError> {
+    let doc: Document = serde_json::from_slice(document).map_err(JwksError::NotJwks)?;
     let mut keys = KeySet::new();
     for value in doc.keys {
         let Ok(jwk) = serde_json::from_value::<Jwk>(value) else {
@@ -118,7 +132,7 @@ pub fn parse(document: &[u8]) -> Result<KeySet, String> {
         }
     }
     if keys.is_empty() {
-        return Err("the JWKS document holds no usable signing key".to_owned());
+        return Err(JwksError::NoUsableKey);
     }
     Ok(keys)
 }
@@ -153,7 +167,10 @@ impl Jwks {
     }
 
     async fn read_unlocked(&self) -> bool {
-        let outcome = (self.fetch)().await.and_then(|body| parse(&body));
+        let outcome = match (self.fetch)().await {
+            Ok(body) => parse(&body),
+            Err(error) => Err(JwksError::Api(error)),
+        };
         let before = self.state();
         match outcome {
             Ok(keys) => {
@@ -172,7 +189,7 @@ impl Jwks {
             }
             Err(error) => {
                 let keys = self.keys.load().len();
-                if !matches!(&before, KeysState::Failing { error: e, .. } if *e == error) {
+                if !matches!(&before, KeysState::Failing { error: e, .. } if e.to_string() == error.to_string()) {
                     warn!(
                         %error,
                         keys,
@@ -180,7 +197,10 @@ impl Jwks {
                         "cannot read the ServiceAccount token signing keys: tokens signed by an unknown key are checked by TokenReview alone"
                     );
                 }
-                self.set_state(KeysState::Failing { keys, error });
+                self.set_state(KeysState::Failing {
+                    keys,
+                    error: Arc::new(error),
+                });
                 false
             }
         }
@@ -288,14 +308,17 @@ mod tests {
 
     /// A JWKS that serves `documents` in turn (the last one from then on),
     /// counting reads.
-    fn jwks(documents: Vec<Result<serde_json::Value, String>>) -> (Jwks, Arc<AtomicUsize>) {
+    fn jwks(documents: Vec<Result<serde_json::Value, u16>>) -> (Jwks, Arc<AtomicUsize>) {
         let reads = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&reads);
         let documents = Arc::new(documents);
         let fetch: Fetch = Arc::new(move || {
             let n = counter.fetch_add(1, Ordering::SeqCst);
             let doc = documents[n.min(documents.len() - 1)].clone();
-            Box::pin(async move { doc.map(|d| d.to_string().into_bytes()) })
+            Box::pin(async move {
+                doc.map(|d| d.to_string().into_bytes())
+                    .map_err(super::super::ApiError::Status)
+            })
         });
         (Jwks::new("ktb", fetch), reads)
     }
@@ -366,7 +389,7 @@ mod tests {
     async fn keys_held_from_an_earlier_read_still_refuse_unknown_key_ids() {
         let (key, jwk) = signing_key("k1");
         let (other, _) = signing_key("k2");
-        let (jwks, _) = jwks(vec![Ok(json!({"keys": [jwk]})), Err("unreachable".into())]);
+        let (jwks, _) = jwks(vec![Ok(json!({"keys": [jwk]})), Err(502)]);
         assert!(jwks.read().await);
         tokio::time::advance(MIN_REFETCH).await;
         assert!(!jwks.read().await, "the API server is gone");
@@ -386,7 +409,7 @@ mod tests {
     #[tokio::test]
     async fn without_readable_keys_tokens_fall_back_to_review() {
         let (key, _) = signing_key("k1");
-        let (jwks, _) = jwks(vec![Err("HTTP 403".into())]);
+        let (jwks, _) = jwks(vec![Err(403)]);
         assert_eq!(
             jwks.check(&sign(&key, "k1", claims("ktb", 600))).await,
             Signature::Unchecked

@@ -47,7 +47,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{error, warn};
 
 pub use claims::{Claims, looks_like_jwt, precheck};
-pub use jwks::{KeysState, Signature};
+pub use jwks::{JwksError, KeysState, Signature};
 
 use crate::bucket::TokenBucket;
 use crate::config::KubernetesConfig;
@@ -142,6 +142,29 @@ pub enum SetupError {
     Client(#[source] reqwest::Error),
 }
 
+/// Why the broker could not ask the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("cannot read the broker's token {path}: {source}")]
+    OwnToken {
+        path: PathBuf,
+        #[source]
+        source: crate::files::FileError,
+    },
+    #[error("the broker's own token is not a valid header value")]
+    OwnTokenHeader,
+    #[error("the API server refused the broker's own token")]
+    OwnTokenRefused,
+    #[error("the API server is unreachable: {0}")]
+    Unreachable(#[source] reqwest::Error),
+    #[error("the API server answered HTTP {0}")]
+    Status(u16),
+    #[error("the answer was cut off: {0}")]
+    CutOff(#[source] reqwest::Error),
+    #[error("the JWKS document is larger than {MAX_JWKS_BYTES} bytes")]
+    TooLarge,
+}
+
 /// The API server as the broker calls it: its own client (the cluster CA
 /// only, no proxy, no redirects) and the broker's own projected token.
 struct ApiServer {
@@ -153,7 +176,7 @@ struct ApiServer {
 
 impl ApiServer {
     /// The broker's own token, re-read as it rotates.
-    fn own_token(&self, force: bool) -> Result<SecretString, String> {
+    fn own_token(&self, force: bool) -> Result<SecretString, ApiError> {
         let mut own = self.own_token.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((token, at)) = own.as_ref()
             && !force
@@ -161,23 +184,27 @@ impl ApiServer {
         {
             return Ok(token.clone());
         }
-        let read = crate::files::read_regular(&self.token_file, crate::files::MAX_SECRET_BYTES)
-            .map_err(|e| format!("cannot read the broker's token {}: {e}", self.token_file.display()))?;
+        let read = crate::files::read_regular(&self.token_file, crate::files::MAX_SECRET_BYTES).map_err(|source| {
+            ApiError::OwnToken {
+                path: self.token_file.clone(),
+                source,
+            }
+        })?;
         let token = SecretString::new(read.text.trim());
         *own = Some((token.clone(), Instant::now()));
         Ok(token)
     }
 
-    fn bearer(&self, force: bool) -> Result<reqwest::header::HeaderValue, String> {
+    fn bearer(&self, force: bool) -> Result<reqwest::header::HeaderValue, ApiError> {
         let own = self.own_token(force)?;
         let mut auth = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", own.expose()))
-            .map_err(|_| "the broker's own token is not a valid header value".to_owned())?;
+            .map_err(|_| ApiError::OwnTokenHeader)?;
         auth.set_sensitive(true);
         Ok(auth)
     }
 
     /// `GET /openid/v1/jwks`: the cluster's token signing keys.
-    async fn jwks(&self) -> Result<Vec<u8>, String> {
+    async fn jwks(&self) -> Result<Vec<u8>, ApiError> {
         let url = format!("{}/openid/v1/jwks", self.url);
         for attempt in 0..2 {
             let response = self
@@ -186,24 +213,21 @@ impl ApiServer {
                 .header(reqwest::header::AUTHORIZATION, self.bearer(attempt > 0)?)
                 .send()
                 .await
-                .map_err(|e| format!("the API server is unreachable: {}", e.without_url()))?;
+                .map_err(|e| ApiError::Unreachable(e.without_url()))?;
             let status = response.status();
             if status == reqwest::StatusCode::UNAUTHORIZED && attempt == 0 {
                 continue; // the broker's own token rotated: re-read it once
             }
             if !status.is_success() {
-                return Err(format!("the API server answered HTTP {}", status.as_u16()));
+                return Err(ApiError::Status(status.as_u16()));
             }
-            let body = response
-                .bytes()
-                .await
-                .map_err(|e| format!("the answer was cut off: {}", e.without_url()))?;
+            let body = response.bytes().await.map_err(|e| ApiError::CutOff(e.without_url()))?;
             if body.len() > MAX_JWKS_BYTES {
-                return Err(format!("the JWKS document is larger than {MAX_JWKS_BYTES} bytes"));
+                return Err(ApiError::TooLarge);
             }
             return Ok(body.to_vec());
         }
-        Err("the API server refused the broker's own token".to_owned())
+        Err(ApiError::OwnTokenRefused)
     }
 }
 
