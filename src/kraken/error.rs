@@ -51,6 +51,11 @@ impl Reason {
         Reason::Other,
     ];
 
+    /// The place of this reason in [`Reason::ALL`].
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Transport => "transport",
@@ -308,6 +313,13 @@ pub fn classify_api_errors<S: AsRef<str>>(codes: &[S]) -> Option<ApiFailure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_reason_is_listed_once_at_its_index() {
+        for (i, reason) in Reason::ALL.iter().enumerate() {
+            assert_eq!(reason.index(), i, "{reason:?}");
+        }
+    }
 
     /// One row per documented string and its spacing/detail variants.
     const TABLE: &[(&str, Reason, Class)] = &[

@@ -23,14 +23,33 @@
 pub mod process;
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 pub use crate::audit::AuditMetrics;
 pub use crate::http::metrics::{AuthFailure, ConnectionRefusal, ConsumerMetrics, HttpMetrics, ListenerName, Route};
 pub use crate::token::metrics::{AccountMetrics, GateMetrics, HeldReason, TokenMetrics};
 pub use process::ProcessMetrics;
+
+/// The `result` label of counters of attempts (`refreshes_total`,
+/// `config_reloads_total`): a closed set of two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    Failure,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 2] = [Outcome::Success, Outcome::Failure];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failure => "failure",
+        }
+    }
+}
 
 /// Every metric's name starts with this.
 pub const NS: &str = "kraken_token_broker";
@@ -155,11 +174,11 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
-        let mut buf = Vec::new();
-        if TextEncoder::new().encode(&self.0.registry.gather(), &mut buf).is_err() {
-            return String::new(); // only for metrics that are not text: none here
-        }
-        String::from_utf8(buf).unwrap_or_default()
+        // The text encoder fails only on a write error (none into a String)
+        // or a metric without a type (none is registered here).
+        TextEncoder::new()
+            .encode_to_string(&self.0.registry.gather())
+            .unwrap_or_default()
     }
 
     /// Every family: name, type, label names and help, one line each (the

@@ -2,7 +2,7 @@
 
 use prometheus::{IntCounterVec, IntGauge};
 
-use super::Register;
+use super::{Outcome, Register};
 
 pub struct ProcessMetrics {
     reloads: IntCounterVec,
@@ -26,8 +26,8 @@ impl ProcessMetrics {
             "config_last_reload_successful",
             "1 when the last config reload was applied (or none was tried), 0 when it was refused.",
         );
-        for result in ["success", "failure"] {
-            reloads.with_label_values(&[result]);
+        for result in Outcome::ALL {
+            reloads.with_label_values(&[result.as_str()]);
         }
         last_reload_ok.set(1);
         Self {
@@ -38,8 +38,8 @@ impl ProcessMetrics {
 
     /// Records a reload's outcome.
     pub fn reload(&self, applied: bool) {
-        let result = if applied { "success" } else { "failure" };
-        self.reloads.with_label_values(&[result]).inc();
+        let result = if applied { Outcome::Success } else { Outcome::Failure };
+        self.reloads.with_label_values(&[result.as_str()]).inc();
         self.last_reload_ok.set(i64::from(applied));
     }
 }

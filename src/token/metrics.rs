@@ -5,7 +5,7 @@ use prometheus::{Gauge, GaugeVec, Histogram, HistogramVec, IntCounter, IntCounte
 
 use super::gate::Held;
 use crate::kraken::Reason;
-use crate::metrics::Register;
+use crate::metrics::{Outcome, Register};
 
 /// Refresh durations: a Kraken call takes 50 ms to a few seconds.
 const REFRESH_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
@@ -108,21 +108,17 @@ impl TokenMetrics {
 
     /// Handles for one account, every series pre-set to 0.
     pub fn account(&self, account: &str, gate: &GateMetrics) -> AccountMetrics {
-        let failures = Reason::ALL
-            .iter()
-            .map(|r| {
-                (
-                    *r,
-                    self.refresh_failures.with_label_values(&[account, r.as_str()]),
-                    self.last_failure.with_label_values(&[account, r.as_str()]),
-                )
-            })
-            .collect();
+        let failures = Reason::ALL.map(|r| {
+            (
+                self.refresh_failures.with_label_values(&[account, r.as_str()]),
+                self.last_failure.with_label_values(&[account, r.as_str()]),
+            )
+        });
         let held = |reason: HeldReason| gate.calls_held.with_label_values(&[account, reason.as_str()]);
         AccountMetrics {
             account: account.to_owned(),
-            success: self.refreshes.with_label_values(&[account, "success"]),
-            failure: self.refreshes.with_label_values(&[account, "failure"]),
+            success: self.refreshes.with_label_values(&[account, Outcome::Success.as_str()]),
+            failure: self.refreshes.with_label_values(&[account, Outcome::Failure.as_str()]),
             failures,
             duration: self.refresh_duration.with_label_values(&[account]),
             expiry: self.token_expiry.with_label_values(&[account]),
@@ -137,8 +133,9 @@ impl TokenMetrics {
     }
 
     pub fn remove_account(&self, account: &str) {
-        let _ = self.refreshes.remove_label_values(&[account, "success"]);
-        let _ = self.refreshes.remove_label_values(&[account, "failure"]);
+        for result in Outcome::ALL {
+            let _ = self.refreshes.remove_label_values(&[account, result.as_str()]);
+        }
         for r in Reason::ALL {
             let _ = self.refresh_failures.remove_label_values(&[account, r.as_str()]);
             let _ = self.last_failure.remove_label_values(&[account, r.as_str()]);
@@ -175,8 +172,10 @@ pub struct AccountMetrics {
     account: String,
     success: IntCounter,
     failure: IntCounter,
-    /// Per reason: the failure counter and the last-failure timestamp.
-    failures: Vec<(Reason, IntCounter, Gauge)>,
+    /// Per reason, in the order of [`Reason::ALL`] (indexed by
+    /// [`Reason::index`]): the failure counter and the last-failure
+    /// timestamp.
+    failures: [(IntCounter, Gauge); Reason::ALL.len()],
     duration: Histogram,
     expiry: Gauge,
     last_success: Gauge,
@@ -201,10 +200,9 @@ impl AccountMetrics {
     pub fn refresh_failed(&self, reason: Reason, seconds: f64, now_unix: f64) {
         self.failure.inc();
         self.duration.observe(seconds);
-        if let Some((_, counter, last)) = self.failures.iter().find(|(r, _, _)| *r == reason) {
-            counter.inc();
-            last.set(now_unix);
-        }
+        let (counter, last) = &self.failures[reason.index()];
+        counter.inc();
+        last.set(now_unix);
     }
 
     /// No token is held any more (dropped after use-by or invalidation).
