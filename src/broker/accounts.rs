@@ -14,19 +14,16 @@ use tokio_util::sync::CancellationToken;
 
 use super::{DeathCause, Options, RefresherDeath};
 use crate::config::{AccountConfig, Config};
-use crate::kraken::{KeyLane, KrakenClient, KrakenSource};
-use crate::secret::{SecretBytes, SecretString};
+use crate::kraken::{ApiCredentials, KeyLane, KrakenClient, KrakenSource, Otp};
 use crate::token::refresher::{self, Ambient};
 use crate::token::{AccountHandle, AccountSetup, Applied, KrakenGate, RefreshPolicy};
 
 /// Everything that configures an account's refresher, compared by value to
-/// tell on reload whether it changed.
+/// tell on reload whether it changed. The credentials are kept only as a
+/// digest: the table holds no second copy of any secret.
 #[derive(Clone, PartialEq)]
 struct Settings {
-    api_key: SecretString,
-    api_secret: SecretBytes,
-    /// The static password or TOTP seed, if the key has 2FA.
-    otp: Option<SecretBytes>,
+    credentials: [u8; 32],
     rest_url: String,
     timeout: Duration,
     policy: RefreshPolicy,
@@ -35,17 +32,31 @@ struct Settings {
 
 impl Settings {
     fn of(account: &AccountConfig, config: &Config) -> Self {
-        let c = &account.credentials;
         Self {
-            api_key: c.api_key.clone(),
-            api_secret: c.api_secret.clone(),
-            otp: c.otp.as_ref().map(|o| SecretBytes::new(o.material().to_vec())),
+            credentials: credentials_digest(&account.credentials),
             rest_url: config.kraken.rest_url.clone(),
             timeout: config.kraken.timeout,
             policy: config.refresh,
             key_expires_at: account.key_expires_at,
         }
     }
+}
+
+/// SHA-256 over the key, the secret and the second factor (its kind and
+/// material), each with its length, so no two different credentials share
+/// an input.
+fn credentials_digest(c: &ApiCredentials) -> [u8; 32] {
+    let (kind, otp): (&[u8], &[u8]) = match &c.otp {
+        None => (b"none", b""),
+        Some(otp @ Otp::Static(_)) => (b"static", otp.material()),
+        Some(otp @ Otp::Totp(_)) => (b"totp", otp.material()),
+    };
+    let mut digest = Sha256::new();
+    for part in [c.api_key.expose().as_bytes(), c.api_secret.expose(), kind, otp] {
+        digest.update((part.len() as u64).to_be_bytes());
+        digest.update(part);
+    }
+    digest.finalize().into()
 }
 
 struct RunningAccount {
@@ -240,6 +251,36 @@ pub(super) fn watch_refresher(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::{SecretBytes, SecretString};
+
+    fn credentials(key: &str, secret: &[u8], otp: Option<Otp>) -> ApiCredentials {
+        ApiCredentials {
+            api_key: SecretString::new(key),
+            api_secret: SecretBytes::new(secret.to_vec()),
+            otp,
+        }
+    }
+
+    #[test]
+    fn any_change_of_key_secret_or_second_factor_changes_the_digest() {
+        let seed = "JBSWY3DPEHPK3PXP";
+        let totp = || Otp::totp_from_base32(&SecretString::new(seed)).ok();
+        let password = || Otp::static_password(SecretString::new(seed)).ok();
+        let base = credentials_digest(&credentials("k", b"s", None));
+        assert_eq!(base, credentials_digest(&credentials("k", b"s", None)));
+        let others = [
+            credentials_digest(&credentials("k2", b"s", None)),
+            credentials_digest(&credentials("k", b"s2", None)),
+            // The same bytes moved from the key to the secret.
+            credentials_digest(&credentials("ks", b"", None)),
+            credentials_digest(&credentials("k", b"s", totp())),
+            credentials_digest(&credentials("k", b"s", password())),
+        ];
+        let mut all = vec![base];
+        all.extend(others);
+        let distinct: std::collections::HashSet<_> = all.iter().collect();
+        assert_eq!(distinct.len(), all.len(), "a change went unseen");
+    }
 
     #[tokio::test]
     async fn a_refresher_that_dies_is_reported_and_one_that_is_stopped_is_not() {

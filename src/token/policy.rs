@@ -160,13 +160,11 @@ pub fn after_failure(streak: Streak, error: &KrakenError, cx: &Context<'_>) -> D
 }
 
 /// The delay before retrying a key rejected `failures` times in a row:
-/// `retry_rejected`, doubling, at most [`MAX_REJECTED_RETRY`].
+/// `retry_rejected`, doubling, at most [`MAX_REJECTED_RETRY`]; the one
+/// back-off of the project, without jitter (a rejected key is retried
+/// rarely, and on the schedule its runbook states).
 pub fn rejected_retry_delay(failures: u32, policy: &RefreshPolicy) -> Duration {
-    let doublings = failures.saturating_sub(1).min(16);
-    policy
-        .retry_rejected
-        .saturating_mul(1u32 << doublings)
-        .min(MAX_REJECTED_RETRY)
+    crate::backoff::delay(failures, policy.retry_rejected, MAX_REJECTED_RETRY, 1.0)
 }
 
 fn rejected(error: &KrakenError, failures: u32, cx: &Context<'_>) -> Next {

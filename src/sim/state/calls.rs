@@ -275,7 +275,10 @@ impl Inner {
         }
 
         // Every call counts, failed ones too, and calls made while limited
-        // keep the counter up.
+        // keep the counter up. This is Kraken's counter (it rises past the
+        // limit and decays at the tier's rate), not `bucket::TokenBucket`,
+        // which stops at empty: a refused call there costs nothing, here it
+        // pushes the reopening further away, as Kraken documents.
         let elapsed = now.duration_since(key.counter_at).as_secs_f64();
         key.counter = (key.counter - elapsed * tier.decay_per_sec()).max(0.0) + 1.0;
         key.counter_at = now;
