@@ -75,7 +75,8 @@
 //!                    repeated failures summarised
 //! metrics/           the registry, its helper, process metrics
 //! cmd/               serve, demo, simulate, fetch, agent, credential,
-//!                    check-config, audit
+//!                    check-config, audit; client.rs: the HTTP client
+//!                    `fetch` and the agent share
 //! sim/               the Kraken simulator: REST, WebSocket v2, keys,
 //!                    faults, the control API
 //! bucket.rs          the one token bucket (rate limits, budgets, throttles)

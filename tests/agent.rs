@@ -233,7 +233,8 @@ async fn the_agent_rides_out_a_broker_restart() {
 
     first.signal("TERM");
     assert!(first.exit(Duration::from_secs(10)).await.success());
-    // While the broker is down the file keeps the last token.
+    // While the broker is down the file keeps the last token (an absence:
+    // observed over a short window).
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(token_in(&out).as_deref(), Some(before.as_str()));
     // A new broker process mints its own token; the agent reconnects to it.
@@ -330,7 +331,9 @@ impl FakeBroker {
                             (sse, Body::from_stream(chunks)).into_response()
                         }
                         Misbehaviour::NotUtf8 => {
-                            let mut body = b"event: token\ndata: {\"token\":\"".to_vec();
+                            let mut body =
+                                format!("event: {}\ndata: {{\"token\":\"", kraken_token_broker::sse::TOKEN_EVENT)
+                                    .into_bytes();
                             body.extend_from_slice(&[0xff, 0xfe, b'a']);
                             body.extend_from_slice(b"\"}\n\n");
                             let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(body) })

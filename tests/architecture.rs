@@ -161,14 +161,14 @@ impl Reader {
     }
 
     fn record(&mut self, segments: &[String]) {
-        if let Some(to) = self.resolve(segments) {
-            if !to.is_empty() {
-                self.reaches.push(Reach {
-                    from: self.module.clone(),
-                    to,
-                    test: self.test,
-                });
-            }
+        if let Some(to) = self.resolve(segments)
+            && !to.is_empty()
+        {
+            self.reaches.push(Reach {
+                from: self.module.clone(),
+                to,
+                test: self.test,
+            });
         }
     }
 

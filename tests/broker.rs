@@ -267,6 +267,8 @@ async fn min_ttl_above_the_held_token_refreshes_first() {
         .start()
         .await;
     let (_, _, first) = broker.get_token("").await;
+    // The held token must age past a whole second, so that less than 19 s
+    // of its 20 s remain: the wait is the behaviour under test, not a race.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (status, _, second) = broker.get_token("?min_ttl=19").await;
     assert_eq!(status, 200, "{second}");

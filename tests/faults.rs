@@ -523,6 +523,7 @@ async fn lockout_opens_the_circuit_with_no_further_calls() {
         assert!(readyz.contains("locked out this broker's address"), "{readyz}");
         // A reload does not cut a lockout short: every call would extend it.
         broker.reload().await;
+        // An absence (no call after the reload), observed over a short window.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(
             sim.state()

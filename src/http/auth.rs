@@ -3,7 +3,8 @@
 //! A consumer proves who it is in one of three ways, tried in this order:
 //! a client certificate verified by TLS whose SAN names a `client_cert`
 //! consumer (no bearer needed); a bearer that is a projected ServiceAccount
-//! token, checked with a TokenReview (`kubernetes.rs`); a bearer credential,
+//! token, checked against the cluster's signing keys and a TokenReview
+//! (`identity::service_account`); a bearer credential,
 //! hashed with SHA-256 and compared against every consumer's stored hash in
 //! constant time (`subtle`). The credential itself is never stored, logged
 //! or echoed.
