@@ -167,10 +167,10 @@ impl Jwks {
     }
 
     async fn read_unlocked(&self) -> bool {
-        let outcome = match (self.fetch)().await {
-            Ok(body) => parse(&body),
-            Err(error) => Err(JwksError::Api(error)),
-        };
+        let outcome = (self.fetch)()
+            .await
+            .map_err(JwksError::Api)
+            .and_then(|body| parse(&body));
         let before = self.state();
         match outcome {
             Ok(keys) => {
