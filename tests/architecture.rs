@@ -94,15 +94,22 @@ const ITEMS: &[(&str, &str, &[&str], &[&str])] = &[
             "Action",
             "MAX_TOKEN_LIFETIME",
             "LOCKOUT_CIRCUIT",
+            // What a source says of its key (GetApiKeyInfo), judged.
+            "KeyCheck",
+            "KeyInfo",
+            "Verdict",
+            "PERMISSIONS",
+            "NONCE_AHEAD_HINT",
         ],
         // To script Kraken's answers.
         &["ApiFailure", "Class", "classify_api_error"],
     ),
-    // Kraken's documented maximum lifetime bounds `min_ttl`.
-    ("http", "kraken", &["MAX_TOKEN_LIFETIME"], &[]),
+    // Kraken's documented maximum lifetime bounds `min_ttl`; `/readyz`
+    // names the key's verdict.
+    ("http", "kraken", &["MAX_TOKEN_LIFETIME", "Verdict"], &[]),
     ("identity", "kraken", &[], &[]),
     // The trait it implements.
-    ("kraken", "token", &["FetchFuture", "TokenSource"], &[]),
+    ("kraken", "token", &["FetchFuture", "InspectFuture", "TokenSource"], &[]),
 ];
 
 /// The product's files that may reach the simulator.

@@ -46,6 +46,15 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         since: Option<String>,
     },
+    /// The account's API key was seen used by another signer.
+    #[serde(rename = "key.foreign_use")]
+    KeyForeignUse {
+        account: String,
+        /// The key's fingerprint (first 8 hex of its SHA-256; never the key).
+        key: String,
+        /// How it showed.
+        evidence: String,
+    },
     /// A config reload's outcome.
     #[serde(rename = "config.reloaded")]
     ConfigReloaded {

@@ -16,7 +16,7 @@ use super::{DeathCause, Options, RefresherDeath};
 use crate::config::{AccountConfig, Config};
 use crate::kraken::{ApiCredentials, KeyLane, KrakenClient, KrakenSource, Otp};
 use crate::token::refresher::{self, Ambient};
-use crate::token::{AccountHandle, AccountSetup, Applied, KrakenGate, RefreshPolicy};
+use crate::token::{AccountHandle, AccountSetup, Applied, KeyEvents, KrakenGate, RefreshPolicy};
 
 /// Everything that configures an account's refresher, compared by value to
 /// tell on reload whether it changed. The credentials are kept only as a
@@ -28,6 +28,8 @@ struct Settings {
     timeout: Duration,
     policy: RefreshPolicy,
     key_expires_at: Option<SystemTime>,
+    forbid_permissions: Vec<String>,
+    key_info_interval: Duration,
 }
 
 impl Settings {
@@ -38,6 +40,8 @@ impl Settings {
             timeout: config.kraken.timeout,
             policy: config.refresh,
             key_expires_at: account.key_expires_at,
+            forbid_permissions: account.forbid_permissions.clone(),
+            key_info_interval: config.kraken.key_info_interval,
         }
     }
 }
@@ -83,16 +87,19 @@ pub(super) struct AccountTable {
     /// Reports of refreshers that ended without being asked to.
     deaths_tx: mpsc::UnboundedSender<RefresherDeath>,
     deaths_rx: mpsc::UnboundedReceiver<RefresherDeath>,
+    /// Where every refresher reports key events (the audit trail).
+    events: KeyEvents,
 }
 
 impl AccountTable {
-    pub fn new() -> Self {
+    pub fn new(events: KeyEvents) -> Self {
         let (deaths_tx, deaths_rx) = mpsc::unbounded_channel();
         Self {
             running: BTreeMap::new(),
             lanes: HashMap::new(),
             deaths_tx,
             deaths_rx,
+            events,
         }
     }
 
@@ -123,15 +130,17 @@ impl AccountTable {
                 .or_insert_with(|| Arc::new(KeyLane::with_clock(options.clock.clone()))),
         );
         AccountSetup {
-            source: Arc::new(KrakenSource {
-                client: client.clone(),
-                credentials: Arc::new(account.credentials.clone()),
+            source: Arc::new(KrakenSource::new(
+                client.clone(),
+                Arc::new(account.credentials.clone()),
                 lane,
-            }),
+                account.forbid_permissions.clone(),
+            )),
             policy: config.refresh,
             call_timeout: config.kraken.timeout,
             key_expires_at: account.key_expires_at,
             key_fingerprint: crate::secret::fingerprint(account.credentials.api_key.expose().as_bytes()),
+            key_info_interval: Some(config.kraken.key_info_interval),
         }
     }
 
@@ -193,6 +202,7 @@ impl AccountTable {
             jitter: options.jitter,
             clock: options.clock.clone(),
             gate: Arc::clone(gate),
+            events: self.events.clone(),
         };
         let (handle, task) = refresher::spawn(name, setup, options.metrics.account(name), ambient, cancel.clone());
         let task = watch_refresher(name, &cancel, task, self.deaths_tx.clone());

@@ -21,7 +21,7 @@ mod table;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -40,7 +40,7 @@ use crate::identity::service_account::TokenReviewer;
 use crate::kraken::KrakenClient;
 use crate::metrics::{ListenerName, Metrics};
 use crate::token::refresher::{self, Jitter};
-use crate::token::{Applied, KrakenGate};
+use crate::token::{Applied, KeyEvent, KeyEvents, KrakenGate};
 use accounts::AccountTable;
 use reload::ReloadQueue;
 
@@ -138,13 +138,31 @@ pub struct Broker {
     streams: http::watch::Streams,
     throttle: Arc<AuthThrottle>,
     accounts: AccountTable,
+    /// The auditor as refreshers' key events find it (it may change on reload).
+    auditor_slot: Arc<ArcSwapOption<Auditor>>,
     config: Config,
+}
+
+/// Key events go to the audit trail in force when they happen.
+fn key_events(slot: &Arc<ArcSwapOption<Auditor>>) -> KeyEvents {
+    let slot = Arc::clone(slot);
+    KeyEvents::new(move |event| {
+        let Some(auditor) = slot.load_full() else {
+            return;
+        };
+        match event {
+            KeyEvent::ForeignUse { account, key, evidence } => {
+                auditor.record(crate::audit::Event::KeyForeignUse { account, key, evidence })
+            }
+        }
+    })
 }
 
 impl Broker {
     /// Starts a refresher per account.
     pub fn start(config: Config, options: Options) -> Result<Self, Error> {
         let empty = ServeTable::empty(&config.kraken.ws_url);
+        let auditor_slot = Arc::new(ArcSwapOption::empty());
         let mut broker = Self {
             gate: Arc::new(KrakenGate::new(config.kraken.max_rejected_calls)),
             tls: config
@@ -158,7 +176,8 @@ impl Broker {
             table: Arc::new(ArcSwap::from_pointee(empty)),
             streams: http::watch::Streams::default(),
             throttle: Arc::new(AuthThrottle::new()),
-            accounts: AccountTable::new(),
+            accounts: AccountTable::new(key_events(&auditor_slot)),
+            auditor_slot,
             config: config.clone(),
         };
         broker.apply(config)?;
@@ -219,6 +238,7 @@ impl Broker {
             }
             Some(a) => Some(Auditor::start(a, self.options.metrics.clone())),
         };
+        self.auditor_slot.store(self.auditor.clone());
         if let (Some(tls), Some(new)) = (&self.tls, &config.listen.tls)
             && self
                 .config

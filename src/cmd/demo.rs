@@ -82,6 +82,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Error> {
             ws_url: sim.ws_url(),
             timeout: Duration::from_secs(5),
             max_rejected_calls: DEFAULT_MAX_REJECTED_CALLS,
+            key_info_interval: crate::config::DEFAULT_KEY_INFO_INTERVAL,
         },
         refresh: demo_policy(ttl),
         accounts: vec![AccountConfig {
@@ -93,6 +94,10 @@ pub async fn run(args: DemoArgs) -> Result<(), Error> {
             },
             sources: Vec::new(),
             key_expires_at: None,
+            forbid_permissions: crate::kraken::key_info::DEFAULT_FORBIDDEN
+                .iter()
+                .map(|p| (*p).to_owned())
+                .collect(),
         }],
         consumers: vec![ConsumerConfig {
             name: "demo-engine".into(),

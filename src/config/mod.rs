@@ -42,7 +42,7 @@ use crate::token::RefreshPolicy;
 
 pub use crate::identity::{Identity, San};
 pub use problems::{ConfigError, Problem};
-pub use secrets::{SecretReader, SystemSecrets, expand_env};
+pub use secrets::{NoSecrets, SecretReader, SystemSecrets, expand_env};
 pub use validate::kubernetes::DEFAULT_REVIEW_CACHE_TTL;
 pub use values::{parse_duration, parse_sha256, valid_name};
 
@@ -51,6 +51,12 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9090";
 pub const DEFAULT_REST_URL: &str = "https://api.kraken.com";
 pub const DEFAULT_WS_URL: &str = "wss://ws-auth.kraken.com/v2";
 pub const DEFAULT_KRAKEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default of `[kraken] key_info_interval`. Each `GetApiKeyInfo` costs
+/// one point of the key's call counter, which decays by at least 0.33 a
+/// second (Starter tier): one call in ten minutes is 1/200 of what decays
+/// meanwhile, and a key used elsewhere, or given a forbidden permission, is
+/// seen within ten minutes.
+pub const DEFAULT_KEY_INFO_INTERVAL: Duration = Duration::from_secs(600);
 /// Where a secret is read from. The config file itself never holds one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretSource {
@@ -134,6 +140,9 @@ pub struct KrakenConfig {
     /// Rejected calls (invalid key, signature, nonce, permission) allowed per
     /// 15-minute window across every account of this process.
     pub max_rejected_calls: u32,
+    /// How often each key is asked about itself (`GetApiKeyInfo`), besides
+    /// at start and after a reload.
+    pub key_info_interval: Duration,
 }
 
 /// One Kraken account: its name and what signs its calls.
@@ -143,9 +152,11 @@ pub struct AccountConfig {
     pub credentials: ApiCredentials,
     /// Where each secret came from, for summaries (never the values).
     pub sources: Vec<(&'static str, SecretSource)>,
-    /// The key's "Key Expiration" at Kraken, as the operator set it there
-    /// (Kraken has no endpoint that tells it).
+    /// The key's "Key Expiration" at Kraken, as the operator set it there:
+    /// used only while Kraken's own answer (`GetApiKeyInfo`) cannot be read.
     pub key_expires_at: Option<SystemTime>,
+    /// Kraken's names of the permissions this account's key must not hold.
+    pub forbid_permissions: Vec<String>,
 }
 
 /// A consumer's request-rate limit: a token bucket.

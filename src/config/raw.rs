@@ -78,6 +78,7 @@ pub(super) struct KrakenSection {
     pub(super) ws_url: Option<Text>,
     pub(super) timeout: Option<Text>,
     pub(super) max_rejected_calls: Option<Spanned<i64>>,
+    pub(super) key_info_interval: Option<Text>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -100,6 +101,7 @@ pub(super) struct AccountSection {
     pub(super) otp: Option<Spanned<SecretRef>>,
     pub(super) totp_secret: Option<Spanned<SecretRef>>,
     pub(super) key_expires_at: Option<Text>,
+    pub(super) forbid_permissions: Option<Spanned<Vec<Text>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

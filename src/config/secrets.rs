@@ -22,6 +22,45 @@ pub trait SecretReader {
             world_readable: t.world_readable,
         })
     }
+    /// Whether secrets are read at all: `check-config --no-secrets` checks
+    /// everything else, in a pipeline that has the config but not the
+    /// secrets (a placeholder of the right form stands in for each).
+    fn reads_secrets(&self) -> bool {
+        true
+    }
+}
+
+/// [`SystemSecrets`] without the secrets: public files (certificates) and
+/// the environment are read, secrets never.
+pub struct NoSecrets;
+
+impl SecretReader for NoSecrets {
+    fn env(&self, var: &str) -> Option<String> {
+        SystemSecrets.env(var)
+    }
+
+    fn file(&self, path: &Path) -> Result<FileText, FileError> {
+        SystemSecrets.file(path)
+    }
+
+    fn reads_secrets(&self) -> bool {
+        false
+    }
+}
+
+/// What stands in for a secret not read, in the form its key needs.
+fn placeholder(path: &str) -> Vec<u8> {
+    if path.ends_with(".api_secret") {
+        // A 64-byte secret, as Kraken issues, in standard base64.
+        return "A".repeat(86).into_bytes().into_iter().chain(*b"==").collect();
+    }
+    if path.ends_with(".totp_secret") {
+        return b"AAAAAAAAAAAAAAAA".to_vec();
+    }
+    if path == "audit.fingerprint_key" {
+        return vec![b'x'; 32];
+    }
+    b"not-read".to_vec()
 }
 
 /// Reads from the real environment and filesystem: regular files only, of a
@@ -91,6 +130,14 @@ pub(super) fn secret_bytes<R: SecretReader>(
         return None;
     };
     let read = match (&source.file, &source.env) {
+        (Some(file), None) if material == Material::Secret && !reader.reads_secrets() => {
+            expand_env(file.get_ref(), reader)
+                .map(|file| (placeholder(path), SecretSource::File(PathBuf::from(file)), None))
+                .map_err(|var| format!("environment variable {var} (in the file path) is not set"))
+        }
+        (None, Some(var)) if !reader.reads_secrets() => {
+            Ok((placeholder(path), SecretSource::Env(var.get_ref().clone()), None))
+        }
         (Some(file), None) => from_file(reader, file.get_ref(), material),
         (None, Some(var)) => reader
             .env(var.get_ref())

@@ -12,7 +12,8 @@ use tokio::time::Instant;
 
 use super::AppState;
 use crate::identity::service_account::KeysState;
-use crate::token::{Health, Published};
+use crate::kraken::Verdict;
+use crate::token::{Health, KeyReport, Published};
 
 /// `GET /healthz`: 200 while the process serves.
 pub async fn healthz() -> Response {
@@ -54,6 +55,73 @@ struct AccountReadiness {
     expires_in: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
+    /// What Kraken says of the account's key (`GetApiKeyInfo`).
+    key: KeyReadiness,
+}
+
+/// An account's key as Kraken last reported it: never the key, the secret
+/// or the account's IBAN.
+#[derive(Serialize, Default)]
+struct KeyReadiness {
+    /// `usable`, `missing_ws_permission`, `too_powerful`; `unknown` until
+    /// Kraken has answered.
+    verdict: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    permissions: Option<Vec<String>>,
+    /// The permissions held that `forbid_permissions` refuses.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    forbidden_held: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    /// RFC 3339; absent: the key does not expire (or is not read yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    valid_until: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nonce_window: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ip_allowlist: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_used: Option<String>,
+    /// When Kraken last answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    checked_at: Option<String>,
+    /// Times another signer was seen using the key since start.
+    foreign_uses: u64,
+    /// Why the last GetApiKeyInfo failed, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+impl KeyReadiness {
+    fn of(report: &KeyReport) -> Self {
+        let (verdict, forbidden_held) = match &report.verdict {
+            None => ("unknown", Vec::new()),
+            Some(Verdict::Usable) => ("usable", Vec::new()),
+            Some(Verdict::MissingWsPermission) => ("missing_ws_permission", Vec::new()),
+            Some(Verdict::TooPowerful(held)) => ("too_powerful", held.clone()),
+        };
+        let mut view = Self {
+            verdict,
+            forbidden_held,
+            foreign_uses: report.foreign_uses,
+            error: report.error.clone(),
+            ..Self::default()
+        };
+        if let Some((info, at)) = &report.info {
+            view.permissions = Some(info.permissions.clone());
+            view.name = Some(info.name.clone());
+            view.valid_until = info.valid_until.map(rfc3339);
+            view.nonce_window = Some(info.nonce_window);
+            view.ip_allowlist = Some(info.ip_allowlist.clone());
+            view.last_used = info.last_used.map(rfc3339);
+            view.checked_at = Some(rfc3339(*at));
+        }
+        view
+    }
 }
 
 #[derive(Serialize)]
@@ -141,10 +209,12 @@ fn why_not_servable(published: &Published, now: Instant) -> String {
             consecutive,
             next_attempt,
             permanent,
+            hint,
         } => format!(
-            "refresh failing ({reason}, {consecutive} in a row{}): {detail}; next attempt in {} s",
+            "refresh failing ({reason}, {consecutive} in a row{}): {detail}; next attempt in {} s{}",
             if *permanent { ", needs an operator" } else { "" },
-            next_attempt.saturating_duration_since(now).as_secs()
+            next_attempt.saturating_duration_since(now).as_secs(),
+            hint.map(|h| format!("; fix: {h}")).unwrap_or_default()
         ),
         Health::CircuitOpen { until } => format!(
             "Kraken locked out this broker's address; next attempt in {} s",
@@ -218,6 +288,7 @@ impl AccountReadiness {
             state: AccountState::of(published, servable.is_some()),
             expires_in: servable.map(|t| t.remaining(now).as_secs()),
             reason: servable.is_none().then(|| why_not_servable(published, now)),
+            key: KeyReadiness::of(&published.key),
         }
     }
 }
@@ -279,6 +350,7 @@ mod tests {
             state,
             expires_in: None,
             reason: None,
+            key: KeyReadiness::default(),
         }
     }
 

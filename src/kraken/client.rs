@@ -1,4 +1,5 @@
-//! The one Kraken call the broker makes: `POST /0/private/GetWebSocketsToken`.
+//! The two Kraken calls the broker makes: `POST /0/private/GetWebSocketsToken`
+//! and, to know its own key, `POST /0/private/GetApiKeyInfo`.
 //!
 //! Per API key, sign-and-send is serialised through a [`KeyLane`]: the nonce
 //! is taken, the body built once, signed and sent, and the answer read, all
@@ -13,6 +14,7 @@ use std::time::Duration;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 
 use super::error::KrakenError;
+use super::key_info::{KEY_INFO_PATH, KeyInfo, parse_key_info_response};
 use super::nonce::NonceSource;
 use super::otp::Otp;
 use super::sign::{WS_TOKEN_PATH, sign};
@@ -98,8 +100,8 @@ impl KeyLane {
     }
 }
 
-/// The form body `nonce=…[&otp=…]`, built once: these exact bytes are signed
-/// and sent.
+/// The form body `nonce=…[&otp=…]` of both calls, built once: these exact
+/// bytes are signed and sent.
 pub fn ws_token_body(nonce: u64, otp: Option<&SecretString>) -> SecretString {
     let nonce = nonce.to_string();
     let mut fields = vec![("nonce", nonce.as_str())];
@@ -109,12 +111,23 @@ pub fn ws_token_body(nonce: u64, otp: Option<&SecretString>) -> SecretString {
     SecretString::new(serde_urlencoded::to_string(&fields).expect("string pairs always encode"))
 }
 
-/// A reqwest client bound to one Kraken REST endpoint.
+/// A reqwest client bound to one Kraken REST root and its two endpoints.
 #[derive(Clone, Debug)]
 pub struct KrakenClient {
     http: reqwest::Client,
     endpoint: String,
+    key_info_endpoint: String,
     timeout: Duration,
+}
+
+/// A `GetApiKeyInfo` answer and the nonces around the call that asked.
+#[derive(Debug, Clone)]
+pub struct KeyInfoAnswer {
+    pub info: KeyInfo,
+    /// The nonce of the call that asked.
+    pub nonce: u64,
+    /// The nonce this process sent on the key before it (0: none).
+    pub previous: u64,
 }
 
 impl KrakenClient {
@@ -130,9 +143,11 @@ impl KrakenClient {
             .timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
+        let root = rest_url.trim_end_matches('/');
         Ok(Self {
             http,
-            endpoint: format!("{}{}", rest_url.trim_end_matches('/'), WS_TOKEN_PATH),
+            endpoint: format!("{root}{WS_TOKEN_PATH}"),
+            key_info_endpoint: format!("{root}{KEY_INFO_PATH}"),
             timeout,
         })
     }
@@ -144,12 +159,38 @@ impl KrakenClient {
     /// Mints a WebSocket token for the account these credentials sign for.
     pub async fn get_websockets_token(&self, creds: &ApiCredentials, lane: &KeyLane) -> Result<WsToken, KrakenError> {
         let _turn = lane.turn.lock().await;
+        let (body, _, _) = self.signed(&self.endpoint, WS_TOKEN_PATH, creds, lane).await?;
+        parse_ws_token_response(&body)
+    }
+
+    /// Asks Kraken about the key itself, in the key's lane like any call.
+    pub async fn get_api_key_info(&self, creds: &ApiCredentials, lane: &KeyLane) -> Result<KeyInfoAnswer, KrakenError> {
+        let _turn = lane.turn.lock().await;
+        let (body, nonce, previous) = self.signed(&self.key_info_endpoint, KEY_INFO_PATH, creds, lane).await?;
+        Ok(KeyInfoAnswer {
+            info: parse_key_info_response(&body)?,
+            nonce,
+            previous,
+        })
+    }
+
+    /// Signs and sends one private call within the lane's turn (held by
+    /// the caller): the body of an HTTP 200 answer, the nonce sent and the
+    /// one sent before it on this key.
+    async fn signed(
+        &self,
+        url: &str,
+        path: &str,
+        creds: &ApiCredentials,
+        lane: &KeyLane,
+    ) -> Result<(Vec<u8>, u64, u64), KrakenError> {
         // Within the turn, so two accounts sharing the key cannot both send
         // the same TOTP code: the second waits for the next one.
         let wait = lane.totp_wait(creds.otp.as_ref());
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
+        let previous = lane.nonces.last();
         let nonce = lane.nonces.next();
         let now = lane.clock().unix_secs();
         let otp = creds.otp.as_ref().map(|otp| otp.code_at(now));
@@ -157,16 +198,11 @@ impl KrakenClient {
             lane.last_totp_step.fetch_max(otp.step_at(now), Ordering::SeqCst);
         }
         let body = ws_token_body(nonce, otp.as_ref());
-        let signature = sign(
-            &creds.api_secret,
-            WS_TOKEN_PATH,
-            &nonce.to_string(),
-            body.expose().as_bytes(),
-        );
+        let signature = sign(&creds.api_secret, path, &nonce.to_string(), body.expose().as_bytes());
 
         let mut request = self
             .http
-            .post(&self.endpoint)
+            .post(url)
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
             .body(body.expose().to_owned());
         // Header values marked sensitive are never printed by http's Debug.
@@ -190,7 +226,7 @@ impl KrakenClient {
                 retry_after,
             });
         }
-        parse_ws_token_response(&body)
+        Ok((body, nonce, previous))
     }
 
     fn transport_error(&self, error: &reqwest::Error) -> KrakenError {
@@ -262,9 +298,10 @@ mod tests {
     }
 
     #[test]
-    fn endpoint_is_the_root_plus_the_one_path() {
+    fn endpoints_are_the_root_plus_the_two_paths() {
         let client = KrakenClient::new("http://127.0.0.1:1/", Duration::from_secs(1)).unwrap();
         assert_eq!(client.endpoint(), "http://127.0.0.1:1/0/private/GetWebSocketsToken");
+        assert_eq!(client.key_info_endpoint, "http://127.0.0.1:1/0/private/GetApiKeyInfo");
     }
 
     #[test]

@@ -33,10 +33,13 @@ pub enum Reason {
     Lockout,
     Unavailable,
     Other,
+    /// The key holds a permission the account forbids (from
+    /// `GetApiKeyInfo`; no call to `GetWebSocketsToken` is made).
+    KeyTooPowerful,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::Transport,
         Reason::Timeout,
         Reason::HttpStatus,
@@ -49,6 +52,7 @@ impl Reason {
         Reason::Lockout,
         Reason::Unavailable,
         Reason::Other,
+        Reason::KeyTooPowerful,
     ];
 
     /// The place of this reason in [`Reason::ALL`].
@@ -70,6 +74,7 @@ impl Reason {
             Reason::Lockout => "lockout",
             Reason::Unavailable => "unavailable",
             Reason::Other => "other",
+            Reason::KeyTooPowerful => "key_too_powerful",
         }
     }
 }
@@ -135,7 +140,34 @@ pub enum KrakenError {
     },
     #[error("Kraken's answer was malformed: {0}")]
     MalformedResponse(String),
+    /// Refused by the broker before any call, for what `GetApiKeyInfo`
+    /// reported of the key.
+    #[error("{0}")]
+    KeyRefused(KeyRefusal),
 }
+
+/// Why the broker will not call `GetWebSocketsToken` with a key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyRefusal {
+    #[error(
+        "the API key lacks Kraken's `create-ws-token` permission (\"WebSocket interface\" in the key form), as GetApiKeyInfo reports: no GetWebSocketsToken call is made with it"
+    )]
+    MissingWsPermission,
+    #[error(
+        "the API key holds {}, which the account's forbid_permissions refuses (as GetApiKeyInfo reports): no GetWebSocketsToken call is made with it",
+        .0.join(", ")
+    )]
+    TooPowerful(Vec<String>),
+}
+
+/// What to fix for a key without the WebSocket permission.
+pub const MISSING_WS_PERMISSION_HINT: &str = "enable the \"WebSocket interface\" permission (create-ws-token) on the API key at Kraken; the broker sees it at its next GetApiKeyInfo (every key_info_interval) or at once on a reload";
+
+/// What to fix for a key holding forbidden permissions.
+pub const TOO_POWERFUL_HINT: &str = "install a key without the funding permissions (deposit, withdraw) that no token needs, or remove them from this key at Kraken and reload; forbid_permissions = [] opts out";
+
+/// What to do when Kraken refuses the nonce again after a re-signed retry.
+pub const NONCE_AHEAD_HINT: &str = "another signer has moved the key's nonce ahead of this broker's clock (the key is used elsewhere): rotate the key and find the other user, or raise the key's Custom Nonce Window at Kraken";
 
 impl KrakenError {
     pub fn reason(&self) -> Reason {
@@ -145,19 +177,34 @@ impl KrakenError {
             KrakenError::Timeout(_) => Reason::Timeout,
             KrakenError::HttpStatus { .. } => Reason::HttpStatus,
             KrakenError::MalformedResponse(_) => Reason::MalformedResponse,
+            KrakenError::KeyRefused(KeyRefusal::MissingWsPermission) => Reason::PermissionDenied,
+            KrakenError::KeyRefused(KeyRefusal::TooPowerful(_)) => Reason::KeyTooPowerful,
         }
     }
 
     pub fn class(&self) -> Class {
         match self {
             KrakenError::Api(f) => f.class,
+            KrakenError::KeyRefused(_) => Class::Permanent,
             _ => Class::Transient,
         }
+    }
+
+    /// Whether the failure was Kraken's answer to a call (a refusal decided
+    /// by the broker made none: it counts toward no lockout).
+    pub fn reached_kraken(&self) -> bool {
+        !matches!(self, KrakenError::KeyRefused(_))
     }
 
     pub fn action(&self) -> Action {
         match self {
             KrakenError::Api(f) => f.action,
+            KrakenError::KeyRefused(KeyRefusal::MissingWsPermission) => Action::Alert {
+                hint: MISSING_WS_PERMISSION_HINT,
+            },
+            KrakenError::KeyRefused(KeyRefusal::TooPowerful(_)) => Action::Alert {
+                hint: TOO_POWERFUL_HINT,
+            },
             KrakenError::HttpStatus {
                 retry_after: Some(after),
                 ..
@@ -549,7 +596,8 @@ mod tests {
                 "rate_limited",
                 "lockout",
                 "unavailable",
-                "other"
+                "other",
+                "key_too_powerful"
             ]
         );
     }

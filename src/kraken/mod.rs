@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod error;
+pub mod key_info;
 pub mod nonce;
 pub mod otp;
 pub mod sign;
@@ -12,8 +13,10 @@ pub mod wire;
 
 pub use client::{ApiCredentials, KeyLane, KrakenClient, USER_AGENT};
 pub use error::{
-    Action, ApiFailure, Class, KrakenError, LOCKOUT_CIRCUIT, Reason, classify_api_error, classify_api_errors,
+    Action, ApiFailure, Class, KeyRefusal, KrakenError, LOCKOUT_CIRCUIT, NONCE_AHEAD_HINT, Reason, classify_api_error,
+    classify_api_errors,
 };
+pub use key_info::{ForeignUse, KeyCheck, KeyInfo, PERMISSIONS, Verdict};
 pub use nonce::NonceSource;
 pub use otp::Otp;
 pub use sign::{WS_TOKEN_PATH, decode_secret, sign, verify};

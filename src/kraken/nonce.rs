@@ -46,6 +46,11 @@ impl NonceSource {
         &self.clock
     }
 
+    /// The last nonce returned (0: none yet).
+    pub fn last(&self) -> u64 {
+        self.last.load(Ordering::Acquire)
+    }
+
     /// The next nonce: above every nonce this source returned before.
     pub fn next(&self) -> u64 {
         let now = self.clock.unix_nanos();

@@ -1,11 +1,12 @@
 //! One gate in front of Kraken for the whole process: the budget of
 //! rejected calls and the address-wide lockout.
 //!
-//! Kraken locks out by IP address (or account), not by key. Its support:
-//! "Temporary lockout error messages are IP based and can occur if you had
-//! too many failed API calls, or too many invalid nonce errors ... or invalid
-//! signatures"; its docs: "too many sequential EAPI:Invalid key errors". So
-//! one bad key can stop every account the broker serves. Two rules follow:
+//! Kraken locks out by IP address or by account, not by key; its sources
+//! differ on which: its support article says lockouts are IP based, after
+//! too many failed calls, for about 15 minutes; its error guide says too many
+//! sequential `EAPI:Invalid key` errors lock the account, "typically a few
+//! minutes", each attempt resetting the timer. Either way one bad key can
+//! stop every account the broker serves. Two rules follow:
 //!
 //! - **The budget.** Calls that end in invalid key, invalid signature,
 //!   invalid nonce or permission denied are counted over a sliding
@@ -14,8 +15,11 @@
 //!   fewer than `max_rejected_calls - 1` are counted; the last one is kept for
 //!   an operator's [`Risk::Probe`] (a reload after a fix), so a fix is tried
 //!   at once without waiting out the window, and a failed probe still cannot
-//!   push the address past the budget. An account whose key was never
-//!   rejected ([`Risk::Normal`]) is never held by the budget: a healthy
+//!   push the address past the budget. A key not yet proven (no call with it
+//!   has worked since it was installed: a [`Risk::First`]) goes while the
+//!   budget is not spent, so a bad rotation of many keys at once stops at the
+//!   budget instead of each key spending one rejection. An account whose key
+//!   has worked ([`Risk::Normal`]) is never held by the budget: a healthy
 //!   account keeps its service whatever the others do.
 //! - **The lockout.** A `EGeneral:Temporary lockout` answer to any account
 //!   stops every account from calling until it has passed; each keeps
@@ -26,7 +30,7 @@
 //! side of every report we know of.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -41,8 +45,11 @@ pub const DEFAULT_MAX_REJECTED_CALLS: u32 = 3;
 /// What a call risks, by why it is made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Risk {
-    /// The account's key has not been rejected (lately): only a lockout holds it.
+    /// The account's key has worked and has not been rejected since: only a
+    /// lockout holds it.
     Normal,
+    /// A key not yet proven: held once the budget is spent.
+    First,
     /// An automatic retry of a key Kraken rejected.
     Retry,
     /// A retry an operator asked for (a reload after a fix).
@@ -90,6 +97,9 @@ struct State {
     /// When each counted rejection happened, oldest first, within [`WINDOW`].
     rejected: VecDeque<Instant>,
     lockout: Option<(Instant, String)>,
+    /// Calls with unproven keys under way ([`Reservation`]s): each may yet
+    /// be a rejection, so they count against the budget until answered.
+    reserved: u32,
 }
 
 impl State {
@@ -100,6 +110,18 @@ impl State {
         if self.lockout.as_ref().is_some_and(|(until, _)| *until <= now) {
             self.lockout = None;
         }
+    }
+}
+
+/// A call with an unproven key under way: counted against the budget until
+/// dropped (by whoever counts its answer; on any exit).
+#[derive(Debug)]
+pub struct Reservation(Arc<KrakenGate>);
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.reserved = s.reserved.saturating_sub(1);
     }
 }
 
@@ -122,6 +144,7 @@ impl KrakenGate {
                 max: max_rejected_calls.max(1),
                 rejected: VecDeque::new(),
                 lockout: None,
+                reserved: 0,
             }),
         }
     }
@@ -138,6 +161,24 @@ impl KrakenGate {
     /// Whether a call with `risk` may go at `now`.
     pub fn permit(&self, risk: Risk, now: Instant) -> Result<(), Held> {
         let mut s = self.lock();
+        Self::check(&mut s, risk, now)
+    }
+
+    /// Whether a call with `risk` may go at `now`; a call with an unproven
+    /// key ([`Risk::First`]) also gets a [`Reservation`]: until it is
+    /// dropped (once the answer is counted), the call counts against the
+    /// budget, so many unproven keys starting at once cannot all go.
+    pub fn permit_call(self: &Arc<Self>, risk: Risk, now: Instant) -> Result<Option<Reservation>, Held> {
+        let mut s = self.lock();
+        Self::check(&mut s, risk, now)?;
+        if risk != Risk::First {
+            return Ok(None);
+        }
+        s.reserved = s.reserved.saturating_add(1);
+        Ok(Some(Reservation(Arc::clone(self))))
+    }
+
+    fn check(s: &mut State, risk: Risk, now: Instant) -> Result<(), Held> {
         s.prune(now);
         if let Some((until, account)) = &s.lockout {
             return Err(Held::Lockout {
@@ -145,20 +186,25 @@ impl KrakenGate {
                 account: account.clone(),
             });
         }
-        // Calls of this risk go while fewer than `limit` are counted.
+        // Calls of this risk go while fewer than `limit` are counted (with
+        // the unproven calls under way).
         let limit = match risk {
             Risk::Normal => return Ok(()),
+            Risk::First => s.max,
             Risk::Retry => s.max - 1,
             Risk::Probe => s.max,
         };
-        let counted = s.rejected.len() as u32;
+        let rejected = s.rejected.len() as u32;
+        let counted = rejected.saturating_add(s.reserved);
         if counted < limit {
             return Ok(());
         }
-        // Enough of the oldest must leave the window to get below `limit`.
-        let until = match limit {
-            0 => None,
-            _ => s.rejected.get((counted - limit) as usize).map(|at| *at + WINDOW),
+        // Enough of the oldest must leave the window to get below `limit`
+        // (unknown while unproven calls are under way: their answers decide).
+        let until = match limit.checked_sub(s.reserved) {
+            None | Some(0) => None,
+            Some(room) if rejected >= room => s.rejected.get((rejected - room) as usize).map(|at| *at + WINDOW),
+            Some(_) => None,
         };
         Err(Held::Budget { until, counted })
     }
@@ -205,6 +251,71 @@ mod tests {
         assert_eq!(gate.permit(Risk::Normal, now), Ok(()));
         assert!(gate.permit(Risk::Retry, now).is_err());
         assert!(gate.permit(Risk::Probe, now).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unproven_keys_go_until_the_budget_is_spent_then_wait() {
+        // A rotation that breaks four keys at once: three first calls go,
+        // the fourth waits, where Kraken's unknown threshold might lock the
+        // address out.
+        let gate = KrakenGate::new(3);
+        let t0 = Instant::now();
+        for n in 0..3 {
+            assert_eq!(gate.permit(Risk::First, t0), Ok(()), "first call {n}");
+            gate.rejected(t0);
+        }
+        assert_eq!(
+            gate.permit(Risk::First, t0),
+            Err(Held::Budget {
+                until: Some(t0 + WINDOW),
+                counted: 3
+            })
+        );
+        assert_eq!(gate.permit(Risk::Normal, t0), Ok(()), "a proven key still goes");
+        assert_eq!(gate.permit(Risk::First, t0 + WINDOW), Ok(()), "the window passes");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unproven_calls_under_way_count_until_answered() {
+        // Five accounts with new keys start at once: three go, two wait for
+        // the answers of those three.
+        let gate = Arc::new(KrakenGate::new(3));
+        let t0 = Instant::now();
+        let going: Vec<Reservation> = (0..3)
+            .map(|n| {
+                gate.permit_call(Risk::First, t0)
+                    .unwrap_or_else(|held| panic!("call {n}: {held:?}"))
+                    .expect("a first call is reserved")
+            })
+            .collect();
+        assert_eq!(
+            gate.permit_call(Risk::First, t0).unwrap_err(),
+            Held::Budget {
+                until: None,
+                counted: 3
+            }
+        );
+        assert!(
+            gate.permit_call(Risk::Normal, t0).unwrap().is_none(),
+            "a proven key goes"
+        );
+        // Two answers were tokens, one a rejection (counted before its
+        // reservation ends): room for two more.
+        gate.rejected(t0);
+        drop(going);
+        assert!(gate.permit_call(Risk::First, t0).is_ok());
+        assert_eq!(gate.status(t0).rejected_in_window, 1);
+        // A reservation ends with its task however it ends.
+        let gate2 = Arc::clone(&gate);
+        let task = tokio::spawn(async move {
+            let _held = gate2.permit_call(Risk::First, Instant::now()).unwrap();
+            panic!("a call that panics");
+        });
+        assert!(task.await.is_err());
+        for _ in 0..2 {
+            std::mem::forget(gate.permit_call(Risk::First, t0).unwrap());
+        }
+        assert!(gate.permit_call(Risk::First, t0).is_err(), "1 counted + 2 under way");
     }
 
     #[tokio::test(start_paused = true)]

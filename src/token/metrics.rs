@@ -4,7 +4,7 @@
 use prometheus::{Gauge, GaugeVec, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 
 use super::gate::Held;
-use crate::kraken::Reason;
+use crate::kraken::{PERMISSIONS, Reason};
 use crate::metrics::{Outcome, Register};
 
 /// Refresh durations: a Kraken call takes 50 ms to a few seconds.
@@ -46,6 +46,8 @@ pub struct TokenMetrics {
     token_valid: IntGaugeVec,
     key_expiry: GaugeVec,
     key_info: IntGaugeVec,
+    key_permission: IntGaugeVec,
+    foreign_use: IntCounterVec,
     unservable: IntCounterVec,
 }
 
@@ -90,13 +92,23 @@ impl TokenMetrics {
             ),
             key_expiry: r.gauges(
                 "api_key_expiry_timestamp_seconds",
-                "Unix time of the API key's expiration at Kraken, as configured (key_expires_at); only accounts that set it.",
+                "Unix time of the API key's expiration at Kraken, as GetApiKeyInfo reports it (key_expires_at while that cannot be read); only keys that expire.",
                 &["account"],
             ),
             key_info: r.int_gauges(
                 "api_key_info",
                 "Always 1; key_fingerprint names the API key signing for the account (first 8 hex of its SHA-256).",
                 &["account", "key_fingerprint"],
+            ),
+            key_permission: r.int_gauges(
+                "api_key_permission",
+                "1 for each of Kraken's permissions the account's API key holds, 0 for each it lacks, as GetApiKeyInfo reports.",
+                &["account", "permission"],
+            ),
+            foreign_use: r.counters(
+                "api_key_foreign_use_total",
+                "Times the account's API key was seen used by another signer (its nonce moved where the broker's calls do not explain it, or stayed ahead of the broker's).",
+                &["account"],
             ),
             unservable: r.counters(
                 "unservable_tokens_total",
@@ -127,6 +139,8 @@ impl TokenMetrics {
             unservable: self.unservable.with_label_values(&[account]),
             key_expiry: self.key_expiry.clone(),
             key_info: self.key_info.clone(),
+            key_permission: self.key_permission.clone(),
+            foreign_use: self.foreign_use.with_label_values(&[account]),
             held_lockout: held(HeldReason::Lockout),
             held_budget: held(HeldReason::Budget),
         }
@@ -145,6 +159,10 @@ impl TokenMetrics {
         let _ = self.last_success.remove_label_values(&[account]);
         let _ = self.token_valid.remove_label_values(&[account]);
         let _ = self.key_expiry.remove_label_values(&[account]);
+        let _ = self.foreign_use.remove_label_values(&[account]);
+        for (permission, _) in PERMISSIONS {
+            let _ = self.key_permission.remove_label_values(&[account, permission]);
+        }
         let _ = self.unservable.remove_label_values(&[account]);
         remove_key_info(&self.key_info, account);
     }
@@ -183,6 +201,8 @@ pub struct AccountMetrics {
     unservable: IntCounter,
     key_expiry: GaugeVec,
     key_info: IntGaugeVec,
+    key_permission: IntGaugeVec,
+    foreign_use: IntCounter,
     /// `kraken_calls_held_total{reason="lockout"}` ...
     held_lockout: IntCounter,
     /// ... and `{reason="rejected_budget"}`.
@@ -215,10 +235,39 @@ impl AccountMetrics {
         self.valid.set(i64::from(valid));
     }
 
-    /// Names the key now signing (and its configured expiration).
+    /// Names the key now signing (and its expiration, as known).
     pub fn set_key(&self, fingerprint: &str, expires_at: Option<std::time::SystemTime>) {
         remove_key_info(&self.key_info, &self.account);
         self.key_info.with_label_values(&[&self.account, fingerprint]).set(1);
+        self.set_key_expiry(expires_at);
+    }
+
+    /// The key's permissions, as Kraken reports them: each one this broker
+    /// knows by name, 1 or 0 (a closed label set); `None` drops them (the
+    /// key changed and is not read yet).
+    pub fn set_permissions(&self, held: Option<&[String]>) {
+        for (permission, _) in PERMISSIONS {
+            match held {
+                Some(held) => self
+                    .key_permission
+                    .with_label_values(&[self.account.as_str(), permission])
+                    .set(i64::from(held.iter().any(|h| h == permission))),
+                None => {
+                    let _ = self
+                        .key_permission
+                        .remove_label_values(&[self.account.as_str(), permission]);
+                }
+            }
+        }
+    }
+
+    /// Another signer was seen using the key.
+    pub fn foreign_use(&self) {
+        self.foreign_use.inc();
+    }
+
+    /// The key's expiration (none: the series is dropped).
+    pub fn set_key_expiry(&self, expires_at: Option<std::time::SystemTime>) {
         match expires_at {
             Some(t) => self
                 .key_expiry

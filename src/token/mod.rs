@@ -11,10 +11,12 @@
 //! | [`schedule`] | when to refresh and how long to back off (pure) |
 //! | [`policy`] | what to do after a failed call (pure) |
 //! | [`gate`] | the process-wide rejected-call budget and address-wide lockout |
+//! | [`key`] | what Kraken says of the key (`GetApiKeyInfo`), for readers and the audit |
 //! | [`scripted`] | a scripted token source for tests and benchmarks |
 //! | [`metrics`] | the token and gate metric families |
 
 pub mod gate;
+pub mod key;
 pub mod metrics;
 pub mod policy;
 pub mod published;
@@ -26,8 +28,9 @@ pub mod source;
 /// Kraken's documented token lifetime: the most any token held here can have.
 pub use crate::kraken::MAX_TOKEN_LIFETIME;
 pub use gate::{KrakenGate, Risk};
+pub use key::{KeyEvent, KeyEvents, KeyReport};
 pub use published::{CachedToken, Health, Published, ServingRule, token_sha256};
 pub use refresher::{AccountHandle, Ambient, Answer, Applied, Cause, Unavailable};
 pub use schedule::{RefreshPolicy, next_refresh_at, retry_after_secs};
 pub use scripted::ScriptedSource;
-pub use source::{AccountSetup, FetchFuture, TokenSource};
+pub use source::{AccountSetup, FetchFuture, InspectFuture, TokenSource};

@@ -10,7 +10,9 @@
 //!   A nonce race with another holder of the key is a one-off collision, so
 //!   an attempt made after a back-off deserves its own retry just as the
 //!   first one did. The retry belongs to its attempt: it does not count as a
-//!   further failure, and a nonce rejected again is backed off.
+//!   further failure. A nonce rejected again means another signer keeps
+//!   the key's nonce ahead of this broker's: rejected, with the cure in the
+//!   hint (rotate the key, or raise its nonce window).
 //! - `EAPI:Invalid signature` with a TOTP seed: once per streak, wait for the
 //!   next code and retry (a code may have been refused as reused or late);
 //!   after that, the rejection is treated as permanent.
@@ -22,7 +24,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use super::schedule::{MAX_REJECTED_RETRY, RefreshPolicy};
-use crate::kraken::{Action, KrakenError, Reason};
+use crate::kraken::{Action, KrakenError, NONCE_AHEAD_HINT, Reason};
 
 /// The longest an `EService:Throttled` timestamp or an edge `Retry-After` is
 /// obeyed, in case Kraken's clock and ours disagree wildly.
@@ -151,9 +153,13 @@ pub fn after_failure(streak: Streak, error: &KrakenError, cx: &Context<'_>) -> D
         Action::Backoff { at_least } => Next::Backoff {
             at: cx.now + backoff(at_least),
         },
-        // The nonce was rejected again, after its retry.
-        Action::RetryOnceNow => Next::Backoff {
-            at: cx.now + backoff(Duration::ZERO),
+        // The nonce was rejected again, after its re-signed retry: another
+        // signer keeps the key's nonce ahead of this broker's. No call can
+        // learn that nonce (every private call needs one above it): an
+        // operator must act.
+        Action::RetryOnceNow => Next::Rejected {
+            at: cx.now + rejected_retry_delay(after.failures, cx.policy),
+            hint: NONCE_AHEAD_HINT,
         },
     };
     Decision { next, streak: after }
@@ -255,12 +261,14 @@ mod tests {
                 ("resign-now", 0.0),
                 streak(0, true, false),
             ),
-            // ... rejected again: backed off, and the next attempt gets its own retry.
+            // ... rejected again: another signer keeps the nonce ahead, an
+            // operator must act (retried slowly; the next attempt gets its
+            // own re-signed retry).
             row(
                 streak(0, true, false),
                 api("EAPI:Invalid nonce"),
                 None,
-                ("backoff", 0.75),
+                ("rejected", 300.0),
                 streak(1, false, false),
             ),
             row(
@@ -274,7 +282,7 @@ mod tests {
                 streak(3, true, false),
                 api("EAPI:Invalid nonce"),
                 None,
-                ("backoff", 6.0),
+                ("rejected", 2400.0),
                 streak(4, false, false),
             ),
             // Transient failures back off exponentially, capped at retry_max.

@@ -98,6 +98,8 @@ pub enum Health {
         next_attempt: Instant,
         /// An operator must act (invalid key, permission, ...).
         permanent: bool,
+        /// What the operator should do, when known.
+        hint: Option<&'static str>,
     },
     /// Kraken locked the key out; no call before `until`.
     CircuitOpen { until: Instant },
@@ -109,6 +111,8 @@ pub struct Published {
     pub token: Option<std::sync::Arc<CachedToken>>,
     pub health: Health,
     pub rule: ServingRule,
+    /// What Kraken says of the key (`GetApiKeyInfo`).
+    pub key: std::sync::Arc<super::key::KeyReport>,
 }
 
 impl Published {
@@ -117,6 +121,7 @@ impl Published {
             token: None,
             health: Health::Starting,
             rule,
+            key: Default::default(),
         }
     }
 
@@ -161,6 +166,7 @@ mod tests {
             rule: ServingRule {
                 min_served_ttl: Duration::from_secs(60),
             },
+            key: Default::default(),
         };
         assert!(p.servable(Duration::from_secs(100), t0).is_some());
         assert!(p.servable(Duration::from_secs(101), t0).is_none());

@@ -9,10 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::schedule::RefreshPolicy;
-use crate::kraken::{KrakenError, WsToken};
+use crate::kraken::{KeyCheck, KrakenError, WsToken};
 
 /// A future yielding one `GetWebSocketsToken` answer.
 pub type FetchFuture = Pin<Box<dyn Future<Output = Result<WsToken, KrakenError>> + Send>>;
+
+/// A future yielding one `GetApiKeyInfo` answer, judged.
+pub type InspectFuture = Pin<Box<dyn Future<Output = Result<KeyCheck, KrakenError>> + Send>>;
 
 /// Where tokens come from: Kraken in production, a script in tests
 /// ([`super::ScriptedSource`]).
@@ -25,6 +28,12 @@ pub trait TokenSource: Send + Sync + 'static {
     /// (zero: now).
     fn ready_in(&self) -> Duration {
         Duration::ZERO
+    }
+    /// Asks about the key itself (`GetApiKeyInfo`), when the source can.
+    /// While the answer refuses the key, [`fetch`](Self::fetch) refuses
+    /// without a call.
+    fn inspect(&self) -> Option<InspectFuture> {
+        None
     }
 }
 
@@ -41,6 +50,9 @@ pub struct AccountSetup {
     /// The first 8 hex characters of the API key's SHA-256 (never the
     /// secret): logs and metrics say which key signs.
     pub key_fingerprint: String,
+    /// How often to ask Kraken about the key (`GetApiKeyInfo`), besides at
+    /// start and after a reload; `None`: never (sources that cannot).
+    pub key_info_interval: Option<Duration>,
 }
 
 impl AccountSetup {
@@ -53,6 +65,7 @@ impl AccountSetup {
             call_timeout: Duration::from_secs(10),
             key_expires_at: None,
             key_fingerprint: "00000000".into(),
+            key_info_interval: None,
         }
     }
 }

@@ -39,6 +39,7 @@ pub fn test_config(
             ws_url: sim.ws_url(),
             timeout: Duration::from_secs(2),
             max_rejected_calls: kraken_token_broker::token::gate::DEFAULT_MAX_REJECTED_CALLS,
+            key_info_interval: kraken_token_broker::config::DEFAULT_KEY_INFO_INTERVAL,
         },
         refresh: policy,
         accounts,
@@ -89,6 +90,10 @@ pub fn account(name: &str, key: &SimKey) -> AccountConfig {
         },
         sources: Vec::new(),
         key_expires_at: None,
+        forbid_permissions: kraken_token_broker::kraken::key_info::DEFAULT_FORBIDDEN
+            .iter()
+            .map(|p| (*p).to_owned())
+            .collect(),
     }
 }
 
@@ -101,9 +106,17 @@ pub struct Start<'s> {
     policy: RefreshPolicy,
     limits: kraken_token_broker::http::server::ServerLimits,
     consumers: Vec<ConsumerConfig>,
+    key_info_interval: Option<Duration>,
 }
 
 impl Start<'_> {
+    /// `[kraken] key_info_interval`, below the bounds a config file allows
+    /// (a test cannot wait ten minutes).
+    pub fn key_info_interval(mut self, every: Duration) -> Self {
+        self.key_info_interval = Some(every);
+        self
+    }
+
     /// One account `main` signing with `key`.
     pub fn key(self, key: &SimKey) -> Self {
         self.account(account("main", key))
@@ -139,6 +152,9 @@ impl Start<'_> {
         let (credential, credential_sha256) = new_credential();
         let mut config = test_config(self.sim, self.accounts, self.policy, credential_sha256);
         config.consumers.extend(self.consumers);
+        if let Some(every) = self.key_info_interval {
+            config.kraken.key_info_interval = every;
+        }
         Broker::launch(config, credential.expose().to_owned(), None, self.limits).await
     }
 }
@@ -152,6 +168,7 @@ impl Broker {
             policy: RefreshPolicy::default(),
             limits: Default::default(),
             consumers: Vec::new(),
+            key_info_interval: None,
         }
     }
 

@@ -9,6 +9,7 @@ use super::super::raw::{AccountSection, Entry, SecretRef};
 use super::super::secrets::{Material, SecretReader, secret};
 use super::super::values::unique_name;
 use super::super::{AccountConfig, SecretSource};
+use crate::kraken::key_info::{DEFAULT_FORBIDDEN, PERMISSIONS, WS_TOKEN_PERMISSION};
 use crate::kraken::{ApiCredentials, Otp, decode_secret};
 use crate::secret::SecretString;
 
@@ -74,6 +75,7 @@ fn account<R: SecretReader>(
     });
     let otp = otp(f, a, prefix, reader, &mut sources);
     let key_expires_at = key_expires_at(f, a, prefix);
+    let forbid_permissions = forbid_permissions(f, a, prefix);
     let (name, (api_key, _), api_secret) = (name?, api_key?, api_secret?);
     Some(AccountConfig {
         name,
@@ -84,7 +86,53 @@ fn account<R: SecretReader>(
         },
         sources,
         key_expires_at,
+        forbid_permissions,
     })
+}
+
+/// `forbid_permissions`: Kraken's permission names; by default the funding
+/// ones. A name this broker does not know is kept (Kraken may add
+/// permissions) with a warning, since a misspelt one forbids nothing.
+fn forbid_permissions(f: &mut Findings<'_>, a: &AccountSection, prefix: &str) -> Vec<String> {
+    let Some(list) = &a.forbid_permissions else {
+        return DEFAULT_FORBIDDEN.iter().map(|p| (*p).to_owned()).collect();
+    };
+    if list.get_ref().is_empty() {
+        f.warning(
+            at(list),
+            format!("{prefix}.forbid_permissions"),
+            "is empty: the key is not refused for any permission it holds, funding (withdraw, deposit) included"
+                .to_owned(),
+        );
+    }
+    let mut names = Vec::new();
+    for name in list.get_ref() {
+        let text = name.get_ref().trim();
+        if !PERMISSIONS.iter().any(|(known, _)| *known == text) {
+            let known: Vec<&str> = PERMISSIONS.iter().map(|(n, _)| *n).collect();
+            f.warning(
+                at(name),
+                format!("{prefix}.forbid_permissions"),
+                format!(
+                    "`{text}` is not a Kraken permission name this broker knows ({}); kept as given",
+                    known.join(", ")
+                ),
+            );
+        }
+        if text == WS_TOKEN_PERMISSION {
+            f.problem(
+                at(name),
+                format!("{prefix}.forbid_permissions"),
+                format!(
+                    "`{WS_TOKEN_PERMISSION}` is the permission every key here needs: forbidding it refuses every key"
+                ),
+            );
+        }
+        if !names.iter().any(|n| n == text) {
+            names.push(text.to_owned());
+        }
+    }
+    names
 }
 
 /// The key's 2FA: a static password or a TOTP seed, not both.

@@ -6,7 +6,7 @@ use super::super::KrakenConfig;
 use super::super::problems::{Findings, at};
 use super::super::raw::{KrakenSection, RefreshSection};
 use super::super::values::{duration, offset, url};
-use super::super::{DEFAULT_KRAKEN_TIMEOUT, DEFAULT_REST_URL, DEFAULT_WS_URL};
+use super::super::{DEFAULT_KEY_INFO_INTERVAL, DEFAULT_KRAKEN_TIMEOUT, DEFAULT_REST_URL, DEFAULT_WS_URL};
 use crate::token::RefreshPolicy;
 use crate::token::gate::DEFAULT_MAX_REJECTED_CALLS;
 use crate::token::schedule::MAX_REJECTED_RETRY;
@@ -21,6 +21,10 @@ const MAX_RETRY: Duration = Duration::from_secs(3600);
 const MIN_RETRY_REJECTED: Duration = Duration::from_secs(1);
 /// The most `max_rejected_calls` accepted: more only invites a lockout.
 const MAX_REJECTED_CALLS_LIMIT: u32 = 1000;
+/// The bounds of `key_info_interval`: more often only spends the key's call
+/// counter; less often sees a key used elsewhere too late.
+const MIN_KEY_INFO_INTERVAL: Duration = Duration::from_secs(60);
+const MAX_KEY_INFO_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 
 pub(in crate::config) fn kraken(f: &mut Findings<'_>, s: &KrakenSection) -> KrakenConfig {
     let max_rejected_calls = match &s.max_rejected_calls {
@@ -41,7 +45,21 @@ pub(in crate::config) fn kraken(f: &mut Findings<'_>, s: &KrakenSection) -> Krak
         ws_url: url(f, &s.ws_url, "kraken.ws_url", DEFAULT_WS_URL, &["wss", "ws"]),
         timeout: duration(f, &s.timeout, "kraken.timeout", DEFAULT_KRAKEN_TIMEOUT),
         max_rejected_calls,
+        key_info_interval: duration(
+            f,
+            &s.key_info_interval,
+            "kraken.key_info_interval",
+            DEFAULT_KEY_INFO_INTERVAL,
+        ),
     };
+    if !(MIN_KEY_INFO_INTERVAL..=MAX_KEY_INFO_INTERVAL).contains(&kraken.key_info_interval) {
+        let msg = format!(
+            "must be between {} and {} (GetApiKeyInfo costs a point of the key's call counter)",
+            secs(MIN_KEY_INFO_INTERVAL),
+            secs(MAX_KEY_INFO_INTERVAL)
+        );
+        f.problem(offset(&s.key_info_interval), "kraken.key_info_interval", msg);
+    }
     if kraken.timeout.is_zero() || kraken.timeout > MAX_KRAKEN_TIMEOUT {
         let msg = format!("must be between 1s and {}s", MAX_KRAKEN_TIMEOUT.as_secs());
         f.problem(offset(&s.timeout), "kraken.timeout", msg);

@@ -29,6 +29,7 @@ pub(in crate::config) fn kubernetes<R: SecretReader>(
     let api_url = api_url(f, k, *table_at, reader);
     let ca = pod_file(f, reader, "ca", &k.ca, *table_at);
     if let Some((path, pem)) = &ca
+        && reader.reads_secrets()
         && let Err(e) = crate::tls::certificates(pem, "ca")
     {
         f.problem(
@@ -76,7 +77,12 @@ fn api_url<R: SecretReader>(
     if let Some(text) = &k.api_url {
         return url_of(f, text, "kubernetes.api_url", &["https"]);
     }
-    let Some(host) = reader.env("KUBERNETES_SERVICE_HOST") else {
+    let host = reader.env("KUBERNETES_SERVICE_HOST");
+    if host.is_none() && !reader.reads_secrets() {
+        // Outside the pod (--no-secrets): the pod's environment gives it.
+        return Some("https://kubernetes.default.svc".to_owned());
+    }
+    let Some(host) = host else {
         f.problem(
             Some(table_at),
             "kubernetes.api_url",
@@ -114,6 +120,10 @@ fn pod_file<R: SecretReader>(
         f.problem(place, format!("kubernetes.{key}"), msg);
         return None;
     };
+    if !reader.reads_secrets() {
+        // The pod's own files (--no-secrets): read only in the pod.
+        return Some((path, String::new()));
+    }
     match reader.file(&path) {
         Ok(read) => Some((path, read.text)),
         Err(e) => {

@@ -51,8 +51,25 @@ fn tls<R: SecretReader>(f: &mut Findings<'_>, tls: &Spanned<TlsSection>, reader:
     let cert = read(f, "cert", &t.cert, true);
     let key = read(f, "key", &t.key, true);
     let client_ca = read(f, "client_ca", &t.client_ca, false);
-    let ((cert, cert_at), (key, _)) = (cert?, key?);
+    let ((cert, cert_at), (key, key_at)) = (cert?, key?);
     let ca_text = client_ca.as_ref().map(|(ca, _)| ca.expose());
+    if !reader.reads_secrets() {
+        // The key is not read: the certificates are checked alone.
+        let parsed = crate::tls::certificates(cert.expose(), "certificate").and_then(|_| match ca_text {
+            Some(ca) => crate::tls::certificates(ca, "client CA").map(|_| ()),
+            None => Ok(()),
+        });
+        if let Err(e) = parsed {
+            f.problem(cert_at, "listen.tls", e.to_string());
+        } else {
+            f.warning(
+                key_at,
+                "listen.tls.key",
+                "not read (--no-secrets): whether it fits the certificate is checked only with the secrets".to_owned(),
+            );
+        }
+        return None;
+    }
     match crate::tls::server_config(cert.expose(), key.expose(), ca_text) {
         Ok(server) => Some(TlsConfig {
             server: std::sync::Arc::new(server),

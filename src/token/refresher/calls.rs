@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::super::gate::{Held, Risk, is_rejection};
+use super::super::gate::{Held, Reservation, Risk, is_rejection};
 use super::super::policy::{Context, Decision, Next, Streak, after_failure, rejected_retry_delay};
 use super::super::published::CachedToken;
 use super::super::schedule::next_refresh_at;
@@ -35,7 +35,7 @@ impl Refresher {
     /// when to try again.
     pub(super) fn try_call(&mut self, streak: Streak, failing: Option<Failure>, trigger: Trigger) {
         let now = Instant::now();
-        if let Some(expired) = self.setup.key_expires_at.filter(|t| *t <= self.ambient.clock.now()) {
+        if let Some(expired) = self.key_expiry().filter(|t| *t <= self.ambient.clock.now()) {
             return self.key_expired(streak, expired, now);
         }
         let wait = self.setup.source.ready_in();
@@ -53,31 +53,72 @@ impl Refresher {
             };
             return;
         }
+        // A call goes after the inspection under way: that one holds the
+        // key's lane meanwhile anyway, and its answer may refuse the key.
+        if self.inspection.is_some() {
+            return self.defer(trigger);
+        }
+        let fresh = std::mem::take(&mut self.verdict_fresh);
+        let refused_locally = failing.as_ref().is_some_and(|f| f.refused_locally);
+        if refused_locally && !fresh {
+            // Refused for what Kraken said of the key: ask again first.
+            self.start_inspection();
+            if self.inspection.is_some() {
+                return self.defer(trigger);
+            }
+        }
         let rejected_before = failing
             .as_ref()
-            .is_some_and(|f| is_rejection(f.reason) && f.short_lifetime.is_none());
+            .is_some_and(|f| is_rejection(f.reason) && !f.refused_locally && f.short_lifetime.is_none());
         let risk = match (rejected_before, trigger) {
-            (false, _) => Risk::Normal,
+            (false, _) if self.proven => Risk::Normal,
+            (false, _) => Risk::First,
             (true, Trigger::Automatic) => Risk::Retry,
             (true, Trigger::Operator) => Risk::Probe,
         };
-        if let Err(held) = self.ambient.gate.permit(risk, now) {
-            return self.held(streak, failing, held, now);
+        match self.ambient.gate.permit_call(risk, now) {
+            Ok(reservation) => self.call_with(streak, failing, reservation),
+            Err(held) => self.held(streak, failing, held, now),
         }
-        self.call_with(streak, failing);
+    }
+
+    /// Makes the call once the inspection under way has landed.
+    pub(super) fn defer(&mut self, trigger: Trigger) {
+        self.deferred = Some(match (self.deferred, trigger) {
+            (Some(Trigger::Operator), _) | (_, Trigger::Operator) => Trigger::Operator,
+            _ => Trigger::Automatic,
+        });
     }
 
     /// The key is past its configured expiration: a rejection, without a call.
     pub(super) fn key_expired(&mut self, streak: Streak, expired: SystemTime, now: Instant) {
         let failures = streak.failures.saturating_add(1);
         let retry_in = rejected_retry_delay(failures, &self.setup.policy);
-        let detail = format!(
-            "the API key's expiration (key_expires_at = {}) has passed; no call is made with it",
-            humantime::format_rfc3339_seconds(expired)
-        );
+        let from_kraken = self
+            .key
+            .info
+            .as_ref()
+            .is_some_and(|(info, _)| info.valid_until.is_some());
+        let (detail, hint) = if from_kraken {
+            (
+                format!(
+                    "the API key's expiration (validUntil {}, as GetApiKeyInfo reports) has passed; no call is made with it",
+                    humantime::format_rfc3339_seconds(expired)
+                ),
+                "install a new API key",
+            )
+        } else {
+            (
+                format!(
+                    "the API key's expiration (key_expires_at = {}) has passed; no call is made with it",
+                    humantime::format_rfc3339_seconds(expired)
+                ),
+                "install a new API key and set its key_expires_at",
+            )
+        };
         error!(
             account = %self.name, outcome = "failure", reason = %Reason::InvalidKey, key = %self.setup.key_fingerprint,
-            error = %detail, fix = "install a new API key and set its key_expires_at", ?retry_in,
+            error = %detail, fix = hint, ?retry_in,
             "the account's API key has expired: an operator must act"
         );
         self.metrics
@@ -88,10 +129,11 @@ impl Refresher {
             consecutive: failures,
             next: Next::Rejected {
                 at: now + retry_in,
-                hint: "install a new API key and set its key_expires_at",
+                hint,
             },
             short_lifetime: None,
             held: None,
+            refused_locally: false,
         };
         self.fail(Streak { failures, ..streak }, failure, now);
     }
@@ -115,27 +157,49 @@ impl Refresher {
                     next: Next::LockedOut { until: *until },
                     short_lifetime: None,
                     held: None,
+                    refused_locally: false,
                 }
             }
             Held::Budget { until, counted } => {
-                let last = failing.expect("only a retry of a rejected key is held by the budget");
                 let status = self.ambient.gate.status(now);
                 let at = until.unwrap_or(now + rejected_retry_delay(streak.failures.max(1), &self.setup.policy));
-                warn!(
-                    account = %self.name, counted, max = status.max_rejected_calls, retry_in = ?at.saturating_duration_since(now),
-                    "retry of a rejected key held: the process's budget of rejected calls to Kraken is spent (Kraken locks out by address)"
-                );
-                let hint = match last.next {
-                    Next::Rejected { hint, .. } => hint,
-                    _ => "",
+                let hold = BudgetHold {
+                    counted: *counted,
+                    max: status.max_rejected_calls,
                 };
-                Failure {
-                    held: Some(BudgetHold {
-                        counted: *counted,
-                        max: status.max_rejected_calls,
-                    }),
-                    next: Next::Rejected { at, hint },
-                    ..last
+                let retry_in = at.saturating_duration_since(now);
+                match failing {
+                    Some(last) => {
+                        warn!(
+                            account = %self.name, counted, max = status.max_rejected_calls, ?retry_in,
+                            "retry of a rejected key held: the process's budget of rejected calls to Kraken is spent (Kraken locks out by address)"
+                        );
+                        let next = match last.next {
+                            Next::Rejected { hint, .. } => Next::Rejected { at, hint },
+                            _ => Next::Backoff { at },
+                        };
+                        Failure {
+                            held: Some(hold),
+                            next,
+                            ..last
+                        }
+                    }
+                    None => {
+                        warn!(
+                            account = %self.name, counted, max = status.max_rejected_calls, ?retry_in,
+                            "first call with a key not yet proven held: the process's budget of rejected calls to Kraken is spent (Kraken locks out by address)"
+                        );
+                        Failure {
+                            reason: Reason::Other,
+                            detail: "no call with this key yet: other keys' rejections spent the process's budget"
+                                .into(),
+                            held: Some(hold),
+                            consecutive: streak.failures,
+                            next: Next::Backoff { at },
+                            short_lifetime: None,
+                            refused_locally: false,
+                        }
+                    }
                 }
             }
         };
@@ -150,7 +214,7 @@ impl Refresher {
         self.answer_waiters(now, unavailable);
     }
 
-    pub(super) fn call_with(&mut self, streak: Streak, failing: Option<Failure>) {
+    pub(super) fn call_with(&mut self, streak: Streak, failing: Option<Failure>, reservation: Option<Reservation>) {
         let source = Arc::clone(&self.setup.source);
         // A little after the client's own timeout: a safety net, not a limit.
         let limit = self.setup.call_timeout + Duration::from_secs(1);
@@ -163,6 +227,7 @@ impl Refresher {
             task,
             started: Instant::now(),
             started_wall: self.ambient.clock.now(),
+            _reservation: reservation,
         };
         self.state = State::Calling {
             flight,
@@ -184,7 +249,10 @@ impl Refresher {
         let took = now.saturating_duration_since(flight.started);
         match result {
             Ok(minted) => self.on_success(minted, &flight, took, streak),
-            Err(error) => self.on_failure(&error, streak, failing, took, now),
+            Err(error) => {
+                self.count_rejection(&error, now);
+                self.on_failure(&error, streak, failing, took, now);
+            }
         }
     }
 
@@ -224,6 +292,12 @@ impl Refresher {
             "token refreshed"
         );
         self.last_lifetime = Some(token.lifetime);
+        self.proven = true;
+        self.nonce_refused_by_inspection = false;
+        if self.inspect_at.is_none() && self.inspection.is_none() {
+            // Not asked while Kraken rejected the key: ask now it works.
+            self.inspect_at = Some(now);
+        }
         let lifetime = token.lifetime;
         self.current = Some(token);
         if unservable {
@@ -264,6 +338,7 @@ impl Refresher {
             next: Next::Backoff { at: now + wait },
             short_lifetime: Some(lifetime),
             held: None,
+            refused_locally: false,
         };
         self.fail(
             Streak {
@@ -276,6 +351,15 @@ impl Refresher {
         self.expire_and_report(now);
     }
 
+    /// Counts a call's rejection in the gate (before the call's
+    /// reservation, if any, ends).
+    pub(super) fn count_rejection(&self, error: &KrakenError, now: Instant) {
+        if is_rejection(error.reason()) && error.reached_kraken() {
+            self.ambient.gate.rejected(now);
+        }
+    }
+
+    /// What follows a failed call (its rejection already counted).
     pub(super) fn on_failure(
         &mut self,
         error: &KrakenError,
@@ -287,8 +371,11 @@ impl Refresher {
         let reason = error.reason();
         self.metrics
             .refresh_failed(reason, took.as_secs_f64(), unix_secs_f64(self.ambient.clock.now()));
-        if is_rejection(reason) {
-            self.ambient.gate.rejected(now);
+        let mut streak = streak;
+        if reason == Reason::InvalidNonce && std::mem::take(&mut self.nonce_refused_by_inspection) {
+            // The GetApiKeyInfo just before was refused for its nonce too:
+            // this call was its re-signed retry.
+            streak.nonce_retried = true;
         }
         let context = Context {
             policy: &self.setup.policy,
@@ -299,6 +386,11 @@ impl Refresher {
         };
         let Decision { next, streak } = after_failure(streak, error, &context);
         log_failure(&self.name, &self.setup.key_fingerprint, error, next, took, now);
+        if reason == Reason::InvalidNonce && matches!(next, Next::Rejected { .. }) {
+            self.foreign_use(
+                "Kraken refused the nonce again after a re-signed retry: another signer has moved the key's nonce ahead of this broker's clock".into(),
+            );
+        }
         if let Next::LockedOut { until } = next {
             self.ambient.gate.locked_out(&self.name, until);
         }
@@ -309,6 +401,7 @@ impl Refresher {
             next,
             short_lifetime: None,
             held: None,
+            refused_locally: !error.reached_kraken(),
         };
         if next == Next::ResignNow {
             // Invisible to readers: the health stays as it was. The retry is
@@ -316,7 +409,7 @@ impl Refresher {
             if let Err(held) = self.ambient.gate.permit(Risk::Retry, now) {
                 return self.held(streak, Some(failure), held, now);
             }
-            self.call_with(streak, failing);
+            self.call_with(streak, failing, None);
             return;
         }
         self.fail(streak, failure, now);

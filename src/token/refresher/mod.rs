@@ -21,11 +21,13 @@
 //! | `state` | where it stands: one state value, the failure waited out |
 //! | `calls` | calls to Kraken and what comes of them |
 //! | `demand` | consumers' on-demand requests, waiters, forced-refresh budgets |
+//! | `inspect` | asking Kraken about the key (`GetApiKeyInfo`) and what follows |
 //! | `log` | the log line of each failed call |
 
 mod calls;
 mod demand;
 pub mod handle;
+mod inspect;
 mod log;
 mod state;
 #[cfg(test)]
@@ -45,15 +47,16 @@ pub use demand::{ACCOUNT_FORCED_BURST, ACCOUNT_FORCED_EVERY, FORCED_REFRESH_BURS
 pub use handle::{AccountHandle, Answer, Applied, Cause, Unavailable};
 
 use super::gate::KrakenGate;
+use super::key::{KeyEvents, KeyReport};
 use super::metrics::AccountMetrics;
 use super::policy::{Next, Streak};
 use super::published::{CachedToken, Health, Published, ServingRule};
 use super::source::AccountSetup;
 use crate::bucket::TokenBucket;
 use crate::clock::WallClock;
-use crate::kraken::{KrakenError, MAX_TOKEN_LIFETIME, WsToken};
+use crate::kraken::{KeyCheck, KrakenError, MAX_TOKEN_LIFETIME, WsToken};
 use handle::{Control, REQUEST_QUEUE, Request};
-use state::{Failure, State, Trigger, Waiter};
+use state::{Failure, Inspection, State, Trigger, Waiter};
 
 /// A random fraction in `[0, 1)` for jitter; a parameter so tests are exact.
 pub type Jitter = fn() -> f64;
@@ -64,13 +67,15 @@ pub fn random_jitter() -> f64 {
 }
 
 /// What a refresher shares with the world besides its token source: the
-/// randomness of jitter, the wall clock, and the process-wide gate in front
-/// of Kraken. Parameters, so tests are exact.
+/// randomness of jitter, the wall clock, the process-wide gate in front
+/// of Kraken, and where key events go (the audit trail). Parameters, so
+/// tests are exact.
 #[derive(Debug, Clone)]
 pub struct Ambient {
     pub jitter: Jitter,
     pub clock: WallClock,
     pub gate: Arc<KrakenGate>,
+    pub events: KeyEvents,
 }
 
 impl Default for Ambient {
@@ -79,6 +84,7 @@ impl Default for Ambient {
             jitter: random_jitter,
             clock: WallClock::system(),
             gate: Arc::new(KrakenGate::default()),
+            events: KeyEvents::default(),
         }
     }
 }
@@ -120,6 +126,15 @@ pub fn spawn(
         budget: TokenBucket::every(ACCOUNT_FORCED_BURST, ACCOUNT_FORCED_EVERY, now),
         shares: std::collections::HashMap::new(),
         valid_reported: None,
+        inspection: None,
+        deferred: None,
+        verdict_fresh: false,
+        inspect_at: Some(now),
+        proven: false,
+        key: KeyReport::default(),
+        nonce_refused_by_inspection: false,
+        inspection_nonce_retried: false,
+        foreign_seen: None,
     };
     let task = tokio::spawn(refresher.run());
     (
@@ -138,6 +153,7 @@ pub fn spawn(
 enum Event {
     Stop,
     Fetched(Result<Result<WsToken, KrakenError>, tokio::task::JoinError>),
+    Inspected(Result<Result<KeyCheck, KrakenError>, tokio::task::JoinError>),
     Control(Control),
     Request(Option<Request>),
     Timer,
@@ -165,6 +181,27 @@ struct Refresher {
     shares: std::collections::HashMap<Arc<str>, TokenBucket>,
     /// The `token_valid` value last set, so it is only written on change.
     valid_reported: Option<bool>,
+    /// A `GetApiKeyInfo` under way: token calls wait for it.
+    inspection: Option<Inspection>,
+    /// A token call asked while an inspection was under way, made once it
+    /// has landed (by whom: an operator's reload keeps its probe).
+    deferred: Option<Trigger>,
+    /// An inspection landed since the last call was tried: a key refused
+    /// on its verdict is not asked about again before that call.
+    verdict_fresh: bool,
+    /// When to ask Kraken about the key next (`None`: not scheduled).
+    inspect_at: Option<Instant>,
+    /// A call with the key has worked since it was installed.
+    proven: bool,
+    /// What Kraken last said of the key.
+    key: KeyReport,
+    /// The last `GetApiKeyInfo` was refused for its nonce: the token call
+    /// after it is that refusal's re-signed retry.
+    nonce_refused_by_inspection: bool,
+    /// The inspection under way re-signs one Kraken refused for its nonce.
+    inspection_nonce_retried: bool,
+    /// The foreign nonce last counted, so one use is counted once.
+    foreign_seen: Option<u64>,
 }
 
 impl Refresher {
@@ -184,6 +221,9 @@ impl Refresher {
                     result = async { flight.expect("guarded by is_some").await }, if flight.is_some() => {
                         Event::Fetched(result)
                     }
+                    result = async {
+                        (&mut self.inspection.as_mut().expect("guarded by is_some").task).await
+                    }, if self.inspection.is_some() => Event::Inspected(result),
                     request = self.requests.recv() => Event::Request(request),
                     _ = tokio::time::sleep_until(wake) => Event::Timer,
                 }
@@ -195,9 +235,24 @@ impl Refresher {
                         result.unwrap_or_else(|e| Err(KrakenError::Transport(format!("the fetch task failed: {e}"))));
                     self.on_fetched(result);
                 }
+                Event::Inspected(result) => {
+                    let result = result
+                        .unwrap_or_else(|e| Err(KrakenError::Transport(format!("the GetApiKeyInfo task failed: {e}"))));
+                    // Its reservation (if any) ends once the answer is counted.
+                    if let Err(error) = &result {
+                        self.count_rejection(error, Instant::now());
+                    }
+                    self.inspection = None;
+                    self.on_inspected(result);
+                }
                 Event::Control(control) => self.on_control(control),
                 Event::Request(Some(request)) => self.on_request(request),
                 Event::Timer => {
+                    // The inspection first: a token call made now waits for
+                    // its verdict.
+                    if self.inspect_at.is_some_and(|at| Instant::now() >= at) {
+                        self.start_inspection();
+                    }
                     if self.call_due_at().is_some_and(|at| Instant::now() >= at) {
                         self.start_call(Trigger::Automatic);
                     }
@@ -206,6 +261,9 @@ impl Refresher {
         }
         if let State::Calling { flight, .. } = &self.state {
             flight.task.abort();
+        }
+        if let Some(inspection) = &self.inspection {
+            inspection.task.abort();
         }
         let stopping = Unavailable {
             retry_after: Duration::from_secs(1),
@@ -249,6 +307,10 @@ impl Refresher {
                 consecutive: f.consecutive,
                 next_attempt: f.next.at(Instant::now()),
                 permanent: matches!(f.next, Next::Rejected { .. }),
+                hint: match f.next {
+                    Next::Rejected { hint, .. } if !hint.is_empty() => Some(hint),
+                    _ => None,
+                },
             },
             None if self.last_lifetime.is_some() => Health::Healthy,
             None => Health::Starting,
@@ -258,7 +320,12 @@ impl Refresher {
     /// The next moment something must happen without a message arriving.
     fn next_wake(&self, now: Instant) -> Instant {
         let mut wake = now + Duration::from_secs(3600);
-        if let Some(at) = self.call_due_at() {
+        // While an inspection is under way, its answer wakes the task: a
+        // call due meanwhile waits for it.
+        if let Some(at) = self.call_due_at().filter(|_| self.inspection.is_none()) {
+            wake = wake.min(at);
+        }
+        if let Some(at) = self.inspect_at.filter(|_| self.inspection.is_none()) {
             wake = wake.min(at);
         }
         if let Some(t) = &self.current {
@@ -295,6 +362,7 @@ impl Refresher {
             token: self.current.clone(),
             health: self.health(),
             rule: self.rule(),
+            key: Arc::new(self.key.clone()),
         }));
         self.changed.send_replace(());
     }
@@ -306,10 +374,26 @@ impl Refresher {
     fn on_control(&mut self, control: Control) {
         match control {
             Control::Reconfigure(setup, applied) => {
+                let new_key = setup.key_fingerprint != self.setup.key_fingerprint;
                 self.setup = *setup;
-                self.metrics
-                    .set_key(&self.setup.key_fingerprint, self.setup.key_expires_at);
+                if new_key {
+                    // Nothing known of the new key until Kraken answers.
+                    self.proven = false;
+                    self.key = KeyReport::default();
+                    self.nonce_refused_by_inspection = false;
+                    self.inspection_nonce_retried = false;
+                    self.foreign_seen = None;
+                    self.metrics.set_permissions(None);
+                }
+                self.metrics.set_key(&self.setup.key_fingerprint, self.key_expiry());
                 info!(account = %self.name, key = %self.setup.key_fingerprint, "account reconfigured");
+                // Ask about the key (new, or judged by new rules) before the
+                // next token call; an answer about the old setup is moot.
+                if let Some(inspection) = self.inspection.take() {
+                    inspection.task.abort();
+                }
+                self.verdict_fresh = false;
+                self.start_inspection();
                 self.publish();
                 if let State::Failed { failure, .. } = &self.state
                     && !matches!(failure.next, Next::LockedOut { .. })

@@ -8,9 +8,10 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::super::gate::Reservation;
 use super::super::policy::{Next, Streak};
 use super::handle::Answer;
-use crate::kraken::{KrakenError, Reason, WsToken};
+use crate::kraken::{KeyCheck, KrakenError, Reason, WsToken};
 
 /// A consumer waiting for a token good enough for it.
 pub(super) struct Waiter {
@@ -22,6 +23,15 @@ pub(super) struct InFlight {
     pub task: JoinHandle<Result<WsToken, KrakenError>>,
     pub started: Instant,
     pub started_wall: SystemTime,
+    /// With an unproven key: held until the answer is counted.
+    pub _reservation: Option<Reservation>,
+}
+
+/// A `GetApiKeyInfo` under way.
+pub(super) struct Inspection {
+    pub task: JoinHandle<Result<KeyCheck, KrakenError>>,
+    /// With an unproven key: held until the answer is counted.
+    pub _reservation: Option<Reservation>,
 }
 
 /// The rejected-call budget holds retries of a failure: what it counted.
@@ -48,6 +58,9 @@ pub(super) struct Failure {
     /// Set when the call worked but the token lives less than
     /// `min_served_ttl` (the lifetime granted).
     pub short_lifetime: Option<Duration>,
+    /// The broker refused the key on what `GetApiKeyInfo` reported, without
+    /// calling `GetWebSocketsToken`: no rejection by Kraken.
+    pub refused_locally: bool,
 }
 
 impl Failure {

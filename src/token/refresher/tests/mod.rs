@@ -30,6 +30,7 @@ fn ambient() -> Ambient {
         jitter: || 0.5,
         clock: WallClock::following_tokio(SystemTime::now()),
         gate: Arc::new(KrakenGate::new(1_000_000)),
+        events: Default::default(),
     }
 }
 
@@ -170,20 +171,37 @@ async fn an_invalid_nonce_is_retried_once_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn every_attempt_gets_its_own_immediate_nonce_retry() {
-    // Attempt 1: nonce, re-signed nonce -> back-off. Attempt 2 (after the
-    // back-off): nonce, re-signed -> a token. Four calls, one back-off.
+    // Attempt 1: nonce, re-signed nonce -> rejected (another signer keeps
+    // the nonce ahead): retried slowly. Attempt 2 (retry_rejected later):
+    // nonce, re-signed -> a token. Four calls.
     let source = scripted(Duration::from_secs(900));
     source.fail(3, kraken("EAPI:Invalid nonce"));
-    let (handle, metrics, _cancel) = start(&source, policy());
+    let slow = RefreshPolicy {
+        retry_rejected: Duration::from_secs(30),
+        ..policy()
+    };
+    let (handle, metrics, _cancel) = start(&source, slow);
     let refused = handle.want(MIN).await.unwrap_err();
     assert_eq!(refused.cause, Cause::RefreshFailing(Reason::InvalidNonce));
     assert_eq!(source.calls(), 2, "the first attempt and its retry");
-    let begun = Instant::now();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let Health::Failing { permanent, detail, .. } = &handle.published().health else {
+        panic!("failing");
+    };
+    assert!(
+        *permanent,
+        "a nonce refused after its retry needs an operator: {detail}"
+    );
+    assert!(
+        metrics
+            .encode()
+            .contains("api_key_foreign_use_total{account=\"acct\"} 1"),
+        "counted as use elsewhere"
+    );
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(source.calls(), 2, "nothing before retry_rejected");
+    tokio::time::sleep(Duration::from_secs(11)).await;
     assert!(handle.want(MIN).await.is_ok());
     assert_eq!(source.calls(), 4, "the second attempt had its own retry");
-    assert!(Instant::now() - begun < Duration::from_secs(3));
-    assert!(metrics.encode().contains("reason=\"invalid_nonce\"} 3"));
 }
 
 fn start_with_gate(
@@ -258,13 +276,33 @@ async fn rejected_keys_stop_retrying_at_the_budget_and_a_reload_gets_the_last_ca
     handle.retry_now().wait().await;
     tokio::time::sleep(Duration::from_secs(600)).await;
     assert_eq!(bad.calls(), 3, "never past the budget");
-    // A healthy account is never held by it.
-    let good = scripted(Duration::from_secs(900));
-    let good_handle = start_with_gate("good", &good, fast, &gate, &metrics);
-    assert!(good_handle.want(MIN).await.is_ok());
-    // The window slides: retries resume.
+    // A key not yet proven waits too: a rotation gone wrong on many
+    // accounts stops at the budget ...
+    let fresh = scripted(Duration::from_secs(900));
+    let fresh_handle = start_with_gate("fresh", &fresh, fast, &gate, &metrics);
+    assert!(fresh_handle.want(MIN).await.is_err());
+    assert_eq!(fresh.calls(), 0, "an unproven key is held once the budget is spent");
+    // The window slides: retries resume, and the fresh key is tried.
     tokio::time::sleep(Duration::from_secs(400)).await;
     assert!(bad.calls() > 3);
+    assert!(fresh_handle.want(MIN).await.is_ok());
+    assert_eq!(fresh.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_proven_key_is_never_held_by_the_budget() {
+    let gate = Arc::new(KrakenGate::new(3));
+    let metrics = Metrics::new();
+    let good = scripted(Duration::from_secs(900));
+    let good_handle = start_with_gate("good", &good, policy(), &gate, &metrics);
+    assert!(good_handle.want(MIN).await.is_ok());
+    for _ in 0..3 {
+        gate.rejected(Instant::now());
+    }
+    // Asking for more time than the held token has left forces a call.
+    tokio::time::sleep(Duration::from_secs(100)).await;
+    assert!(good_handle.want(Duration::from_secs(850)).await.is_ok());
+    assert_eq!(good.calls(), 2, "a key that has worked keeps its service");
 }
 
 #[tokio::test(start_paused = true)]
