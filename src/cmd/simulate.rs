@@ -53,6 +53,12 @@ pub struct SimulateArgs {
     /// comma-separated; calls from elsewhere get `EGeneral:Permission denied`.
     #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
     pub ip_allowlist: Vec<String>,
+    /// The key's permissions in Kraken's names, comma-separated (e.g.
+    /// `query-funds,modify-trades,create-ws-token,withdraw-funds`), as
+    /// GetApiKeyInfo reports them; they decide --ws-permission and
+    /// --trade-permission. Default: a trading key's set from those flags.
+    #[arg(long, value_name = "NAME,...", value_delimiter = ',')]
+    pub permissions: Option<Vec<String>>,
     /// Failed calls (invalid key, signature, nonce, permission) from one
     /// address within the lockout window that lock the address out.
     #[arg(long, default_value_t = sim::state::DEFAULT_LOCKOUT_THRESHOLD)]
@@ -84,6 +90,10 @@ pub struct SimulateArgs {
     /// Apply the fault to this many calls only (default: until cleared).
     #[arg(long)]
     pub fault_count: Option<u32>,
+    /// The private method the fault applies to: GetWebSocketsToken (the
+    /// default), GetApiKeyInfo, or `*` for every private call.
+    #[arg(long, value_name = "METHOD")]
+    pub fault_method: Option<String>,
 }
 
 impl SimulateArgs {
@@ -100,9 +110,11 @@ impl SimulateArgs {
             token: None,
             expires: None,
             count: None,
+            method: None,
         };
         (spec != FaultSpec::default()).then_some(FaultSpec {
             count: self.fault_count,
+            method: self.fault_method.clone(),
             ..spec
         })
     }
@@ -122,6 +134,7 @@ impl SimulateArgs {
         key.nonce_window = self.nonce_window;
         key.valid_until = self.key_expires.clone();
         key.ip_allowlist = self.ip_allowlist.clone();
+        key.permissions = self.permissions.clone();
         key.otp = match (&self.otp, &self.totp_secret) {
             (Some(p), _) => Some(SimOtp::Password(p.clone())),
             (None, Some(s)) => Some(SimOtp::TotpSecret(s.clone())),

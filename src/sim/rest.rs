@@ -57,7 +57,7 @@ pub(super) async fn private(
     };
     // The delay comes first, as on a slow network: Kraken checks the nonce
     // when the call arrives, so delayed calls can be overtaken.
-    let (fault, delay) = sim.state.take_fault();
+    let (fault, delay) = sim.state.take_fault(call.path);
     if !delay.is_zero() {
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
@@ -309,6 +309,8 @@ pub(super) struct NewKeyRequest {
     valid_until: Option<String>,
     #[serde(default)]
     ip_allowlist: Option<Vec<String>>,
+    #[serde(default)]
+    permissions: Option<Vec<String>>,
 }
 
 /// Adds a key; missing parts are generated. Answers the key's settings, and
@@ -329,6 +331,7 @@ pub(super) async fn post_key(State(sim): State<Arc<SimShared>>, headers: HeaderM
         nonce_window: request.nonce_window.unwrap_or(0),
         valid_until: request.valid_until,
         ip_allowlist: request.ip_allowlist.unwrap_or_default(),
+        permissions: request.permissions,
     };
     match sim.state.add_key(key.clone()) {
         Ok(()) => {

@@ -15,6 +15,7 @@ use rand::RngExt as _;
 use super::faults::{FaultSpec, edge_html, reshape};
 use super::{Inner, MAX_CALL_RECORDS, MAX_TRACKED_ADDRESSES, SimState, SystemStatus};
 use crate::clock::{unix_millis, unix_secs};
+use crate::kraken::key_info::KEY_INFO_PATH;
 use crate::kraken::{WS_TOKEN_PATH, verify};
 use crate::secret::fingerprint;
 
@@ -114,7 +115,7 @@ impl SimState {
     /// Decides the answer to a private REST call at once (no delay applied).
     #[cfg(test)]
     pub fn private_call(&self, call: &PrivateCall<'_>) -> Decision {
-        let (fault, delay) = self.take_fault();
+        let (fault, delay) = self.take_fault(call.path);
         Decision {
             delay,
             reply: self.answer(call, fault),
@@ -220,13 +221,19 @@ impl Inner {
         }
     }
 
-    /// Whether `peer` is locked out now (clearing a lockout that has passed).
+    /// Whether `peer` is locked out now (clearing a lockout that has
+    /// passed). A call during a lockout extends it by the whole lockout
+    /// length: Kraken's error guide says "each attempt resets the timer".
     pub(super) fn locked_out(&mut self, peer: std::net::IpAddr, now: Instant) -> bool {
+        let window = self.lockout_duration;
         let Some(strikes) = self.strikes.get_mut(&peer) else {
             return false;
         };
         match strikes.locked_until {
-            Some(until) if now < until => true,
+            Some(until) if now < until => {
+                strikes.locked_until = Some(now + window);
+                true
+            }
             Some(_) => {
                 strikes.locked_until = None;
                 false
@@ -246,7 +253,7 @@ impl Inner {
         let peer = call
             .peer
             .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
-        if !call.path.starts_with("/0/private/") || call.path != WS_TOKEN_PATH {
+        if call.path != WS_TOKEN_PATH && call.path != KEY_INFO_PATH {
             return (kraken_error("EGeneral:Unknown method"), None, None);
         }
         if !call.http_method.eq_ignore_ascii_case("POST") {
@@ -319,10 +326,20 @@ impl Inner {
             self.strike(peer, now);
             return (kraken_error("EAPI:Invalid nonce"), Some(nonce), None);
         }
+        if call.path == KEY_INFO_PATH {
+            // "API Key Permissions Required: None".
+            key.last_used = Some(wall);
+            return (
+                Reply::Json(json!({ "error": [], "result": key.info() })),
+                Some(nonce),
+                None,
+            );
+        }
         if !key.config.ws_permission {
             self.strike(peer, now);
             return (kraken_error("EGeneral:Permission denied"), Some(nonce), None);
         }
+        key.last_used = Some(wall);
         let api_key = key.config.api_key.clone();
 
         let token = fixed_token.unwrap_or_else(|| {

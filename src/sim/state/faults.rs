@@ -50,6 +50,23 @@ pub struct FaultSpec {
     /// Apply to the next `count` calls only; absent: until cleared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u32>,
+    /// The private method it applies to: `GetWebSocketsToken` (absent: the
+    /// default), `GetApiKeyInfo`, or `*` for every private call (an edge
+    /// outage). Calls to other methods neither see it nor count it down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+impl FaultSpec {
+    /// Whether a call to `path` (`/0/private/<Method>`) is subject to it.
+    pub fn applies_to(&self, path: &str) -> bool {
+        let method = path.rsplit('/').next().unwrap_or("");
+        match self.method.as_deref() {
+            None => method == "GetWebSocketsToken",
+            Some("*") => true,
+            Some(wanted) => wanted == method,
+        }
+    }
 }
 
 pub(super) struct ActiveFault {
@@ -116,8 +133,8 @@ pub(super) fn reshape(reply: Reply, fault: &FaultSpec) -> Reply {
 }
 
 impl Inner {
-    pub(super) fn take_fault(&mut self) -> Option<FaultSpec> {
-        let active = self.fault.as_mut()?;
+    pub(super) fn take_fault(&mut self, path: &str) -> Option<FaultSpec> {
+        let active = self.fault.as_mut().filter(|a| a.spec.applies_to(path))?;
         let spec = active.spec.clone();
         if let Some(remaining) = active.remaining.as_mut() {
             *remaining = remaining.saturating_sub(1);

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use super::MAX_WINDOW_NONCES;
 use crate::kraken::Otp;
+use crate::kraken::key_info::{PERMISSIONS, WS_TOKEN_PERMISSION};
 use crate::secret::SecretBytes;
 
 /// Kraken's account tiers and their REST call counters.
@@ -82,7 +83,20 @@ pub struct SimKey {
     /// empty allows any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ip_allowlist: Vec<String>,
+    /// The key's permissions in Kraken's names, as `GetApiKeyInfo` reports
+    /// them (e.g. `create-ws-token`, `withdraw-funds`). When set, it decides
+    /// `ws_permission` (`create-ws-token`) and `trade_permission`
+    /// (`modify-trades`); when not, a trading key's set follows from those
+    /// two flags ([`SimKey::permissions`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<Vec<String>>,
 }
+
+/// A trading key's permissions when none are listed: query funds, query
+/// and manage orders, and the WebSocket one (each of the last two only with
+/// its flag). Kraken's names (see [`crate::kraken::key_info::PERMISSIONS`]).
+const QUERY_PERMISSIONS: &[&str] = &["query-funds", "query-open-trades", "query-closed-trades"];
+const TRADE_PERMISSIONS: &[&str] = &["modify-trades", "close-trades"];
 
 pub(super) fn yes() -> bool {
     true
@@ -104,7 +118,37 @@ impl SimKey {
             nonce_window: 0,
             valid_until: None,
             ip_allowlist: Vec::new(),
+            permissions: None,
         }
+    }
+
+    /// The key's permissions in Kraken's names.
+    pub fn permissions(&self) -> Vec<String> {
+        if let Some(listed) = &self.permissions {
+            return listed.clone();
+        }
+        let mut held: Vec<&str> = QUERY_PERMISSIONS.to_vec();
+        if self.trade_permission {
+            held.extend(TRADE_PERMISSIONS);
+        }
+        if self.ws_permission {
+            held.push(WS_TOKEN_PERMISSION);
+        }
+        held.into_iter().map(str::to_owned).collect()
+    }
+
+    /// A listed set of permissions decides the two flags, so they never
+    /// disagree with it; an unknown name is refused (a typo would otherwise
+    /// make a key silently weaker).
+    pub(super) fn normalise(mut self) -> Result<Self, KeyError> {
+        if let Some(listed) = &self.permissions {
+            if let Some(unknown) = listed.iter().find(|p| !PERMISSIONS.iter().any(|(name, _)| name == p)) {
+                return Err(KeyError::BadPermission(unknown.clone()));
+            }
+            self.ws_permission = listed.iter().any(|p| p == WS_TOKEN_PERMISSION);
+            self.trade_permission = listed.iter().any(|p| p == "modify-trades");
+        }
+        Ok(self)
     }
 
     /// The key as the control API shows it: every setting, never a secret.
@@ -121,6 +165,7 @@ impl SimKey {
             "nonce_window": self.nonce_window,
             "valid_until": self.valid_until,
             "ip_allowlist": self.ip_allowlist,
+            "permissions": self.permissions(),
         })
     }
 }
@@ -141,6 +186,12 @@ pub(super) struct KeyState {
     pub(super) last_totp_step: Option<u64>,
     pub(super) counter: f64,
     pub(super) counter_at: Instant,
+    /// When the key was first added (Kraken's `createdTime`) and last
+    /// replaced (`modifiedTime`).
+    pub(super) created: SystemTime,
+    pub(super) modified: SystemTime,
+    /// The last call the key made that Kraken accepted (`lastUsed`).
+    pub(super) last_used: Option<SystemTime>,
 }
 
 /// A bad key given to [`super::SimState::add_key`].
@@ -156,9 +207,44 @@ pub enum KeyError {
     BadValidUntil,
     #[error("ip_allowlist holds `{0}`, not an address or CIDR range")]
     BadAllowlist(String),
+    #[error(
+        "permissions holds `{0}`, not one of Kraken's permission names (query-funds, create-ws-token, withdraw-funds, ...)"
+    )]
+    BadPermission(String),
+}
+
+/// A fixed stand-in for the account's IBAN: the documented answer carries
+/// one, and a client must not keep or print it.
+const SIM_IBAN: &str = "AA00 SIMU LATO R000";
+
+fn unix_text(t: Option<SystemTime>) -> String {
+    t.map_or(0, crate::clock::unix_secs).to_string()
 }
 
 impl KeyState {
+    /// `GetApiKeyInfo`'s `result`, in the documented shape: times as Unix
+    /// seconds in strings (`"0"`: none), the nonce a string, the window a
+    /// number. Assumed (not documented): `nonce` is the highest accepted,
+    /// this call's included, and `lastUsed` the time of the last accepted
+    /// call; `apiKeyName` is the simulator's own.
+    pub(super) fn info(&self) -> Value {
+        json!({
+            "apiKeyName": format!("sim-{}", crate::secret::fingerprint(self.config.api_key.as_bytes())),
+            "apiKey": self.config.api_key,
+            "nonce": self.last_nonce.unwrap_or(0).to_string(),
+            "nonceWindow": self.config.nonce_window,
+            "permissions": self.config.permissions(),
+            "iban": SIM_IBAN,
+            "validUntil": unix_text(self.valid_until),
+            "queryFrom": "0",
+            "queryTo": "0",
+            "createdTime": unix_text(Some(self.created)),
+            "modifiedTime": unix_text(Some(self.modified)),
+            "ipAllowlist": self.config.ip_allowlist,
+            "lastUsed": unix_text(self.last_used),
+        })
+    }
+
     /// Whether `nonce` is acceptable under the key's nonce window, and if so
     /// remembers it: above the highest seen, or within the window below it
     /// and not seen before.

@@ -11,9 +11,15 @@
 //! What is Kraken's documented behaviour and what is assumed here:
 //! - Documented: the error strings, the call counter per tier, strictly
 //!   increasing nonces per key, the nonce window "in nonce units", 2FA in the
-//!   signed body, lockouts by IP address after too many failed calls
-//!   (support: "Temporary lockout error messages are IP based").
-//! - Assumed (Kraken does not say): the lockout threshold and window (10
+//!   signed body, lockouts after too many failed calls (by IP address and
+//!   about 15 minutes, says Kraken's support article; by account, "typically
+//!   a few minutes", each attempt resetting the timer, says its error guide:
+//!   modelled here by address, each call during a lockout extending it),
+//!   `GetApiKeyInfo`'s fields and their forms (its documented example).
+//! - Assumed (Kraken does not say): what `GetApiKeyInfo`'s `nonce` and
+//!   `lastUsed` count (here: the highest accepted and the last accepted
+//!   call, the asking one included), permission names beyond the four of its
+//!   example, the lockout threshold and window (10
 //!   failed calls in 15 minutes here; invalid key, signature, nonce and
 //!   permission denied all count), the answer to an expired key (`EAPI:Invalid
 //!   key`) and to an address off the key's allowlist (`EGeneral:Permission
@@ -152,6 +158,7 @@ impl SimState {
 
     /// Adds (or replaces) an accepted key.
     pub fn add_key(&self, key: SimKey) -> Result<(), KeyError> {
+        let key = key.normalise()?;
         if key.api_key.is_empty() || key.api_key.chars().any(char::is_whitespace) {
             return Err(KeyError::BadKey);
         }
@@ -185,8 +192,13 @@ impl SimState {
             last_totp_step: None,
             counter: 0.0,
             counter_at: Instant::now(),
+            created: SystemTime::now(),
+            modified: SystemTime::now(),
+            last_used: None,
         };
-        self.lock().keys.insert(key.api_key, state);
+        let mut inner = self.lock();
+        let created = inner.keys.get(&key.api_key).map_or(state.created, |old| old.created);
+        inner.keys.insert(key.api_key, KeyState { created, ..state });
         Ok(())
     }
 
@@ -250,6 +262,13 @@ impl SimState {
         self.lock().calls.iter().cloned().collect()
     }
 
+    /// The calls to `GetWebSocketsToken` only (not `GetApiKeyInfo`).
+    pub fn token_calls(&self) -> Vec<CallRecord> {
+        let mut calls = self.calls();
+        calls.retain(|c| c.path == crate::kraken::WS_TOKEN_PATH);
+        calls
+    }
+
     pub fn clear_calls(&self) {
         self.lock().calls.clear();
     }
@@ -306,10 +325,10 @@ impl SimState {
         inner.record(http_method, path, None, None, outcome.to_owned(), None);
     }
 
-    /// Takes the fault for one arriving call (counting it down), and how long
-    /// the call is delayed before Kraken sees it.
-    pub fn take_fault(&self) -> (Option<FaultSpec>, Duration) {
-        let fault = self.lock().take_fault();
+    /// Takes the fault for one arriving call to `path` (counting it down),
+    /// and how long the call is delayed before Kraken sees it.
+    pub fn take_fault(&self, path: &str) -> (Option<FaultSpec>, Duration) {
+        let fault = self.lock().take_fault(path);
         let jitter = fault.as_ref().and_then(|f| f.delay_jitter_ms).unwrap_or(0);
         let delay = Duration::from_millis(
             fault.as_ref().and_then(|f| f.delay_ms).unwrap_or(0) + rand::rng().random_range(0..=jitter),
