@@ -39,6 +39,9 @@ enum Command {
     Credential(cmd::credential::CredentialCommand),
     /// Validate a config file and print a summary with no secret in it.
     CheckConfig(cmd::check_config::CheckConfigArgs),
+    /// What Kraken says of the accounts' keys (GetApiKeyInfo).
+    #[command(subcommand)]
+    Key(cmd::key::KeyCommand),
     /// The audit trail's tools.
     #[command(subcommand)]
     Audit(cmd::audit::AuditCommand),
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
             Command::Agent(args) => cmd::agent::run(args).await,
             Command::Credential(command) => cmd::credential::run(command),
             Command::CheckConfig(args) => cmd::check_config::run(args).await,
+            Command::Key(command) => cmd::key::run(command).await,
             Command::Audit(command) => cmd::audit::run(command).await,
         }
     });

@@ -8,6 +8,7 @@ pub mod client;
 pub mod credential;
 pub mod demo;
 pub mod fetch;
+pub mod key;
 pub mod serve;
 pub mod simulate;
 
@@ -53,6 +54,10 @@ pub enum Error {
     Fetch(String),
     #[error("a listener has no local address")]
     Listener(#[source] std::io::Error),
+    /// Kraken's answer about a key (`GetApiKeyInfo`) refuses it, or none
+    /// could be had.
+    #[error("{0}")]
+    KeyRefused(String),
 }
 
 /// Exit statuses of the commands, as README documents them.
