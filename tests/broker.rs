@@ -54,7 +54,7 @@ async fn cold_start_with_500_concurrent_consumers_makes_one_upstream_call() {
     assert_eq!(tokens.len(), 1, "all 500 got the same token");
     let token = tokens.into_iter().next().unwrap();
     assert!(sim.state().token_is_valid(&token), "a token the simulator issued");
-    assert_eq!(sim.state().calls().len(), 1, "one upstream call");
+    assert_eq!(sim.state().token_calls().len(), 1, "one upstream call");
     assert_eq!(
         broker.metric("tokens_served_total{account=\"main\",consumer=\"engine\"}"),
         500.0
@@ -98,7 +98,7 @@ async fn tokens_are_refreshed_ahead_of_use_by_over_several_lifetimes() {
         );
     }
     // One refresh every ~1.3-1.5 s over 9 s, plus the first.
-    let calls = sim.state().calls().len();
+    let calls = sim.state().token_calls().len();
     assert!((5..=9).contains(&calls), "{calls} upstream calls");
     assert_eq!(
         broker.metric("refreshes_total{account=\"main\",result=\"failure\"}"),
@@ -195,12 +195,16 @@ async fn a_rejected_key_is_not_hammered_and_says_why() {
         "{readyz}"
     );
     // Even with a 0.1 s retry policy, a permanent rejection is retried slowly.
+    // One call each, of either kind: the unknown key's GetApiKeyInfo is
+    // rejected (and stands for its token call); the key without the
+    // WebSocket permission is read, then refused with no token call.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let calls = sim.state().calls();
     for key in [&unknown.api_key, &no_permission.api_key] {
         let n = calls.iter().filter(|c| c.api_key.as_ref() == Some(key)).count();
         assert_eq!(n, 1, "one call, then the next only after minutes");
     }
+    assert!(sim.state().token_calls().is_empty(), "no token call with either key");
     assert_eq!(
         broker.metric("refresh_failures_total{account=\"revoked\",reason=\"invalid_key\"}"),
         1.0
@@ -225,7 +229,7 @@ async fn fifty_reports_of_the_current_token_cause_one_call_and_an_old_token_none
         .await;
     let (_, _, first) = broker.get_token("").await;
     let old = first["token"].as_str().unwrap().to_owned();
-    assert_eq!(sim.state().calls().len(), 1);
+    assert_eq!(sim.state().token_calls().len(), 1);
     let url = format!("{}/v1/token/invalidate?account=main", broker.api);
     let report = |token: String| {
         let (http, url, credential) = (broker.http.clone(), url.clone(), broker.credential.clone());
@@ -251,10 +255,10 @@ async fn fifty_reports_of_the_current_token_cause_one_call_and_an_old_token_none
     }
     assert_eq!(fresh.len(), 1, "all 50 got the same new token");
     assert!(!fresh.contains(&old));
-    assert_eq!(sim.state().calls().len(), 2, "one upstream call for 50 reports");
+    assert_eq!(sim.state().token_calls().len(), 2, "one upstream call for 50 reports");
     let again = report(old.clone()).await.unwrap();
     assert!(fresh.contains(&again), "an old token's report answers the current one");
-    assert_eq!(sim.state().calls().len(), 2, "and makes no call");
+    assert_eq!(sim.state().token_calls().len(), 2, "and makes no call");
     broker.stop().await.unwrap();
 }
 
@@ -276,7 +280,7 @@ async fn min_ttl_above_the_held_token_refreshes_first() {
     assert!(second["expires_in"].as_u64().unwrap() >= 19);
     let (status, _, body) = broker.get_token("?min_ttl=21").await;
     assert_eq!(status, 400, "more than a whole lifetime: {body}");
-    assert_eq!(sim.state().calls().len(), 2);
+    assert_eq!(sim.state().token_calls().len(), 2);
     broker.stop().await.unwrap();
 }
 
@@ -356,7 +360,7 @@ async fn reload_adds_changes_and_removes_accounts() {
     // "one" now signs with key b at its next refresh; force one.
     let current = table.accounts["one"].published().token.clone().unwrap();
     table.accounts["one"].invalidate(current.sha256, "test").await.unwrap();
-    let calls = sim.state().calls();
+    let calls = sim.state().token_calls();
     assert_eq!(calls.last().unwrap().api_key.as_deref(), Some(b.api_key.as_str()));
 
     let (same, _) = core
@@ -407,7 +411,7 @@ async fn reloads_made_back_to_back_apply_in_order_and_the_last_one_wins() {
     last.expect("a change for main").wait().await;
     let current = main.published().token.clone().unwrap();
     main.invalidate(current.sha256, "test").await.unwrap();
-    let calls = sim.state().calls();
+    let calls = sim.state().token_calls();
     let final_key = keys.last().unwrap().api_key.as_str();
     assert_eq!(calls.last().unwrap().api_key.as_deref(), Some(final_key));
     core.stop().await;

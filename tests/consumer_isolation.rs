@@ -110,7 +110,7 @@ async fn a_consumer_reporting_every_token_in_a_loop_never_starves_a_quiet_one() 
     let loud = loud.await.unwrap();
     let elapsed = started.elapsed();
     let refused = loud.iter().filter(|s| **s == 429).count();
-    let calls = t.sim.state().calls().len();
+    let calls = t.sim.state().token_calls().len();
     // The cold start, then the loud consumer's share: a burst and one per
     // FORCED_REFRESH_EVERY (well under the account's own cap).
     let share =

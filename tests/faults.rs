@@ -120,13 +120,13 @@ async fn recovery(broker: &Broker, deadline: Duration) -> Duration {
 /// back-off's, held by its own unit tests). A call already under way when
 /// the fault cleared may still fail.
 async fn clear_and_recover(broker: &Broker, sim: &SimHandle, reload: bool) {
-    let before = sim.state().calls().len();
+    let before = sim.state().token_calls().len();
     sim.state().clear_fault();
     if reload {
         broker.reload().await;
     }
     recovery(broker, PATIENCE).await;
-    let after: Vec<String> = sim.state().calls()[before..]
+    let after: Vec<String> = sim.state().token_calls()[before..]
         .iter()
         .map(|c| c.outcome.clone())
         .collect();
@@ -153,6 +153,10 @@ enum Expect {
     /// Kraken rejects the key: one call, no retry for minutes; recovery when
     /// an operator reloads.
     Permanent { reason: &'static str },
+    /// Kraken refuses the nonce, and again after the re-signed retry:
+    /// another signer keeps the key's nonce ahead. Two calls, counted as use
+    /// elsewhere, then none for minutes; recovery when an operator reloads.
+    NonceAhead,
     /// Refreshes succeed despite the fault: consumers never see a 503.
     Serves,
 }
@@ -174,14 +178,14 @@ async fn steady_state_with(fault: FaultSpec, expect: Expect, kraken: &str) {
     let (sim, key) = sim_with_key(TTL).await;
     let broker = Broker::from_files(&sim, &key, REFRESH, TIMEOUT, kraken).await;
     assert_eq!(recovery(&broker, Duration::from_secs(5)).await.as_secs(), 0);
-    let calls_before = sim.state().calls().len();
+    let calls_before = sim.state().token_calls().len();
     sim.state().set_fault(fault);
     let needs_503 = !matches!(expect, Expect::Serves);
     let seen = watch_until(&broker, &sim, Duration::from_millis(1500), |s| {
         !needs_503 || s.unavailable > 0
     })
     .await;
-    let calls = sim.state().calls().len() - calls_before;
+    let calls = sim.state().token_calls().len() - calls_before;
     assert!(
         seen.served > 0,
         "the live token is served after the fault begins: {seen:?}"
@@ -205,14 +209,14 @@ async fn cold_start_with(fault: FaultSpec, expect: Expect, kraken: &str) {
         !needs_503 || s.unavailable > 0
     })
     .await;
-    let calls = sim.state().calls().len();
+    let calls = sim.state().token_calls().len();
     if !matches!(expect, Expect::Serves) {
         assert_eq!(seen.served, 0, "no token can be had: {seen:?}");
         // Readiness: only a failure of this replica's own making (its key
         // rejected) takes it out of the Service; one every replica shares
         // keeps it in, so consumers get 503 with Retry-After.
         let (status, readyz) = broker.admin_get("/readyz").await;
-        let own_fault = matches!(expect, Expect::Permanent { .. });
+        let own_fault = matches!(expect, Expect::Permanent { .. } | Expect::NonceAhead);
         assert_eq!(status, if own_fault { 503 } else { 200 }, "{readyz}");
         assert!(readyz.contains("\"ready\":false"), "{readyz}");
     }
@@ -246,6 +250,22 @@ async fn judge(broker: &Broker, sim: &SimHandle, expect: Expect, seen: &Seen, ca
             assert!(readyz.contains("needs an operator"), "{readyz}");
             // Without the reload the next try is minutes away
             // (retry_rejected): recovering at all is the reload's doing.
+            clear_and_recover(broker, sim, true).await;
+        }
+        Expect::NonceAhead => {
+            assert!(seen.unavailable > 0, "503 once no live token is left: {seen:?}");
+            assert_eq!(
+                failures(broker, "invalid_nonce"),
+                2.0,
+                "the call and its re-signed retry"
+            );
+            assert!(calls <= 2, "{calls} calls");
+            assert_eq!(broker.metric("api_key_foreign_use_total{account=\"main\"}"), 1.0);
+            let (_, readyz) = broker.admin_get("/readyz").await;
+            assert!(
+                readyz.contains("needs an operator") && readyz.contains("another signer"),
+                "{readyz}"
+            );
             clear_and_recover(broker, sim, true).await;
         }
         Expect::Serves => {
@@ -318,32 +338,17 @@ async fn deadline_elapsed_at_cold_start() {
 }
 
 #[tokio::test]
-async fn invalid_nonce_in_steady_state_is_retried_once_per_attempt() {
-    // Every attempt is a call and its one re-signed retry. The retry
-    // mechanics alone: with a budget that never holds (the budget's own
-    // test is `persistent_invalid_nonces_stop_at_the_rejected_call_budget`).
-    steady_state_with(
-        error("EAPI:Invalid nonce"),
-        Expect::Transient {
-            reason: "invalid_nonce",
-            max_calls: 24,
-        },
-        NO_BUDGET,
-    )
-    .await;
+async fn invalid_nonce_in_steady_state_is_retried_once_then_needs_an_operator() {
+    // An attempt is a call and its one re-signed retry; refused again, the
+    // key's nonce is held ahead by another signer. Even with a budget that
+    // never holds (the budget's own test is
+    // `persistent_invalid_nonces_stop_at_the_rejected_call_budget`).
+    steady_state_with(error("EAPI:Invalid nonce"), Expect::NonceAhead, NO_BUDGET).await;
 }
 
 #[tokio::test]
 async fn invalid_nonce_at_cold_start() {
-    cold_start_with(
-        error("EAPI:Invalid nonce"),
-        Expect::Transient {
-            reason: "invalid_nonce",
-            max_calls: 24,
-        },
-        NO_BUDGET,
-    )
-    .await;
+    cold_start_with(error("EAPI:Invalid nonce"), Expect::NonceAhead, NO_BUDGET).await;
 }
 
 /// A rejected-call budget that never holds a call.
@@ -364,10 +369,10 @@ async fn persistent_invalid_nonces_stop_at_the_rejected_call_budget() {
     .await;
     let broker = Broker::from_files(&sim, &key, REFRESH, TIMEOUT, "").await;
     recovery(&broker, Duration::from_secs(5)).await;
-    let before = sim.state().calls().len();
+    let before = sim.state().token_calls().len();
     sim.state().set_fault(error("EAPI:Invalid nonce"));
     let seen = watch_until(&broker, &sim, Duration::from_millis(2000), |s| s.unavailable > 0).await;
-    let calls = sim.state().calls().len() - before;
+    let calls = sim.state().token_calls().len() - before;
     assert_eq!(calls, 2, "an attempt and its retry, then nothing: {seen:?}");
     assert!(seen.unavailable > 0);
     let (status, readyz) = broker.admin_get("/readyz").await;
@@ -375,14 +380,14 @@ async fn persistent_invalid_nonces_stop_at_the_rejected_call_budget() {
         status, 503,
         "a replica whose only key is rejected leaves the Service: {readyz}"
     );
-    assert!(readyz.contains("retries held"), "{readyz}");
+    assert!(readyz.contains("another signer"), "{readyz}");
     let (_, metrics) = broker.admin_get("/metrics").await;
     assert_eq!(common::metric_value(&metrics, "kraken_rejected_calls"), 2.0);
     // An operator's reload gets the budget's last call at once.
     clear_and_recover(&broker, &sim, true).await;
     assert!(
         sim.state()
-            .calls()
+            .token_calls()
             .iter()
             .all(|c| c.outcome != "EGeneral:Temporary lockout"),
         "the simulator never locked the address"
@@ -436,7 +441,7 @@ async fn rate_limited_backs_off_at_least_ten_seconds() {
             .unwrap_or_else(|| panic!("no next attempt in {readyz}"));
         let limited: Vec<u64> = sim
             .state()
-            .calls()
+            .token_calls()
             .iter()
             .filter(|c| c.outcome.starts_with("EAPI"))
             .map(|c| c.at_unix_ms)
@@ -475,7 +480,7 @@ async fn throttled_waits_until_krakens_timestamp() {
     let state = sim.state().clone();
     let at = common::wait_for("the call after the throttle", Duration::from_secs(6), || {
         let calls: Vec<u64> = {
-            let all = state.calls();
+            let all = state.token_calls();
             all.iter()
                 .filter(|c| c.outcome.starts_with("EService"))
                 .map(|c| c.at_unix_ms)
@@ -514,7 +519,7 @@ async fn lockout_opens_the_circuit_with_no_further_calls() {
         );
         let locked = sim
             .state()
-            .calls()
+            .token_calls()
             .iter()
             .filter(|c| c.outcome.contains("lockout"))
             .count();
@@ -527,7 +532,7 @@ async fn lockout_opens_the_circuit_with_no_further_calls() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(
             sim.state()
-                .calls()
+                .token_calls()
                 .iter()
                 .filter(|c| c.outcome.contains("lockout"))
                 .count(),
@@ -821,12 +826,12 @@ async fn the_same_token_again_is_served_and_refreshing_goes_on_normally() {
     let broker = Broker::from_files(&sim, &key, REFRESH, TIMEOUT, "").await;
     let seen = watch(&broker, &sim, Duration::from_millis(3000)).await;
     assert_eq!(seen.unavailable, 0, "{seen:?}");
-    let calls = sim.state().calls().len();
+    let calls = sim.state().token_calls().len();
     assert!(
         (2..=5).contains(&calls),
         "refreshes on schedule, not in a loop: {calls}"
     );
-    assert!(sim.state().calls().iter().all(|c| c.outcome == "ok"));
+    assert!(sim.state().token_calls().iter().all(|c| c.outcome == "ok"));
     broker.stop().await.unwrap();
 }
 
@@ -856,7 +861,7 @@ async fn a_wall_clock_step_back_never_produces_a_rejected_nonce() {
             .await
             .expect("every nonce accepted");
     }
-    assert!(sim.state().calls().iter().all(|c| c.outcome == "ok"));
+    assert!(sim.state().token_calls().iter().all(|c| c.outcome == "ok"));
     // Token use-by decisions run on the monotonic clock (tokio::time::Instant),
     // so a wall-clock step cannot make the broker serve an expired token.
 }

@@ -250,7 +250,7 @@ async fn tokens_that_live_less_than_min_served_ttl_get_503_and_a_back_off_not_a_
             "expires {expires}: {body}"
         );
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let calls = sim.state().calls().len();
+        let calls = sim.state().token_calls().len();
         assert!(calls <= 3, "expires {expires}: {calls} calls in 3 s, not one a second");
         let (_, readyz) = broker.admin_get("/readyz").await;
         assert!(readyz.contains("no more than min_served_ttl"), "{readyz}");
@@ -284,7 +284,7 @@ async fn an_edge_retry_after_is_honoured() {
     assert!((25..=30).contains(&secs), "Retry-After {secs}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
-        sim.state().calls().len(),
+        sim.state().token_calls().len(),
         1,
         "no retry before the edge's Retry-After, whatever the back-off says"
     );

@@ -196,7 +196,7 @@ async fn sighup_with_a_rotated_key_keeps_serving_and_a_broken_config_is_refused(
     let new_key = new.api_key.clone();
     wait_for("a refresh with the new key", Duration::from_secs(10), || {
         let seen = state
-            .calls()
+            .token_calls()
             .iter()
             .any(|c| c.api_key.as_ref() == Some(&new_key) && c.outcome == "ok");
         async move { seen.then_some(()) }
@@ -215,9 +215,9 @@ async fn sighup_with_a_rotated_key_keeps_serving_and_a_broken_config_is_refused(
         .await;
     assert_eq!(refused["level"], "ERROR");
     assert!(refused["error"].as_str().unwrap().contains("bogus"), "{refused}");
-    let calls_before = sim.state().calls().len();
+    let calls_before = sim.state().token_calls().len();
     wait_for("refreshes to go on", Duration::from_secs(10), || {
-        let more = state.calls().len() > calls_before;
+        let more = state.token_calls().len() > calls_before;
         async move { more.then_some(()) }
     })
     .await;
@@ -226,7 +226,7 @@ async fn sighup_with_a_rotated_key_keeps_serving_and_a_broken_config_is_refused(
     let statuses: Vec<u16> = consumer.await.unwrap().iter().map(|f| f.status).collect();
     assert!(statuses.len() > 50, "the consumer kept fetching: {}", statuses.len());
     assert!(statuses.iter().all(|s| *s == 200), "no request failed: {statuses:?}");
-    let calls = sim.state().calls();
+    let calls = sim.state().token_calls();
     let first_new = calls
         .iter()
         .position(|c| c.api_key.as_ref() == Some(&new.api_key))
@@ -305,7 +305,7 @@ jitter = "0s"
         assert_eq!(status, 200, "a request in flight at SIGTERM completes: {body}");
         assert!(body["expires_in"].as_u64().unwrap() >= 25);
     }
-    assert_eq!(sim.state().calls().len(), 2, "one refresh served all 20");
+    assert_eq!(sim.state().token_calls().len(), 2, "one refresh served all 20");
     for b in burst {
         // Either answered 200, or never started (refused once shutdown began).
         if let Ok(status) = b.await.unwrap() {

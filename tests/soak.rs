@@ -127,7 +127,7 @@ async fn soak_short_tokens_steady_load_and_faults() {
         "soak {secs} s: {} fetches ({served_ok} served, {unavailable} explained 503), {} upstream calls, \
          {} faults, RSS {} -> {} KiB (samples {rss:?})",
         seen.len(),
-        sim.state().calls().len(),
+        sim.state().token_calls().len(),
         windows.len(),
         first_max,
         last_max

@@ -96,7 +96,7 @@ async fn two_hundred_watchers_get_every_new_token() {
     }
     println!("200 watchers had the invalidation's new token within {slowest:?} of the report");
     assert_eq!(
-        sim.state().calls().len(),
+        sim.state().token_calls().len(),
         3,
         "one Kraken call per token, however many watch"
     );
