@@ -229,7 +229,10 @@ impl Refresher {
         }
         if !std::mem::replace(&mut self.inspection_nonce_retried, true) {
             info!(account = %self.name, "Kraken refused GetApiKeyInfo's nonce; asking again once with a fresh one");
-            self.inspect_with(Risk::Retry);
+            // Up to the whole budget, like an operator's probe: the answer
+            // tells a one-off collision from another signer ahead, and the
+            // budget is never exceeded.
+            self.inspect_with(Risk::Probe);
             if self.inspection.is_none() {
                 // Held: the next token call is the re-signed retry.
                 self.nonce_refused_by_inspection = true;
