@@ -361,3 +361,27 @@ async fn a_bad_rotation_of_five_keys_stops_at_the_budget() {
     assert_eq!(rejected, 3, "{:?}", sim.state().calls());
     broker.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_key_installed_after_a_rejected_one_is_asked_about_before_any_token_call() {
+    // The runbooks' cure for a rejected key is a new one: a new key that can
+    // withdraw must still be refused before any token call.
+    let powerful = trading_key(&["withdraw-funds"]);
+    let sim = sim_for(&powerful).await;
+    let unknown = SimKey::generate();
+    let broker = Broker::from_files(&sim, &unknown, "", "2s", "").await;
+    let main = wait_state(&broker, "rejected").await;
+    assert!(main["reason"].as_str().unwrap().contains("invalid_key"), "{main}");
+    let dir = broker.dir.as_ref().unwrap().path();
+    std::fs::write(dir.join("api-key"), format!("{}\n", powerful.api_key)).unwrap();
+    std::fs::write(dir.join("api-secret"), format!("{}\n", powerful.api_secret)).unwrap();
+    broker.reload().await;
+    let main = wait_for("the new key judged", Duration::from_secs(15), || async {
+        let main = readyz_main(&broker).await;
+        (main["key"]["verdict"] == "too_powerful").then_some(main)
+    })
+    .await;
+    assert_eq!(main["state"], "rejected", "{main}");
+    assert_eq!(calls(&sim, WS_TOKEN, None), 0, "{:#?}", sim.state().calls());
+    broker.stop().await.unwrap();
+}

@@ -136,3 +136,34 @@ async fn a_garbage_frame_gets_an_error_reply_and_the_socket_stays_usable() {
     assert_eq!(pong["method"], "pong");
     assert_eq!(pong["req_id"], 101);
 }
+
+#[tokio::test]
+async fn heartbeats_come_only_when_no_other_message_does() {
+    // Kraken sends a heartbeat when nothing else was sent for a while (a
+    // second by default; 3 s here, for a wide margin on a loaded machine):
+    // pings answered every 200 ms for 4 s keep them away; once the pings
+    // stop, one follows.
+    let key = SimKey::generate();
+    let sim = common::start_sim(kraken_token_broker::sim::SimConfig {
+        keys: vec![key.clone()],
+        heartbeat_interval: Duration::from_secs(3),
+        ..Default::default()
+    })
+    .await;
+    let token = mint(&sim, &key).await;
+    let mut socket = connect(&sim).await;
+    send(
+        &mut socket,
+        json!({"method":"subscribe","params":{"channel":"executions","token":token},"req_id":1}),
+    )
+    .await;
+    assert_eq!(next_json(&mut socket).await["success"], true);
+    assert_eq!(next_json(&mut socket).await["type"], "snapshot");
+    for n in 0..20 {
+        send(&mut socket, json!({"method":"ping","req_id":n})).await;
+        let reply = next_json(&mut socket).await;
+        assert_eq!(reply["method"], "pong", "ping {n}: no heartbeat between: {reply}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(next_json(&mut socket).await, json!({"channel": "heartbeat"}));
+}

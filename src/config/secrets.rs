@@ -135,7 +135,7 @@ pub(super) fn secret_bytes<R: SecretReader>(
                 .map(|file| (placeholder(path), SecretSource::File(PathBuf::from(file)), None))
                 .map_err(|var| format!("environment variable {var} (in the file path) is not set"))
         }
-        (None, Some(var)) if !reader.reads_secrets() => {
+        (None, Some(var)) if material == Material::Secret && !reader.reads_secrets() => {
             Ok((placeholder(path), SecretSource::Env(var.get_ref().clone()), None))
         }
         (Some(file), None) => from_file(reader, file.get_ref(), material),

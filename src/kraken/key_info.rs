@@ -118,8 +118,12 @@ fn number(value: Option<&Value>) -> Option<u64> {
 }
 
 /// A Unix time in seconds; `0` (Kraken's "none") gives `None`.
+/// The first second of the year 10000: RFC 3339 (and humantime) cannot
+/// write a time from then on, so a later one is refused as absurd.
+const MAX_UNIX_SECS: u64 = 253_402_300_800;
+
 fn time(value: Option<&Value>) -> Option<SystemTime> {
-    let secs = number(value).filter(|s| *s > 0)?;
+    let secs = number(value).filter(|s| *s > 0 && *s < MAX_UNIX_SECS)?;
     UNIX_EPOCH.checked_add(Duration::from_secs(secs))
 }
 
@@ -284,8 +288,17 @@ mod tests {
         let info = parse_key_info_response(body).unwrap();
         assert_eq!(info.nonce, Some(5));
         assert_eq!(info.nonce_window, 10);
-        // Past what SystemTime holds on some platforms: never a panic.
-        let _ = info.valid_until;
+        assert_eq!(info.valid_until, None, "beyond any time RFC 3339 can write");
+        // The year 10000 cannot be printed (humantime refuses it): dropped,
+        // so no log line, /readyz or `key info` ever tries.
+        let body = br#"{"error":[],"result":{"permissions":[],"validUntil":"253402300800","lastUsed":253402300799}}"#;
+        let info = parse_key_info_response(body).unwrap();
+        assert_eq!(info.valid_until, None);
+        let last = info.last_used.expect("the last second of 9999 is kept");
+        assert_eq!(
+            humantime::format_rfc3339_seconds(last).to_string(),
+            "9999-12-31T23:59:59Z"
+        );
     }
 
     fn info(permissions: &[&str]) -> KeyInfo {

@@ -13,7 +13,9 @@
 //!   [`WINDOW`] (15 minutes, Kraken's lockout length) across all accounts.
 //!   A call that *retries* a rejected key (a [`Risk::Retry`]) goes only while
 //!   fewer than `max_rejected_calls - 1` are counted; the last one is kept for
-//!   an operator's [`Risk::Probe`] (a reload after a fix), so a fix is tried
+//!   an operator's [`Risk::Probe`] (a reload after a fix; also the one
+//!   re-signed retry of a `GetApiKeyInfo` refused for its nonce, which tells
+//!   a collision from another signer ahead), so a fix is tried
 //!   at once without waiting out the window, and a failed probe still cannot
 //!   push the address past the budget. A key not yet proven (no call with it
 //!   has worked since it was installed: a [`Risk::First`]) goes while the

@@ -7,16 +7,21 @@
 //!
 //! Shapes follow messages recorded from the live API (kraken-async-rs test
 //! fixtures): an error is `{"error": "...", "method": ..., "req_id": ...,
-//! "status": "error", "success": false, "time_in", "time_out"}` (plus
-//! `symbol` where the request named one; the recorded errors carry no
-//! `channel`, and that client's strict types refuse one); `connection_id` is
-//! a full u64; balances carry `wallets`.
+//! "success": false, "time_in", "time_out"}`, with `"status": "error"` on
+//! `ESession:Invalid session` only (plus `symbol` where the request named
+//! one; the recorded errors carry no `channel`, and that client's strict
+//! types refuse one); a trading request without a token answers
+//! `Token(s) not found`; a cancelled execution carries `reason` and
+//! `cancel_reason`; `connection_id` is a full u64; balances carry `wallets`;
+//! heartbeats come only when no other message was sent for a second.
 //!
 //! Tokens, as Kraken documents them: a token is checked when a connection
 //! makes its first private request, and then serves that connection "for
 //! the duration of the websockets connection", past its use-by (Kraken: it
 //! "does not expire once a successful Websockets connection and private
-//! subscription has been made"). Assumed: a revoked token stops serving at
+//! subscription has been made"), that is while a private subscription is
+//! maintained: with none left, a token past its use-by no longer serves the
+//! connection. Assumed: a revoked token stops serving at
 //! once even there (so engines can test invalidation), and a different
 //! token on a bound connection is checked afresh.
 
@@ -85,7 +90,15 @@ fn authenticate(state: &SimState, session: &mut Session, token: Option<&str>) ->
     const INVALID: &str = "ESession:Invalid session";
     let token = token.ok_or(INVALID)?;
     if session.bound.as_deref() == Some(token) {
-        return if state.token_is_live(token) {
+        // Bound while a private subscription is maintained (Kraken: the
+        // token "does not expire once a successful Websockets connection and
+        // private subscription has been made"): with none left, a token past
+        // its use-by serves the connection no more.
+        let lapsed = session.subscribed.is_empty() && !state.token_is_valid(token);
+        if lapsed {
+            session.bound = None;
+        }
+        return if state.token_is_live(token) && !lapsed {
             Ok(token.to_owned())
         } else {
             Err(INVALID)
@@ -210,6 +223,7 @@ async fn session(mut socket: WebSocket, sim: Arc<SimShared>) {
                 if !send(&mut socket, &status_message(status, None)).await {
                     return;
                 }
+                heartbeat.reset();
             }
             _ = heartbeat.tick(), if !session.subscribed.is_empty() => {
                 if !send(&mut socket, &json!({ "channel": "heartbeat" })).await {
@@ -233,6 +247,10 @@ async fn session(mut socket: WebSocket, sim: Arc<SimShared>) {
                     if !send(&mut socket, reply).await {
                         return;
                     }
+                }
+                if !replies.is_empty() {
+                    // Heartbeats come only when no other message does.
+                    heartbeat.reset();
                 }
             }
         }

@@ -66,6 +66,10 @@ fn trading_allowed(
         (SystemStatus::CancelOnly, "add_order") => return Err("EService:Market in cancel_only mode"),
         _ => {}
     }
+    // As recorded live: a trading request without a token.
+    if token.is_none() {
+        return Err("Token(s) not found");
+    }
     let token = authenticate(state, session, token)?;
     let may_trade = state.key_of_token(&token).is_some_and(|k| k.trade_permission);
     if !may_trade {
@@ -166,7 +170,12 @@ fn cancel_order(request: &Value, session: &mut Session, time_in: &str) -> Vec<Va
         match session.orders.remove(&id) {
             Some(order) => {
                 replies.push(ack("cancel_order", json!({ "order_id": id }), request, time_in));
-                push_execution(&mut replies, session, execution(&id, &order, "canceled"));
+                let mut canceled = execution(&id, &order, "canceled");
+                // As recorded live: both fields, `cancel_reason` deprecated
+                // in favour of `reason` (Kraken's subscribe warnings say so).
+                canceled["reason"] = json!("User requested");
+                canceled["cancel_reason"] = json!("User requested");
+                push_execution(&mut replies, session, canceled);
             }
             None => replies.push(error_reply(
                 "EOrder:Unknown order",

@@ -12,11 +12,16 @@ pub(super) fn now_rfc3339() -> String {
 pub(super) fn error_reply(error: &str, method: Option<&str>, request: Option<&Value>, time_in: &str) -> Value {
     let mut reply = json!({
         "error": error,
-        "status": "error",
         "success": false,
         "time_in": time_in,
         "time_out": now_rfc3339(),
     });
+    // As recorded live: `"status": "error"` on `ESession:Invalid session`
+    // only; other errors (`Token(s) not found`, `Currency pair not
+    // supported ...`) carry none.
+    if error.starts_with("ESession:") {
+        reply["status"] = json!("error");
+    }
     if let Some(method) = method {
         reply["method"] = json!(method);
     }

@@ -78,6 +78,39 @@ fn errors_carry_status_error_as_recorded_live() {
         reply.get("channel").is_none(),
         "recorded errors carry no channel: {reply}"
     );
+    // Other errors carry no status, as recorded.
+    let unknown = json!({"method":"unsubscribe","params":{"channel":"balances"},"req_id":3});
+    let reply = &respond(&unknown.to_string(), &state, &mut session)[0];
+    assert_eq!(reply["error"], "Subscription Not Found");
+    assert!(reply.get("status").is_none(), "{reply}");
+}
+
+#[test]
+fn a_trading_request_without_a_token_is_answered_as_recorded() {
+    let (state, _) = state_with_token();
+    let add = json!({"method":"add_order","params":{"order_type":"market","side":"buy","order_qty":1,
+        "symbol":"BTC/USD"},"req_id":0});
+    let reply = &respond(&add.to_string(), &state, &mut Session::default())[0];
+    assert_eq!(reply["error"], "Token(s) not found");
+    assert_eq!(reply["method"], "add_order");
+    assert_eq!(reply["success"], false);
+    assert!(reply.get("status").is_none(), "{reply}");
+}
+
+#[test]
+fn a_token_past_its_use_by_lapses_once_no_private_subscription_is_kept() {
+    let (state, token) = state_with_token();
+    let mut session = Session::default();
+    let req =
+        |method: &str| json!({"method":method,"params":{"channel":"executions","token":token},"req_id":1}).to_string();
+    assert_eq!(respond(&req("subscribe"), &state, &mut session)[0]["success"], true);
+    state.expire_token_now(&token);
+    assert_eq!(respond(&req("unsubscribe"), &state, &mut session)[0]["success"], true);
+    let refused = &respond(&req("subscribe"), &state, &mut session)[0];
+    assert_eq!(
+        refused["error"], "ESession:Invalid session",
+        "no subscription kept it bound"
+    );
 }
 
 #[test]
@@ -153,6 +186,8 @@ fn orders_are_acked_with_execution_updates_and_cancelled() {
     let replies = respond(&cancel.to_string(), &state, &mut session);
     assert_eq!(replies[0]["result"]["order_id"], id.as_str());
     assert_eq!(replies[1]["data"][0]["exec_type"], "canceled");
+    assert_eq!(replies[1]["data"][0]["reason"], "User requested");
+    assert_eq!(replies[1]["data"][0]["cancel_reason"], "User requested");
     let again = respond(&cancel.to_string(), &state, &mut session);
     assert_eq!(again[0]["error"], "EOrder:Unknown order");
     // The exchange in cancel_only mode refuses new orders.

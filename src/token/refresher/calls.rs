@@ -238,7 +238,7 @@ impl Refresher {
 
     pub(super) fn on_fetched(&mut self, result: Result<WsToken, KrakenError>) {
         let State::Calling {
-            flight,
+            mut flight,
             streak,
             failing,
         } = std::mem::replace(&mut self.state, State::Due { at: Instant::now() })
@@ -251,6 +251,9 @@ impl Refresher {
             Ok(minted) => self.on_success(minted, &flight, took, streak),
             Err(error) => {
                 self.count_rejection(&error, now);
+                // Counted: the reservation ends before a re-signed retry
+                // asks the gate, or it would count this call twice.
+                drop(flight._reservation.take());
                 self.on_failure(&error, streak, failing, took, now);
             }
         }
@@ -294,6 +297,7 @@ impl Refresher {
         self.last_lifetime = Some(token.lifetime);
         self.proven = true;
         self.nonce_refused_by_inspection = false;
+        self.inspection_nonce_retried = false;
         if self.inspect_at.is_none() && self.inspection.is_none() {
             // Not asked while Kraken rejected the key: ask now it works.
             self.inspect_at = Some(now);

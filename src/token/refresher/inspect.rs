@@ -54,10 +54,16 @@ impl Refresher {
     /// scheduled meanwhile.
     pub(super) fn start_inspection(&mut self) {
         let risk = if self.proven { Risk::Normal } else { Risk::First };
-        self.inspect_with(risk);
+        self.inspect_with(risk, false);
     }
 
-    fn inspect_with(&mut self, risk: Risk) {
+    /// An inspection of a key just installed: Kraken's rejection of the
+    /// key it replaced says nothing of it.
+    pub(super) fn inspect_new_key(&mut self) {
+        self.inspect_with(Risk::First, true);
+    }
+
+    fn inspect_with(&mut self, risk: Risk, new_key: bool) {
         let now = Instant::now();
         self.inspect_at = None;
         let Some(interval) = self.setup.key_info_interval else {
@@ -66,7 +72,7 @@ impl Refresher {
         if self.inspection.is_some() {
             return;
         }
-        if self.kraken_rejects_key() {
+        if self.kraken_rejects_key() && !new_key {
             // Asked again once a token call with the key works.
             return;
         }
@@ -103,11 +109,13 @@ impl Refresher {
             self.inspect_at = Some(now + interval);
         }
         self.verdict_fresh = true;
+        if !matches!(&result, Err(e) if e.reason() == Reason::InvalidNonce) {
+            // A re-signed retry that did not meet the nonce refusal again
+            // ends that episode.
+            self.inspection_nonce_retried = false;
+        }
         match result {
-            Ok(check) => {
-                self.inspection_nonce_retried = false;
-                self.on_key_info(check);
-            }
+            Ok(check) => self.on_key_info(check),
             Err(error) => self.on_key_info_failed(&error, now),
         }
         // The call asked meanwhile goes now, unless another inspection is
@@ -232,9 +240,10 @@ impl Refresher {
             // Up to the whole budget, like an operator's probe: the answer
             // tells a one-off collision from another signer ahead, and the
             // budget is never exceeded.
-            self.inspect_with(Risk::Probe);
+            self.inspect_with(Risk::Probe, false);
             if self.inspection.is_none() {
                 // Held: the next token call is the re-signed retry.
+                self.inspection_nonce_retried = false;
                 self.nonce_refused_by_inspection = true;
             }
             return;

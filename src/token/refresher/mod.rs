@@ -105,8 +105,8 @@ pub fn spawn(
     let (changed, changes) = watch::channel(());
     let (requests_tx, requests) = mpsc::channel(REQUEST_QUEUE);
     let (control_tx, control) = mpsc::unbounded_channel();
-    // Room for one call, its nonce retry, and slack.
-    let answer_timeout = setup.call_timeout * 2 + Duration::from_secs(2);
+    // Room for a GetApiKeyInfo, the call after it, its nonce retry, and slack.
+    let answer_timeout = setup.call_timeout * 3 + Duration::from_secs(2);
     let now = Instant::now();
     metrics.set_key(&setup.key_fingerprint, setup.key_expires_at);
     let refresher = Refresher {
@@ -393,7 +393,15 @@ impl Refresher {
                     inspection.task.abort();
                 }
                 self.verdict_fresh = false;
-                self.start_inspection();
+                if new_key {
+                    self.inspect_new_key();
+                } else {
+                    self.start_inspection();
+                }
+                if self.inspection.is_none() {
+                    // Nothing in flight for a waiting call to follow.
+                    self.deferred = None;
+                }
                 self.publish();
                 if let State::Failed { failure, .. } = &self.state
                     && !matches!(failure.next, Next::LockedOut { .. })
