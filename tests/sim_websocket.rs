@@ -30,6 +30,9 @@ async fn connect(sim: &SimHandle) -> Socket {
     let status = next_json(&mut socket).await;
     assert_eq!(status["channel"], "status");
     assert_eq!(status["data"][0]["system"], "online");
+    // The advisory arrays, together, empty when nothing is announced.
+    assert_eq!(status["data"][0]["upcoming_maintenance"], json!([]));
+    assert_eq!(status["data"][0]["emergency"], json!([]));
     socket
 }
 

@@ -118,7 +118,11 @@ pub(super) async fn public_system_status(State(sim): State<Arc<SimShared>>) -> R
     let status = sim.state.system_status().as_str();
     json_body(
         StatusCode::OK,
-        json!({ "error": [], "result": { "status": status, "timestamp": timestamp } }).to_string(),
+        // Kraken's Get System Status: the advisory arrays are additive, empty
+        // when no maintenance or incident is reported (none is, here).
+        json!({ "error": [], "result": { "status": status, "timestamp": timestamp,
+            "upcoming_maintenance": [], "emergency": [] } })
+        .to_string(),
     )
 }
 

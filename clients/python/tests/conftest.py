@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,12 @@ class Demo:
 def _wait(what: str, seconds: float, probe):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        value = probe()
+        try:
+            value = probe()
+        except urllib.error.HTTPError:
+            # Not ready yet (503 while the first token is minted, after the
+            # broker has asked Kraken about its key).
+            value = None
         if value:
             return value
         time.sleep(0.05)

@@ -188,7 +188,11 @@ async fn send(socket: &mut WebSocket, value: &Value) -> bool {
 }
 
 fn status_message(system: SystemStatus, connection_id: Option<u64>) -> Value {
-    let mut data = json!({ "api_version": "v2", "system": system.as_str(), "version": "2.0.10" });
+    // Kraken's status channel: `upcoming_maintenance` and `emergency` are
+    // arrays that always come together, empty when there is nothing to
+    // report (none is, here).
+    let mut data = json!({ "api_version": "v2", "system": system.as_str(), "version": "2.0.10",
+        "upcoming_maintenance": [], "emergency": [] });
     if let Some(id) = connection_id {
         data["connection_id"] = json!(id);
     }
