@@ -9,7 +9,8 @@ use kraken_token_broker::sim::{SimConfig, SimKey};
 
 use common::{config_text, run_bin, start_sim, write, write_key};
 
-async fn run(args: Vec<String>) -> (ExitStatus, String, String) {
+async fn run(args: &[&str]) -> (ExitStatus, String, String) {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
     tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         run_bin(&args, &[])
@@ -53,7 +54,7 @@ async fn key_info_prints_what_kraken_says_and_fails_on_a_key_the_config_refuses(
     );
     let config = config.display().to_string();
 
-    let (status, out, err) = run(vec!["key".into(), "info".into(), "--config".into(), config.clone()]).await;
+    let (status, out, err) = run(&["key", "info", "--config", &config]).await;
     assert!(status.success(), "{out}{err}");
     assert!(out.contains("account main: key ") && out.contains(": usable"), "{out}");
     assert!(
@@ -73,27 +74,13 @@ async fn key_info_prints_what_kraken_says_and_fails_on_a_key_the_config_refuses(
         ..with_permissions(&["withdraw-funds"])
     };
     sim.state().add_key(too_powerful).unwrap();
-    let (status, out, err) = run(vec![
-        "key".into(),
-        "info".into(),
-        "--config".into(),
-        config.clone(),
-        "--account".into(),
-        "main".into(),
-    ])
-    .await;
+    let (status, out, err) = run(&["key", "info", "--config", &config, "--account", "main"]).await;
     assert_eq!(status.code(), Some(1), "{out}{err}");
     assert!(out.contains("REFUSED: holds withdraw-funds"), "{out}");
     assert!(err.contains("the key of main would be refused"), "{err}");
     assert_no_secret(&good, &format!("{out}{err}"));
 
-    let (status, out, err) = run(vec![
-        "check-config".into(),
-        "--config".into(),
-        config.clone(),
-        "--live".into(),
-    ])
-    .await;
+    let (status, out, err) = run(&["check-config", "--config", &config, "--live"]).await;
     assert_eq!(status.code(), Some(1), "{out}{err}");
     assert!(
         out.contains("REFUSED: holds withdraw-funds") && !out.contains(": OK"),
@@ -101,19 +88,11 @@ async fn key_info_prints_what_kraken_says_and_fails_on_a_key_the_config_refuses(
     );
     // Plain check-config stays offline: the key's permissions are not its business.
     let calls = sim.state().calls().len();
-    let (status, out, err) = run(vec!["check-config".into(), "--config".into(), config.clone()]).await;
+    let (status, out, err) = run(&["check-config", "--config", &config]).await;
     assert!(status.success(), "{out}{err}");
     assert_eq!(sim.state().calls().len(), calls, "no call to Kraken");
 
-    let (status, _, err) = run(vec![
-        "key".into(),
-        "info".into(),
-        "--config".into(),
-        config,
-        "--account".into(),
-        "nope".into(),
-    ])
-    .await;
+    let (status, _, err) = run(&["key", "info", "--config", &config, "--account", "nope"]).await;
     assert_eq!(status.code(), Some(2), "{err}");
     assert!(err.contains("no account `nope`"), "{err}");
 }
@@ -125,20 +104,14 @@ async fn check_config_no_secrets_checks_everything_but_the_secrets() {
     // The rendered config, without its secret files (a GitOps pipeline).
     let text = config_text(&sim, dir.path(), &"0".repeat(64), "", "forbid_permissions = []");
     let config = write(dir.path(), "broker.toml", &text).display().to_string();
-    let (status, out, err) = run(vec!["check-config".into(), "--config".into(), config.clone()]).await;
+    let (status, out, err) = run(&["check-config", "--config", &config]).await;
     assert!(
         !status.success(),
         "without --no-secrets the missing files are problems: {out}"
     );
     assert!(err.contains("cannot read secret file"), "{err}");
 
-    let (status, out, err) = run(vec![
-        "check-config".into(),
-        "--config".into(),
-        config.clone(),
-        "--no-secrets".into(),
-    ])
-    .await;
+    let (status, out, err) = run(&["check-config", "--config", &config, "--no-secrets"]).await;
     assert!(status.success(), "{out}{err}");
     assert!(out.contains("secrets: not read (--no-secrets)"), "{out}");
     assert!(
@@ -154,22 +127,9 @@ async fn check_config_no_secrets_checks_everything_but_the_secrets() {
     // Everything else is still checked.
     let broken = text.replace("timeout = \"2s\"", "timeout = \"forever\"");
     let config = write(dir.path(), "broken.toml", &broken).display().to_string();
-    let (status, out, err) = run(vec![
-        "check-config".into(),
-        "--config".into(),
-        config,
-        "--no-secrets".into(),
-    ])
-    .await;
+    let (status, out, err) = run(&["check-config", "--config", &config, "--no-secrets"]).await;
     assert!(!status.success(), "{out}");
     assert!(err.contains("kraken.timeout"), "{err}");
-    let (status, _, err) = run(vec![
-        "check-config".into(),
-        "--config".into(),
-        "x.toml".into(),
-        "--no-secrets".into(),
-        "--live".into(),
-    ])
-    .await;
+    let (status, _, err) = run(&["check-config", "--config", "x.toml", "--no-secrets", "--live"]).await;
     assert_eq!(status.code(), Some(2), "--live needs the secrets: {err}");
 }

@@ -89,6 +89,14 @@ async fn call_as_another_signer(sim: &SimHandle, key: &SimKey, nonce: u64) -> Va
         .unwrap()
 }
 
+/// The default policy, a rejected key retried every second.
+fn retried_every_second() -> kraken_token_broker::token::RefreshPolicy {
+    kraken_token_broker::token::RefreshPolicy {
+        retry_rejected: Duration::from_secs(1),
+        ..Default::default()
+    }
+}
+
 fn now_nanos() -> u64 {
     kraken_token_broker::clock::WallClock::system().unix_nanos()
 }
@@ -97,11 +105,7 @@ fn now_nanos() -> u64 {
 async fn a_key_that_can_withdraw_is_refused_before_any_token_call_and_served_once_fixed() {
     let key = trading_key(&["withdraw-funds"]);
     let sim = sim_for(&key).await;
-    let fast = kraken_token_broker::token::RefreshPolicy {
-        retry_rejected: Duration::from_secs(1),
-        ..Default::default()
-    };
-    let broker = Broker::on(&sim).key(&key).policy(fast).start().await;
+    let broker = Broker::on(&sim).key(&key).policy(retried_every_second()).start().await;
 
     let main = wait_state(&broker, "rejected").await;
     let reason = main["reason"].as_str().unwrap();
@@ -258,11 +262,7 @@ async fn a_foreign_nonce_far_ahead_is_use_elsewhere_after_at_most_two_rejected_c
     let ahead = now_nanos() + 86_400 * 1_000_000_000;
     let answer = call_as_another_signer(&sim, &key, ahead).await;
     assert_eq!(answer["error"], serde_json::json!([]), "{answer}");
-    let fast = kraken_token_broker::token::RefreshPolicy {
-        retry_rejected: Duration::from_secs(1),
-        ..Default::default()
-    };
-    let broker = Broker::on(&sim).key(&key).policy(fast).start().await;
+    let broker = Broker::on(&sim).key(&key).policy(retried_every_second()).start().await;
     let main = wait_state(&broker, "rejected").await;
     let reason = main["reason"].as_str().unwrap();
     assert!(

@@ -29,7 +29,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
-use super::error::{KrakenError, classify_api_errors};
+use super::error::KrakenError;
+use super::wire::result_object;
 
 /// The path of the call.
 pub const KEY_INFO_PATH: &str = "/0/private/GetApiKeyInfo";
@@ -146,28 +147,11 @@ fn strings(value: Option<&Value>, what: &str) -> Result<Vec<String>, KrakenError
 
 /// Parses the body of a `GetApiKeyInfo` answer given with HTTP 200.
 pub fn parse_key_info_response(body: &[u8]) -> Result<KeyInfo, KrakenError> {
-    let value: Value = serde_json::from_slice(body).map_err(|_| malformed("the body is not JSON"))?;
-    let object = value
-        .as_object()
-        .ok_or_else(|| malformed("the body is not an object"))?;
-    match object.get("error") {
-        None | Some(Value::Null) => {}
-        Some(Value::Array(items)) => {
-            let codes: Vec<&str> = items.iter().filter_map(Value::as_str).collect();
-            if let Some(failure) = classify_api_errors(&codes) {
-                return Err(KrakenError::Api(failure));
-            }
-        }
-        Some(_) => return Err(malformed("the error field is not an array")),
+    let result = result_object(body)?;
+    if !matches!(result.get("permissions"), Some(Value::Array(_))) {
+        return Err(malformed("no permissions list"));
     }
-    let result = object
-        .get("result")
-        .and_then(Value::as_object)
-        .ok_or_else(|| malformed("no result object"))?;
-    let permissions = match result.get("permissions") {
-        Some(Value::Array(_)) => strings(result.get("permissions"), "permissions")?,
-        _ => return Err(malformed("no permissions list")),
-    };
+    let permissions = strings(result.get("permissions"), "permissions")?;
     Ok(KeyInfo {
         name: result
             .get("apiKeyName")

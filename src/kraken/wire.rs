@@ -39,13 +39,13 @@ fn malformed(what: &str) -> KrakenError {
     KrakenError::MalformedResponse(what.to_owned())
 }
 
-/// Parses the body of a `GetWebSocketsToken` answer given with HTTP 200.
-pub fn parse_ws_token_response(body: &[u8]) -> Result<WsToken, KrakenError> {
+/// The `result` object of a private call's answer given with HTTP 200
+/// (`{"error": [...], "result": {...}}`), or Kraken's error in it.
+pub(super) fn result_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, KrakenError> {
     let value: Value = serde_json::from_slice(body).map_err(|_| malformed("the body is not JSON"))?;
-    let object = value
-        .as_object()
-        .ok_or_else(|| malformed("the body is not a JSON object"))?;
-
+    let Value::Object(mut object) = value else {
+        return Err(malformed("the body is not a JSON object"));
+    };
     match object.get("error") {
         None | Some(Value::Null) => {}
         Some(Value::Array(items)) => {
@@ -59,11 +59,15 @@ pub fn parse_ws_token_response(body: &[u8]) -> Result<WsToken, KrakenError> {
         }
         Some(_) => return Err(malformed("the error field is not an array")),
     }
+    match object.remove("result") {
+        Some(Value::Object(result)) => Ok(result),
+        _ => Err(malformed("no result object")),
+    }
+}
 
-    let result = object
-        .get("result")
-        .and_then(Value::as_object)
-        .ok_or_else(|| malformed("no result object"))?;
+/// Parses the body of a `GetWebSocketsToken` answer given with HTTP 200.
+pub fn parse_ws_token_response(body: &[u8]) -> Result<WsToken, KrakenError> {
+    let result = result_object(body)?;
     let token = match result.get("token") {
         Some(Value::String(t)) if t.is_empty() => return Err(malformed("the token is empty")),
         Some(Value::String(t)) if t.len() > MAX_TOKEN_LEN => return Err(malformed("the token is too long")),
