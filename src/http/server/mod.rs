@@ -278,16 +278,18 @@ impl Connection {
     {
         let (peer, standing, router, metrics) = (self.peer, self.standing, self.router, self.metrics.clone());
         let service = tower::service_fn(move |mut request: hyper::Request<Incoming>| {
-            // Unproven until this request proves an identity.
-            standing.withdraw();
+            // The connection keeps its standing while this request is
+            // handled, and takes what the request proved once answered.
+            let this_request = standing.for_request();
             request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-            request.extensions_mut().insert(standing.clone());
+            request.extensions_mut().insert(this_request.clone());
             if let Some(cert) = &cert {
                 request.extensions_mut().insert(cert.clone());
             }
             let refusal = host_refusal(&request);
             let (router, metrics) = (router.clone(), metrics.clone());
             async move {
+                let _settle = Settle(this_request);
                 if let Some(detail) = refusal {
                     metrics
                         .http()
@@ -316,6 +318,16 @@ impl Connection {
 }
 
 /// Sleeps for `left`, or forever if that is past what the clock can hold.
+/// Settles a connection's standing from what its request proved, when the
+/// request is answered (or abandoned).
+struct Settle(Standing);
+
+impl Drop for Settle {
+    fn drop(&mut self) {
+        self.0.settle();
+    }
+}
+
 async fn sleep_for(left: Duration) {
     match Instant::now().checked_add(left) {
         Some(deadline) => tokio::time::sleep_until(deadline).await,

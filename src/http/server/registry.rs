@@ -6,7 +6,7 @@
 //! ends.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prometheus::IntGauge;
@@ -26,6 +26,8 @@ pub struct Standing {
     proof: Arc<Mutex<Option<Proof>>>,
     /// The protected connections one consumer may hold on this listener.
     cap: usize,
+    /// Whether the request this handle was made for proved an identity.
+    proved_now: Arc<AtomicBool>,
 }
 
 /// A connection counted among a consumer's proven connections; the count
@@ -50,6 +52,27 @@ impl Standing {
         Self {
             proof: Arc::default(),
             cap,
+            proved_now: Arc::default(),
+        }
+    }
+
+    /// The handle one request carries. The connection keeps its standing
+    /// while the request is handled (a proven connection is not open to
+    /// eviction mid-request), and [`Standing::settle`] sets it from what the
+    /// request proved once it is answered.
+    pub fn for_request(&self) -> Self {
+        Self {
+            proof: Arc::clone(&self.proof),
+            cap: self.cap,
+            proved_now: Arc::default(),
+        }
+    }
+
+    /// The request is answered: a connection whose last request proved no
+    /// identity is a stranger's again.
+    pub fn settle(&self) {
+        if !self.proved_now.load(Ordering::Relaxed) {
+            self.withdraw();
         }
     }
 
@@ -62,6 +85,7 @@ impl Standing {
     /// unless that consumer already holds its cap of protected connections
     /// (one consumer cannot hold the listener for itself).
     pub fn prove(&self, count: &ProvenConnections) {
+        self.proved_now.store(true, Ordering::Relaxed);
         let cap = self.cap;
         let mut slot = self.slot();
         if slot.as_ref().is_some_and(|p| Arc::ptr_eq(&p.0, count)) {
@@ -74,7 +98,7 @@ impl Standing {
         }
     }
 
-    /// The request now arriving has proved nothing yet.
+    /// The connection proves nothing (any more).
     pub fn withdraw(&self) {
         *self.slot() = None;
     }
@@ -285,6 +309,31 @@ mod tests {
         // A withdrawn proof, or a closed connection, gives its place back.
         connections[0].withdraw();
         drop(connections);
+        assert_eq!(count.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_proven_connection_stays_protected_while_its_next_request_is_handled() {
+        let count = ProvenConnections::default();
+        let connection = Standing::new(3);
+        let first = connection.for_request();
+        first.prove(&count);
+        first.settle();
+        assert!(connection.proven());
+        // The next request is under way: the connection keeps its place
+        // (a newcomer arriving now must not evict it).
+        let next = connection.for_request();
+        assert!(connection.proven(), "protected mid-request");
+        next.prove(&count);
+        next.settle();
+        assert!(connection.proven());
+        assert_eq!(count.load(Ordering::Relaxed), 1);
+        // A request that proves nothing leaves the connection a stranger's
+        // once it is answered.
+        let stranger = connection.for_request();
+        assert!(connection.proven(), "still protected until answered");
+        stranger.settle();
+        assert!(!connection.proven());
         assert_eq!(count.load(Ordering::Relaxed), 0);
     }
 
