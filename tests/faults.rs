@@ -547,6 +547,50 @@ async fn invalid_key_in_steady_state() {
     steady_state(error("EAPI:Invalid key"), Expect::Permanent { reason: "invalid_key" }).await;
 }
 
+/// The key-rejected alert fires while the cached token is still served:
+/// readiness shows the failing refresh then, not only once the token is gone.
+#[tokio::test]
+async fn a_rejected_refresh_shows_in_readiness_while_the_held_token_is_served() {
+    let (sim, key) = sim_with_key(Duration::from_secs(60)).await;
+    // A refresh 2 s after each token is issued; the token lives 60 s.
+    let refresh = r#"
+refresh_before_expiry = "58s"
+min_served_ttl = "5s"
+jitter = "0s"
+retry_initial = "100ms"
+retry_max = "500ms"
+"#;
+    let broker = Broker::from_files(&sim, &key, refresh, "2s", "").await;
+    assert_eq!(broker.get_token("").await.0, 200);
+    sim.state().set_fault(error("EAPI:Invalid key"));
+    let account = common::wait_for("readiness shows the rejected refresh", PATIENCE, || async {
+        let (_, body) = broker.admin_get("/readyz").await;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        let main = v["accounts"]["main"].clone();
+        (main["refreshing"] == "rejected").then_some(main)
+    })
+    .await;
+    assert_eq!(account["state"], "serving", "the held token is still served: {account}");
+    assert_eq!(account["ready"], true);
+    let reason = account["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("invalid_key") && reason.contains("needs an operator"),
+        "{account}"
+    );
+    assert_eq!(broker.get_token("").await.0, 200, "still served");
+    // Once refreshes succeed again, the detail goes.
+    sim.state().clear_fault();
+    broker.reload().await;
+    common::wait_for("readiness clears", PATIENCE, || async {
+        let (_, body) = broker.admin_get("/readyz").await;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        let main = &v["accounts"]["main"];
+        (main["state"] == "serving" && main.get("refreshing").is_none() && main.get("reason").is_none()).then_some(())
+    })
+    .await;
+    broker.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn invalid_key_at_cold_start() {
     cold_start(error("EAPI:Invalid key"), Expect::Permanent { reason: "invalid_key" }).await;

@@ -53,6 +53,12 @@ struct AccountReadiness {
     state: AccountState,
     #[serde(skip_serializing_if = "Option::is_none")]
     expires_in: Option<u64>,
+    /// While the held token is served: how its refresh goes when it is not
+    /// going well (`failing`, `rejected`, `locked_out`), with the reason in
+    /// `reason`; absent while refreshes succeed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refreshing: Option<AccountState>,
+    /// Why the account cannot be served, or why its refresh fails.
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
     /// What Kraken says of the account's key (`GetApiKeyInfo`).
@@ -203,6 +209,16 @@ fn why_not_servable(published: &Published, now: Instant) -> String {
     let health = match &published.health {
         Health::Starting => "the first refresh is in progress".to_owned(),
         Health::Healthy => "a refresh is in progress".to_owned(),
+        failing => refresh_trouble(failing, now).unwrap_or_default(),
+    };
+    format!("{short}{health}")
+}
+
+/// What goes wrong with an account's refreshes, in words; `None` while they
+/// succeed (or the first is under way).
+fn refresh_trouble(health: &Health, now: Instant) -> Option<String> {
+    Some(match health {
+        Health::Starting | Health::Healthy => return None,
         Health::Failing {
             reason,
             detail,
@@ -220,8 +236,7 @@ fn why_not_servable(published: &Published, now: Instant) -> String {
             "Kraken locked out this broker's address; next attempt in {} s",
             until.saturating_duration_since(now).as_secs()
         ),
-    };
-    format!("{short}{health}")
+    })
 }
 
 impl AccountState {
@@ -283,11 +298,21 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 impl AccountReadiness {
     fn of(published: &Published, now: Instant) -> Self {
         let servable = published.servable(Duration::ZERO, now);
+        // While the held token is served, a failing refresh is shown too:
+        // the alert fires then, minutes before the token runs out.
+        let (refreshing, reason) = match servable {
+            Some(_) => {
+                let trouble = refresh_trouble(&published.health, now);
+                (trouble.is_some().then(|| AccountState::of(published, false)), trouble)
+            }
+            None => (None, Some(why_not_servable(published, now))),
+        };
         Self {
             ready: servable.is_some(),
             state: AccountState::of(published, servable.is_some()),
             expires_in: servable.map(|t| t.remaining(now).as_secs()),
-            reason: servable.is_none().then(|| why_not_servable(published, now)),
+            refreshing,
+            reason,
             key: KeyReadiness::of(&published.key),
         }
     }
@@ -349,6 +374,7 @@ mod tests {
             ready: state == AccountState::Serving,
             state,
             expires_in: None,
+            refreshing: None,
             reason: None,
             key: KeyReadiness::default(),
         }
