@@ -478,3 +478,170 @@ async fn a_refusal_whose_body_trickles_or_never_ends_is_cut_short() {
         let _ = says;
     }
 }
+
+/// The lines of `path` (none while it does not exist).
+fn lines_of(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_write_in_env_format_runs_the_command_and_signals_the_engine() {
+    let (sim, key) = sim_with_key(Duration::from_secs(3)).await;
+    let served = Served::start(&sim, &key, FAST_REFRESH, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ktb/token.env");
+    let (exec_log, hup_log, pid_file) = (
+        dir.path().join("exec.log"),
+        dir.path().join("hup.log"),
+        dir.path().join("engine.pid"),
+    );
+    // An "engine" that counts the SIGHUPs it gets.
+    let mut engine = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "trap 'echo hup >> {}' HUP; echo $$ > {}; while :; do sleep 0.05; done",
+            hup_log.display(),
+            pid_file.display()
+        ))
+        .spawn()
+        .unwrap();
+    wait_for("the engine's PID file", Duration::from_secs(5), || {
+        let ready = std::fs::read_to_string(&pid_file).is_ok_and(|t| t.ends_with('\n'));
+        async move { ready.then_some(()) }
+    })
+    .await;
+    let exec = format!(
+        "test -s \"$KTB_TOKEN_FILE\" && echo \"$KTB_TOKEN_FILE\" >> {}",
+        exec_log.display()
+    );
+    let agent = Agent::start(
+        &[
+            "--url",
+            &served.api,
+            "--out",
+            out.to_str().unwrap(),
+            "--format",
+            "env",
+            "--exec",
+            &exec,
+            "--signal",
+            "hup",
+            "--signal-pid-file",
+            pid_file.to_str().unwrap(),
+        ],
+        &[("KTB_CONSUMER_CREDENTIAL", &served.credential)],
+    );
+    // Two writes (the first token and a refresh): each ran both hooks.
+    wait_for("two writes, each with its hooks", Duration::from_secs(20), || {
+        let done = lines_of(&exec_log).len() >= 2 && lines_of(&hup_log).len() >= 2;
+        async move { done.then_some(()) }
+    })
+    .await;
+    assert!(
+        lines_of(&exec_log).iter().all(|l| l == out.to_str().unwrap()),
+        "KTB_TOKEN_FILE names the file"
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}='")))
+            .and_then(|v| v.strip_suffix('\''))
+            .unwrap_or_else(|| panic!("{name} in the env file"))
+            .to_owned()
+    };
+    assert!(sim.state().token_is_valid(&field("KTB_TOKEN")));
+    assert!(field("KTB_EXPIRES_AT").ends_with('Z'));
+    assert_eq!(field("KTB_ACCOUNT"), "main");
+    let logs = agent.stderr();
+    assert!(logs.contains("signalled the engine"), "{logs}");
+    assert!(!logs.contains(&field("KTB_TOKEN")), "no token in the agent's logs");
+    let _ = engine.kill();
+    let _ = engine.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reported_token_is_replaced_in_the_file_before_the_report_returns() {
+    let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+    let served = Served::start(&sim, &key, "", &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("token.json");
+    let agent = Agent::start(
+        &[
+            "--url",
+            &served.api,
+            "--out",
+            out.to_str().unwrap(),
+            "--report-listen",
+            "127.0.0.1:0",
+        ],
+        &[("KTB_CONSUMER_CREDENTIAL", &served.credential)],
+    );
+    let first = file_token(out.clone(), Duration::from_secs(10), None).await;
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert!(json["expires_at"].is_string(), "{json}");
+    assert!(
+        json.get("expires_in").is_none(),
+        "no countdown frozen at writing: {json}"
+    );
+    let addr = wait_for("the report endpoint", Duration::from_secs(10), || {
+        let logs = agent.stderr();
+        let addr = logs
+            .lines()
+            .find(|l| l.contains("report endpoint listening"))
+            .and_then(|l| l.split("addr=").nth(1))
+            .map(|rest| {
+                rest.split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .trim_matches('"')
+                    .to_owned()
+            });
+        async move { addr }
+    })
+    .await;
+    let report = format!("http://{addr}/v1/report");
+    let http = reqwest::Client::new();
+    let calls = sim.state().token_calls().len();
+
+    // A report of a token the file no longer holds changes nothing.
+    let stale = http
+        .post(&report)
+        .body(r#"{"token":"an-older-token"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), 200);
+    assert_eq!(stale.json::<serde_json::Value>().await.unwrap()["reported"], false);
+    assert_eq!(sim.state().token_calls().len(), calls, "no upstream call");
+
+    // The report of the file's token: replaced before the answer.
+    let answer = http.post(&report).send().await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.json::<serde_json::Value>().await.unwrap()["reported"], true);
+    let second = token_in(&out).expect("a token");
+    assert_ne!(second, first, "the file holds the replacement when the report returns");
+    assert!(sim.state().token_is_valid(&second));
+    assert_eq!(sim.state().token_calls().len(), calls + 1, "one upstream call");
+    let logs = agent.stderr();
+    assert!(
+        !logs.contains(&first) && !logs.contains(&second),
+        "no token in the agent's logs"
+    );
+
+    // Anything but loopback is refused: the endpoint has no authentication.
+    let mut open = Agent::start(
+        &[
+            "--url",
+            &served.api,
+            "--out",
+            out.to_str().unwrap(),
+            "--report-listen",
+            "0.0.0.0:0",
+        ],
+        &[("KTB_CONSUMER_CREDENTIAL", &served.credential)],
+    );
+    assert_eq!(open.exit(Duration::from_secs(10)).await.code(), Some(2));
+    assert!(open.stderr().contains("loopback only"), "{}", open.stderr());
+}

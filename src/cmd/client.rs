@@ -140,7 +140,15 @@ impl Consumer {
 
     /// A GET of `url` with the identity.
     pub fn get(&self, url: reqwest::Url) -> Result<reqwest::RequestBuilder, Error> {
-        let request = self.http.get(url);
+        self.with_identity(self.http.get(url))
+    }
+
+    /// A POST to `url` with the identity.
+    pub fn post(&self, url: reqwest::Url) -> Result<reqwest::RequestBuilder, Error> {
+        self.with_identity(self.http.post(url))
+    }
+
+    fn with_identity(&self, request: reqwest::RequestBuilder) -> Result<reqwest::RequestBuilder, Error> {
         Ok(match &self.bearer {
             Bearer::None => request,
             Bearer::Credential(c) => request.bearer_auth(c.expose()),

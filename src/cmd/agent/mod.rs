@@ -23,8 +23,16 @@
 //! SIGINT, and non-zero only when the broker refuses the consumer for good
 //! (401, 403) or FILE cannot be written. `--once` writes the current token
 //! and exits, for init containers.
+//!
+//! `--format json|token|env` chooses what FILE holds (the JSON carries
+//! `expires_at`, never a countdown frozen at writing); `--exec CMD` and
+//! `--signal SIG --signal-pid-file F` run after each write (`hooks`);
+//! `--report-listen 127.0.0.1:PORT` lets an engine report a token Kraken
+//! rejected (`report`).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -35,9 +43,14 @@ use tracing::{info, warn};
 use super::Error;
 use super::client::{ANSWER_BODY_TIMEOUT, Consumer, ConsumerArgs, detail_of, error_chain, read_answer, retry_after};
 use crate::sse::{self, Item, TOKEN_EVENT, UNAVAILABLE_EVENT};
+pub use format::Format;
+pub use hooks::HookSignal;
 use output::{Output, Written};
 
+mod format;
+mod hooks;
 mod output;
+mod report;
 
 /// A stream with no whole block (an event or a keep-alive) for this long
 /// is taken as lost (`--idle-limit`, hidden, sets another).
@@ -69,6 +82,28 @@ pub struct AgentArgs {
     /// keep-alive before it is taken as lost.
     #[arg(long, hide = true, default_value = "45s", value_parser = crate::config::parse_duration)]
     pub idle_limit: Duration,
+    /// What the file holds: the token's JSON (with `expires_at`), the
+    /// token alone, or `KTB_TOKEN='...'` lines for a shell.
+    #[arg(long, value_enum, default_value = "json")]
+    pub format: Format,
+    /// A command run by `/bin/sh -c` after each write (`KTB_TOKEN_FILE`
+    /// names the file), e.g. to tell the engine to reread it; killed after
+    /// 30 s; its failure is logged and the agent goes on.
+    #[arg(long, value_name = "CMD")]
+    pub exec: Option<String>,
+    /// A signal sent after each write to the process whose PID is in
+    /// `--signal-pid-file` (the engine, in a pod sharing its process
+    /// namespace, or beside the agent).
+    #[arg(long, value_enum, requires = "signal_pid_file")]
+    pub signal: Option<HookSignal>,
+    /// The file holding the PID `--signal` is sent to (read at each write).
+    #[arg(long, value_name = "FILE", requires = "signal")]
+    pub signal_pid_file: Option<PathBuf>,
+    /// A loopback address where the engine reports a token Kraken rejected
+    /// (`POST /v1/report`): the agent reports it to the broker and writes
+    /// the replacement before answering.
+    #[arg(long, value_name = "ADDR", conflicts_with = "once")]
+    pub report_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -122,8 +157,17 @@ enum End {
 
 pub async fn run(args: AgentArgs) -> Result<(), Error> {
     let stop = crate::signal::shutdown_token();
-    let consumer = Consumer::new(&args.consumer, None)?;
-    let out = Output::new(&args)?;
+    let consumer = Arc::new(Consumer::new(&args.consumer, None)?);
+    let out = Arc::new(Output::new(&args)?);
+    if let Some(addr) = args.report_listen {
+        let listener = report::bind(addr).await?;
+        tokio::spawn(report::serve(
+            listener,
+            Arc::clone(&consumer),
+            Arc::clone(&out),
+            stop.clone(),
+        ));
+    }
     let mut attempt = 0u32;
     loop {
         let end = if args.once {

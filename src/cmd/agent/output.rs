@@ -12,8 +12,10 @@ use rustix::fs::{AtFlags, Mode, OFlags};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use super::{AgentArgs, Owner};
+use super::hooks::Hooks;
+use super::{AgentArgs, Format, Owner};
 use crate::cmd::Error;
+use crate::secret::SecretString;
 
 /// What a write did.
 #[derive(Debug, PartialEq, Eq)]
@@ -36,7 +38,11 @@ pub(super) struct Output {
     dir: Arc<OwnedFd>,
     mode: u32,
     owner: Option<Owner>,
+    format: Format,
+    hooks: Hooks,
     last: std::sync::Mutex<Option<[u8; 32]>>,
+    /// The token the file holds, for a report of its rejection.
+    current: std::sync::Mutex<Option<SecretString>>,
 }
 
 /// Why a directory is not safe to hold the token file, if it is not.
@@ -106,8 +112,19 @@ impl Output {
             dir: Arc::new(fd),
             mode: args.mode,
             owner: args.owner,
+            format: args.format,
+            hooks: Hooks::new(args)?,
             last: std::sync::Mutex::new(None),
+            current: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The token the file holds now, if any.
+    pub(super) fn current(&self) -> Option<SecretString> {
+        self.current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// A directory the agent makes: private, with group search when the
@@ -116,38 +133,39 @@ impl Output {
         if file_mode & 0o040 != 0 { 0o750 } else { 0o700 }
     }
 
-    /// Replaces the file with `json` (unless it already holds that token).
+    /// Replaces the file with the token in `json` (the broker's token JSON),
+    /// in the agent's format, unless it already holds that token; then runs
+    /// the hooks (`--exec`, `--signal`).
     pub(super) async fn write(&self, json: &str) -> Result<Written, String> {
-        let token = serde_json::from_str::<serde_json::Value>(json).ok().and_then(|v| {
-            v["token"].as_str().filter(|t| !t.is_empty()).map(|t| {
-                (
-                    Sha256::digest(t.as_bytes()),
-                    v["expires_at"].as_str().map(str::to_owned),
-                )
-            })
-        });
-        let Some((sha, expires_at)) = token else {
+        let parsed = serde_json::from_str::<serde_json::Value>(json)
+            .ok()
+            .filter(|v| v["token"].as_str().is_some_and(|t| !t.is_empty()));
+        let Some(value) = parsed else {
             warn!("the broker sent a token JSON without a token; ignored");
             return Ok(Written::NoToken);
         };
-        let sha: [u8; 32] = sha.into();
+        let token = SecretString::new(value["token"].as_str().unwrap_or_default());
+        let expires_at = value["expires_at"].as_str().map(str::to_owned);
+        let sha: [u8; 32] = Sha256::digest(token.expose().as_bytes()).into();
         if *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) == Some(sha) {
             return Ok(Written::Unchanged);
         }
         self.still_the_directory()?;
         let (dir, name, mode, owner) = (Arc::clone(&self.dir), self.name.clone(), self.mode, self.owner);
-        let text = format!("{json}\n");
+        let text = self.format.render(value);
         tokio::task::spawn_blocking(move || replace(&dir, &name, text.as_bytes(), mode, owner))
             .await
             .map_err(|e| format!("writing {} failed: {e}", self.path.display()))?
             .map_err(|e| format!("cannot write {}: {e}", self.path.display()))?;
         *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(sha);
+        *self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(token);
         info!(
             file = %self.path.display(),
             token = %hex::encode(&sha[..4]),
             expires_at = expires_at.as_deref().unwrap_or(""),
             "token file replaced"
         );
+        self.hooks.run(&self.path).await;
         Ok(Written::Yes)
     }
 }
@@ -224,6 +242,11 @@ mod tests {
             owner: None,
             once: false,
             idle_limit: IDLE_LIMIT,
+            format: Format::Json,
+            exec: None,
+            signal: None,
+            signal_pid_file: None,
+            report_listen: None,
         }
     }
 
