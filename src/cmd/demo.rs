@@ -119,7 +119,41 @@ pub async fn run(args: DemoArgs) -> Result<(), Error> {
     Ok(result?)
 }
 
+/// How to run this binary from the user's shell: `kraken-token-broker` when
+/// that is what the PATH finds, else its path (relative to the working
+/// directory when it is under it, as `./target/release/...`).
+struct Command {
+    shown: String,
+    on_path: bool,
+}
+
+fn this_command() -> Command {
+    const NAME: &str = "kraken-token-broker";
+    let exe = std::env::current_exe().and_then(std::fs::canonicalize).ok();
+    let on_path = std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths)
+            .filter_map(|dir| std::fs::canonicalize(dir.join(NAME)).ok())
+            .next()
+            .is_some_and(|found| Some(found) == exe)
+    });
+    if on_path {
+        return Command {
+            shown: NAME.to_owned(),
+            on_path,
+        };
+    }
+    let shown = match (&exe, std::env::current_dir().and_then(std::fs::canonicalize)) {
+        (Some(exe), Ok(cwd)) => exe
+            .strip_prefix(&cwd)
+            .map_or_else(|_| exe.display().to_string(), |rel| format!("./{}", rel.display())),
+        (Some(exe), Err(_)) => exe.display().to_string(),
+        (None, _) => NAME.to_owned(),
+    };
+    Command { shown, on_path }
+}
+
 fn print_banner(config: &Config, credential: &str, sim_url: &str, ttl: u64) {
+    let command = this_command();
     let api = format!("http://{}", config.listen.api);
     let admin = format!("http://{}", config.listen.admin);
     println!(
@@ -135,15 +169,17 @@ No network and no real key are used.{where_}
 Fetch a token (in another terminal, after the export above):
   curl -s -H "Authorization: Bearer $KTB_CONSUMER_CREDENTIAL" {api}/v1/token
   curl -s -H "Authorization: Bearer $KTB_CONSUMER_CREDENTIAL" "{api}/v1/token?min_ttl=30"
-  cargo run --release -- fetch --url {api}
+  {bin} fetch --url {api}
 
 Follow every new token (a stream), or keep a file holding it:
   curl -sN -H "Authorization: Bearer $KTB_CONSUMER_CREDENTIAL" {api}/v1/token/watch
-  cargo run --release -- agent --url {api} --out ./token.json
+  {bin} agent --url {api} --out ./ktb/token.json
 
 Report a token Kraken rejected (the broker mints a new one):
   curl -s -X POST -H "Authorization: Bearer $KTB_CONSUMER_CREDENTIAL" -H 'Content-Type: application/json' \
        -d '{{"token":"<token>"}}' "{api}/v1/token/invalidate?account=demo"
+Or revoke every token at the simulator (an engine's WebSocket then gets `Invalid session`; report it as above):
+  curl -s -X POST {sim_url}/_sim/tokens/revoke
 
 Operate it:
   curl -s {admin}/readyz
@@ -155,9 +191,15 @@ The simulator (use the token on its WebSocket, or break it):
   heal it:    curl -X DELETE {sim_url}/_sim/fault
 
 Tokens live {ttl} s here (900 s at Kraken), so a refresh shows in the log about
-every {half} s. Ctrl-C stops.
+every {half} s. Ctrl-C stops.{install}
 "#,
         ws = config.kraken.ws_url,
+        bin = command.shown,
+        install = if command.on_path {
+            ""
+        } else {
+            "\n`cargo install --path . --locked` puts `kraken-token-broker` on your PATH\n(in ~/.cargo/bin); the lines above use the binary where it was built."
+        },
         half = ttl / 2,
         where_ = if on_loopback(config) {
             " Everything runs on loopback."

@@ -172,13 +172,18 @@ fn require_json(headers: &HeaderMap) -> Result<(), Refused> {
 }
 
 /// Parses a JSON body (an empty body is `empty`, where one is allowed).
+/// A JSON body of `T`; where an empty body means something (`empty`), an
+/// empty body needs no `Content-Type` (`curl -X POST URL` sends none),
+/// unless a browser sent it (it names an `Origin`): a page elsewhere may
+/// send an empty POST cross-origin without asking.
 fn parse<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &Bytes, empty: Option<T>) -> Result<T, Refused> {
-    require_json(headers)?;
     if body.is_empty()
+        && !headers.contains_key(axum::http::header::ORIGIN)
         && let Some(value) = empty
     {
         return Ok(value);
     }
+    require_json(headers)?;
     serde_json::from_slice(body).map_err(|e| Refused::Bad(e.to_string()))
 }
 
@@ -365,4 +370,34 @@ pub(super) async fn drop_websockets(State(sim): State<Arc<SimShared>>, headers: 
     }
     let dropped = sim.drop_tx.send(()).unwrap_or(0);
     Json(json!({ "dropped": dropped })).into_response()
+}
+
+#[cfg(test)]
+mod parse_tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_body_needs_no_content_type_unless_a_browser_sent_it() {
+        let none = HeaderMap::new();
+        let empty = Bytes::new();
+        let revoke_all = parse::<RevokeRequest>(&none, &empty, Some(RevokeRequest::default()));
+        assert!(
+            revoke_all.is_ok_and(|r| r.token.is_none()),
+            "curl -X POST URL revokes all"
+        );
+        let mut browser = HeaderMap::new();
+        browser.insert(axum::http::header::ORIGIN, "https://elsewhere.example".parse().unwrap());
+        assert!(matches!(
+            parse::<RevokeRequest>(&browser, &empty, Some(RevokeRequest::default())),
+            Err(Refused::NotJson)
+        ));
+        // A body still needs its JSON type, and where no body means nothing,
+        // an empty one is refused.
+        let body = Bytes::from_static(br#"{"token":"t"}"#);
+        assert!(matches!(
+            parse::<RevokeRequest>(&none, &body, Some(RevokeRequest::default())),
+            Err(Refused::NotJson)
+        ));
+        assert!(parse::<TtlRequest>(&none, &empty, None).is_err());
+    }
 }
