@@ -176,6 +176,27 @@ def check_prometheus_rule(docs: list[dict]) -> None:
     check(monitor["spec"]["endpoints"][0]["path"] == "/metrics", "it scrapes /metrics")
 
 
+def check_readme_values() -> None:
+    """The chart's README has a row for every value of values.schema.json."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    readme = (CHART / "README.md").read_text()
+
+    def leaves(node: dict, path: str) -> list[str]:
+        out = []
+        for k, v in node.get("properties", {}).items():
+            if v.get("properties"):
+                out += leaves(v, f"{path}{k}.")
+                continue
+            out.append(path + k)
+            items = v.get("items")
+            if isinstance(items, dict) and items.get("properties"):
+                out += leaves(items, f"{path}{k}[].")
+        return out
+
+    missing = [p for p in leaves(schema, "") if f"| `{p}` |" not in readme]
+    check(not missing, f"helm/kraken-token-broker/README.md's values table lacks: {missing}")
+
+
 def check_runbooks() -> None:
     """Every alert's runbook_url points at a heading of proto-docs/runbooks.md."""
     headings = {
@@ -736,6 +757,7 @@ def main() -> None:
     check_template_refusals(chart)
     check_notes(chart)
     check_runbooks()
+    check_readme_values()
     print(f"chart checks passed ({checks} assertions)")
 
 
