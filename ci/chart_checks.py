@@ -6,8 +6,13 @@
 - every rendered built-in kind passes kubernetes-validate --strict for
   Kubernetes 1.29 and 1.33;
 - the rendered PrometheusRule's groups pass `promtool check rules`;
-- the StatefulSet's pod security settings, probes, mounts, per-replica keys
-  and grace period are what the chart promises;
+- each replica's StatefulSet (one pod) has the pod security settings, probes,
+  mounts and grace period the chart promises;
+- rendered with 3 replicas, no pod spec can read another replica's keys
+  Secret (volumes, projected sources, env, envFrom);
+- every key of the broker's config has a values key and is rendered
+  (ci/chart_config_keys.py);
+- only the config the broker cannot reload ([listen]) restarts the pods;
 - the rendered broker.toml passes the broker's own `check-config`.
 
 usage: python chart_checks.py BROKER_BINARY
@@ -24,10 +29,15 @@ import helm_python as helm
 import kubernetes_validate as kv
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chart_config_keys import check_config_keys  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "kraken-token-broker"
 KUBE_VERSIONS = ["1.29.0", "1.33.0"]
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "Certificate"}
+REPLICA_LABEL = "kraken-token-broker/replica"
+POD_KINDS = {"Pod", "Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob"}
 
 checks = 0
 
@@ -45,8 +55,15 @@ def defaults() -> dict:
 
 def everything_enabled() -> dict:
     v = defaults()
-    v["replicaCount"] = 2
-    v["accounts"] = [{"name": "main", "otp": "none"}, {"name": "alt", "otp": "static"}, {"name": "twofa", "otp": "totp"}]
+    v["replicaCount"] = 3
+    v["image"]["digest"] = "sha256:" + "0123456789abcdef" * 4
+    v["kraken"].update(maxRejectedCalls=5, keyInfoInterval="15m")
+    v["refresh"]["retryRejected"] = "2m"
+    v["accounts"] = [
+        {"name": "main", "otp": "none", "keyExpiresAt": "2027-03-01T00:00:00Z"},
+        {"name": "alt", "otp": "static", "forbidPermissions": ["withdraw-funds", "export-data"]},
+        {"name": "twofa", "otp": "totp", "forbidPermissions": []},
+    ]
     v["consumers"] = [
         {"name": "mm-btc", "credentialSha256": "ab" * 32, "accounts": ["main"]},
         {"name": "mm-eth", "credentialSha256": "cd" * 32, "accounts": ["main", "alt", "twofa"], "rateLimit": {"perSecond": 20, "burst": 40}},
@@ -67,16 +84,19 @@ def everything_enabled() -> dict:
         },
         "clientCaSecret": "engines-ca",
     }
-    v["kubernetes"] = {"enabled": True, "audience": "kraken-token-broker", "cacheTtl": "30s", "apiServerCidrs": ["10.0.0.1/32"], "apiServerPort": 6443}
+    v["kubernetes"] = {
+        "enabled": True, "audience": "kraken-token-broker", "cacheTtl": "30s", "apiServerCidrs": ["10.0.0.1/32"],
+        "apiServerPort": 6443, "apiUrl": "https://10.0.0.1:6443",
+    }
     v["audit"] = {"enabled": True, "fingerprintKeySecret": "ktb-audit"}
     data = {}
-    for replica in range(2):
+    for replica in range(3):
         for account, extra in [("main", None), ("alt", ("otp", "static-pass")), ("twofa", ("totp-secret", "JBSWY3DPEHPK3PXP"))]:
             data[f"{account}.{replica}.api-key"] = f"KEY-{account}-{replica}"
             data[f"{account}.{replica}.api-secret"] = "AAECAwQFBgc="
             if extra:
                 data[f"{account}.{replica}.{extra[0]}"] = extra[1]
-    v["keysSecret"] = {"create": True, "existingSecret": "", "data": data}
+    v["keysSecret"] = {"create": True, "namePrefix": "", "data": data}
     v["serviceMonitor"] = {"enabled": True, "labels": {"release": "prometheus"}, "interval": "15s", "scrapeTimeout": "5s"}
     v["prometheusRule"] = {
         "enabled": True,
@@ -90,6 +110,8 @@ def everything_enabled() -> dict:
     v["tolerations"] = [{"key": "dedicated", "operator": "Equal", "value": "trading", "effect": "NoSchedule"}]
     v["extraEnv"] = [{"name": "HTTPS_PROXY", "value": "http://egress-proxy.infra.svc:3128"}, {"name": "NO_PROXY", "value": ".svc"}]
     v["networkPolicy"]["egressPorts"] = [443, 3128]
+    v["networkPolicy"]["dns"] = {"namespaceLabels": {"kubernetes.io/metadata.name": "dns"}, "podLabels": {"k8s-app": "coredns"}}
+    v["dashboard"] = {"enabled": True, "labels": {"grafana_dashboard": "1", "team": "trading"}, "annotations": {"grafana_folder": "Trading"}}
     return v
 
 
@@ -154,6 +176,27 @@ def check_prometheus_rule(docs: list[dict]) -> None:
     check(monitor["spec"]["endpoints"][0]["path"] == "/metrics", "it scrapes /metrics")
 
 
+def check_readme_values() -> None:
+    """The chart's README has a row for every value of values.schema.json."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    readme = (CHART / "README.md").read_text()
+
+    def leaves(node: dict, path: str) -> list[str]:
+        out = []
+        for k, v in node.get("properties", {}).items():
+            if v.get("properties"):
+                out += leaves(v, f"{path}{k}.")
+                continue
+            out.append(path + k)
+            items = v.get("items")
+            if isinstance(items, dict) and items.get("properties"):
+                out += leaves(items, f"{path}{k}[].")
+        return out
+
+    missing = [p for p in leaves(schema, "") if f"| `{p}` |" not in readme]
+    check(not missing, f"helm/kraken-token-broker/README.md's values table lacks: {missing}")
+
+
 def check_runbooks() -> None:
     """Every alert's runbook_url points at a heading of proto-docs/runbooks.md."""
     headings = {
@@ -168,23 +211,47 @@ def check_runbooks() -> None:
             check(anchor in headings, f"runbooks.md has a section for {rule['alert']} (#{anchor})")
 
 
+def replicas(docs: list[dict], values: dict) -> list[tuple[int, dict]]:
+    """Each replica's StatefulSet, by its number, in order."""
+    sets = by_kind(docs, "StatefulSet")
+    numbered = sorted((int(s["spec"]["template"]["metadata"]["labels"][REPLICA_LABEL]), s) for s in sets)
+    check([n for n, _ in numbered] == list(range(values["replicaCount"])), f"one StatefulSet per replica: {numbered}")
+    return numbered
+
+
 def check_workload(docs: list[dict], values: dict) -> None:
-    (deploy,) = by_kind(docs, "StatefulSet")
-    check(deploy["spec"]["replicas"] == values["replicaCount"], "replicas")
+    sets = replicas(docs, values)
     headless = [s for s in by_kind(docs, "Service") if s["spec"].get("clusterIP") == "None"]
-    check([s["metadata"]["name"] for s in headless] == [deploy["spec"]["serviceName"]], "a governing headless Service")
-    pod = deploy["spec"]["template"]["spec"]
+    (service,) = [s for s in by_kind(docs, "Service") if s["spec"].get("clusterIP") != "None"]
+    for n, sts in sets:
+        check(sts["metadata"]["name"] == f"ktb-kraken-token-broker-{n}", f"replica {n}'s name")
+        check(sts["spec"]["replicas"] == 1, "one pod per replica: its key is used by one process at a time")
+        check([s["metadata"]["name"] for s in headless] == [sts["spec"]["serviceName"]], "a governing headless Service")
+        selector = sts["spec"]["selector"]["matchLabels"]
+        check(selector.get(REPLICA_LABEL) == str(n), "each StatefulSet selects only its own pod")
+        labels = sts["spec"]["template"]["metadata"]["labels"]
+        check(all(labels.get(k) == v for k, v in service["spec"]["selector"].items()), "the Service selects every replica")
+        check_pod(sts, values, n)
+
+
+def check_pod(sts: dict, values: dict, replica: int) -> None:
+    pod = sts["spec"]["template"]["spec"]
     check(pod["automountServiceAccountToken"] is False, "no service account token in the pod")
     psc = pod["securityContext"]
     check(psc["runAsNonRoot"] is True and psc["runAsUser"] != 0, "pod runs as non-root")
     check(psc["seccompProfile"]["type"] == "RuntimeDefault", "pod seccomp RuntimeDefault")
     (c,) = pod["containers"]
+    image = values["image"]
+    if image.get("digest"):
+        check(c["image"] == f"{image['repository']}@{image['digest']}", f"the image by digest: {c['image']}")
+    else:
+        check(c["image"] == f"{image['repository']}:{image['tag'] or '0.1.0'}", f"the image by tag: {c['image']}")
+    # What the image is tested with: exactly these.
     sc = c["securityContext"]
-    check(sc["readOnlyRootFilesystem"] is True, "read-only root filesystem")
-    check(sc["allowPrivilegeEscalation"] is False, "no privilege escalation")
-    check(sc["capabilities"]["drop"] == ["ALL"], "all capabilities dropped")
-    check(sc["runAsNonRoot"] is True, "container runs as non-root")
-    check(sc["seccompProfile"]["type"] == "RuntimeDefault", "container seccomp RuntimeDefault")
+    check(sc == {
+        "runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+    }, f"the container's securityContext: {sc}")
     check(c["startupProbe"]["httpGet"]["path"] == "/healthz", "startupProbe on /healthz (no restart loop on a rejected key)")
     check(c["readinessProbe"]["httpGet"]["path"] == "/readyz", "readinessProbe on /readyz")
     check(c["livenessProbe"]["httpGet"]["path"] == "/healthz", "livenessProbe on /healthz")
@@ -200,20 +267,15 @@ def check_workload(docs: list[dict], values: dict) -> None:
     check(mounts["keys"]["readOnly"] is True, "keys mounted read-only")
     keys_volume = next(v for v in pod["volumes"] if v["name"] == "keys")
     check(keys_volume["secret"]["defaultMode"] == 0o440, "key files not world-readable")
-    # One key pair per replica: pod N reads N/<account>/..., picked by KTB_REPLICA.
-    files_per_replica = sum(2 + (a.get("otp", "none") != "none") for a in values["accounts"])
+    check(keys_volume["secret"]["secretName"] == f"ktb-kraken-token-broker-keys-{replica}", "its own keys Secret")
+    files = [(a["name"], f) for a in values["accounts"] for f in key_files(a)]
     items = keys_volume["secret"]["items"]
-    check(len(items) == values["replicaCount"] * files_per_replica, f"{len(items)} key files mounted")
-    for item in items:
-        account, replica, file = item["key"].split(".")
-        check(item["path"] == f"{replica}/{account}/{file}", f"key {item['key']} at {item['path']}")
+    check([(i["key"], i["path"]) for i in items] == [(f"{a}.{f}", f"{a}/{f}") for a, f in files], f"key files: {items}")
     env = {e["name"]: e for e in c["env"]}
-    check(
-        env["KTB_REPLICA"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']",
-        "each pod knows its ordinal",
-    )
-    check("--reload-poll" in c["args"], "the broker re-reads rotated secrets")
-    check("checksum/config" in deploy["spec"]["template"]["metadata"]["annotations"], "config checksum rolls pods")
+    check(env["KTB_REPLICA"]["value"] == str(replica), "each pod knows which replica it is")
+    check("--reload-poll" in c["args"], "the broker re-reads its config and rotated secrets")
+    annotations = sts["spec"]["template"]["metadata"]["annotations"]
+    check([k for k in annotations if k.startswith("checksum/")] == ["checksum/listen"], f"only [listen] restarts pods: {annotations}")
     for extra in values.get("extraEnv", []):
         check(env[extra["name"]]["value"] == extra["value"], f"extra env {extra['name']}")
     spread = pod["topologySpreadConstraints"]
@@ -223,9 +285,116 @@ def check_workload(docs: list[dict], values: dict) -> None:
         (default,) = spread
         check(default["topologyKey"] == "kubernetes.io/hostname" and default["whenUnsatisfiable"] == "ScheduleAnyway",
               f"replicas spread across nodes by default: {default}")
-        check(default["labelSelector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"], "spread over this release's pods")
+        selector = dict(sts["spec"]["selector"]["matchLabels"])
+        selector.pop(REPLICA_LABEL)
+        check(default["labelSelector"]["matchLabels"] == selector, "spread over every replica's pod of this release")
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     check(ports == {"api": 8080, "admin": 9090}, f"api and admin ports: {ports}")
+
+
+def key_files(account: dict) -> list[str]:
+    extra = {"none": [], "static": ["otp"], "totp": ["totp-secret"]}[account.get("otp", "none")]
+    return ["api-key", "api-secret", *extra]
+
+
+def secrets_read_by(pod: dict) -> set[str]:
+    """Every Secret a pod spec can read: volumes (secret, projected), and
+    every container's env and envFrom."""
+    names = set()
+    for volume in pod.get("volumes", []):
+        if "secret" in volume:
+            names.add(volume["secret"]["secretName"])
+        for source in volume.get("projected", {}).get("sources", []):
+            if "secret" in source:
+                names.add(source["secret"]["name"])
+    for c in pod.get("containers", []) + pod.get("initContainers", []) + pod.get("ephemeralContainers", []):
+        for e in c.get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                names.add(ref["name"])
+        for e in c.get("envFrom", []):
+            if "secretRef" in e:
+                names.add(e["secretRef"]["name"])
+    return names
+
+
+def pod_specs(docs: list[dict]) -> list[tuple[dict, dict]]:
+    """(pod template metadata, pod spec) of every pod-making object."""
+    out = []
+    for d in docs:
+        if d["kind"] == "Pod":
+            out.append((d["metadata"], d["spec"]))
+        elif d["kind"] == "CronJob":
+            t = d["spec"]["jobTemplate"]["spec"]["template"]
+            out.append((t["metadata"], t["spec"]))
+        elif d["kind"] in POD_KINDS:
+            t = d["spec"]["template"]
+            out.append((t["metadata"], t["spec"]))
+    return out
+
+
+def check_key_isolation(docs: list[dict], values: dict) -> None:
+    """No pod spec can read another replica's keys: each replica's pod reads
+    exactly one key Secret, its own, and no other pod reads any. With
+    keysSecret.create, each Secret holds only its replica's key material."""
+    prefix = "ktb-kraken-token-broker-keys"
+    key_secrets = {f"{prefix}-{n}" for n in range(values["replicaCount"])} | {prefix}
+    pods = pod_specs(docs)
+    seen = []
+    for metadata, pod in pods:
+        replica = metadata.get("labels", {}).get(REPLICA_LABEL)
+        readable = secrets_read_by(pod) & key_secrets
+        if replica is None:
+            check(not readable, f"a pod that is no replica reads no keys: {readable}")
+            continue
+        seen.append(int(replica))
+        check(readable == {f"{prefix}-{replica}"}, f"replica {replica}'s pod reads only its own keys: {sorted(readable)}")
+    check(sorted(seen) == list(range(values["replicaCount"])), f"a pod per replica: {seen}")
+    secrets = {s["metadata"]["name"]: s for s in by_kind(docs, "Secret")}
+    if values["keysSecret"]["create"]:
+        data = values["keysSecret"]["data"]
+        for n in range(values["replicaCount"]):
+            held = secrets[f"{prefix}-{n}"]["stringData"]
+            wanted = {f"{a['name']}.{f}": data[f"{a['name']}.{n}.{f}"] for a in values["accounts"] for f in key_files(a)}
+            check(held == wanted, f"Secret {prefix}-{n} holds replica {n}'s key material and nothing else")
+        check(set(secrets) & key_secrets == key_secrets - {prefix}, f"one key Secret per replica: {sorted(secrets)}")
+    else:
+        check(not secrets, "no Secret (no key material) unless keysSecret.create")
+    print(f"{values['replicaCount']} replicas: each pod reads only its own keys Secret")
+
+
+def check_restarts(chart) -> None:
+    """A setting the broker reloads live leaves the pod template alone; one it
+    cannot ([listen]: TLS on or off, i.e. the listen section) changes it."""
+    def template_of(mutate) -> dict:
+        values = defaults()
+        mutate(values)
+        (_, sts), *_ = replicas(render(chart, values), values)
+        return sts["spec"]["template"]
+
+    base = template_of(lambda v: None)
+    for what, mutate in [
+        ("a refresh setting", lambda v: v["refresh"].update(jitter="10s")),
+        ("a new consumer", lambda v: v["consumers"].append({"name": "c2", "credentialSha256": "ab" * 32, "accounts": ["main"]})),
+        ("an account's expiry", lambda v: v["accounts"][0].update(keyExpiresAt="2027-01-01T00:00:00Z")),
+        ("kraken.keyInfoInterval", lambda v: v["kraken"].update(keyInfoInterval="30m")),
+    ]:
+        check(template_of(mutate) == base, f"{what} is reloaded live: no restart")
+    listen = base["metadata"]["annotations"]["checksum/listen"]
+    tls = template_of(lambda v: v["tls"].update(enabled=True))
+    check(tls["metadata"]["annotations"]["checksum/listen"] != listen, "turning TLS on restarts the pods")
+
+
+def check_dashboard(chart) -> None:
+    text = (CHART / "files" / "dashboard.json").read_text()
+    values = everything_enabled()
+    (dash,) = [d for d in by_kind(render(chart, values), "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    check(dash["metadata"]["labels"]["grafana_dashboard"] == "1" and dash["metadata"]["labels"]["team"] == "trading",
+          "the dashboard carries the sidecar's label and the given ones")
+    check(dash["metadata"]["annotations"] == {"grafana_folder": "Trading"}, "the dashboard's annotations")
+    check(json.loads(dash["data"]["kraken-token-broker.json"]) == json.loads(text), "the dashboard is files/dashboard.json")
+    values["dashboard"]["enabled"] = False
+    check(not [d for d in render(chart, values) if d["metadata"]["name"].endswith("-dashboard")], "dashboard.enabled=false")
 
 
 def check_identity_mounts(pod: dict, c: dict, values: dict) -> None:
@@ -268,8 +437,15 @@ def check_certificate(docs: list[dict], values: dict) -> None:
 
 
 def check_policies(docs: list[dict], values: dict) -> None:
-    (pdb,) = by_kind(docs, "PodDisruptionBudget")
-    check(pdb["spec"]["maxUnavailable"] == 1, "PDB maxUnavailable 1")
+    if values["replicaCount"] >= 2:
+        (pdb,) = by_kind(docs, "PodDisruptionBudget")
+        check(pdb["spec"]["maxUnavailable"] == 1, "PDB maxUnavailable 1")
+        sts = by_kind(docs, "StatefulSet")[0]
+        labels = sts["spec"]["template"]["metadata"]["labels"]
+        check(all(labels.get(k) == v for k, v in pdb["spec"]["selector"]["matchLabels"].items())
+              and REPLICA_LABEL not in pdb["spec"]["selector"]["matchLabels"], "one budget over every replica")
+    else:
+        check(not by_kind(docs, "PodDisruptionBudget"), "no PodDisruptionBudget with one replica: it would protect nothing")
     (sa,) = by_kind(docs, "ServiceAccount")
     check(sa["automountServiceAccountToken"] is False, "ServiceAccount does not automount")
     (np,) = by_kind(docs, "NetworkPolicy")
@@ -282,6 +458,14 @@ def check_policies(docs: list[dict], values: dict) -> None:
     check(admin_rule["ports"][0]["port"] == "admin", "second ingress rule is the admin port")
     monitoring = admin_rule["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
     check(monitoring == values["networkPolicy"]["monitoringNamespace"], "admin only from monitoring")
+    (dns,) = [r for r in np["spec"]["egress"] if r["ports"][0]["port"] == 53]
+    check(len(dns.get("to", [])) == 1, f"DNS egress names the cluster DNS: {dns}")
+    (peer,) = dns["to"]
+    dns_values = values["networkPolicy"]["dns"]
+    check(peer == {"namespaceSelector": {"matchLabels": dns_values["namespaceLabels"]},
+                   "podSelector": {"matchLabels": dns_values["podLabels"]}}, f"DNS only to the cluster DNS pods: {dns}")
+    for rule in np["spec"]["egress"]:
+        check(rule.get("to"), f"every egress rule names where it may go: {rule}")
     egress_ports = sorted(p["port"] for rule in np["spec"]["egress"] for p in rule["ports"])
     expected = sorted([53, 53] + values["networkPolicy"]["egressPorts"])
     if values["kubernetes"]["enabled"]:
@@ -299,7 +483,7 @@ def check_policies(docs: list[dict], values: dict) -> None:
               "bound to the chart's own role")
         expected_rules = [
             {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
-            {"nonResourceURLs": ["/openid/v1/jwks", "/.well-known/openid-configuration"], "verbs": ["get"]},
+            {"nonResourceURLs": ["/openid/v1/jwks"], "verbs": ["get"]},
         ]
         check(role["rules"] == expected_rules, f"TokenReview create and the signing keys' read, nothing more: {role['rules']}")
         (subject,) = binding["subjects"]
@@ -308,22 +492,23 @@ def check_policies(docs: list[dict], values: dict) -> None:
         check(not bindings and not roles, "no cluster-wide role or binding unless kubernetes.enabled")
 
 
+def broker_toml(docs: list[dict]) -> str:
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if "broker.toml" in d.get("data", {})]
+    return cm["data"]["broker.toml"]
+
+
 def check_config_accepted(docs: list[dict], binary: str, values: dict) -> None:
-    """The rendered broker.toml, with secret paths moved to a temp dir, passes
-    check-config for every replica (each with its own ordinal)."""
-    (cm,) = by_kind(docs, "ConfigMap")
-    text = cm["data"]["broker.toml"]
+    """The rendered broker.toml passes check-config: with --no-secrets (key
+    paths as rendered), and in each replica's pod, whose keys directory holds only
+    its own Secret's files (moved to a temp dir with the other mounts)."""
+    text = broker_toml(docs)
+    env_base = {"PATH": "/usr/bin:/bin"}
+    if values["kubernetes"]["enabled"]:
+        env_base.update(KUBERNETES_SERVICE_HOST="10.0.0.1", KUBERNETES_SERVICE_PORT="443")
     data = values["keysSecret"].get("data") or {}
     defaults = {"api-key": "KEY", "api-secret": "AAECAw==", "otp": "pass", "totp-secret": "JBSWY3DPEHPK3PXP"}
     with tempfile.TemporaryDirectory() as tmp:
-        for replica in range(values["replicaCount"]):
-            for account in values["accounts"]:
-                d = Path(tmp) / str(replica) / account["name"]
-                d.mkdir(parents=True)
-                for key, default in defaults.items():
-                    (d / key).write_text(data.get(f"{account['name']}.{replica}.{key}", default) + "\n")
-        env_base = {"PATH": "/usr/bin:/bin"}
-        text = text.replace("/etc/kraken-token-broker/keys", tmp)
+        mounts = {"/var/run/secrets/kubernetes.io/serviceaccount": f"{tmp}/sa"}
         if values["tls"]["enabled"]:
             # A certificate and key as cert-manager writes them, and a client CA.
             for d, name in [("tls", "tls"), ("client-ca", "ca")]:
@@ -333,45 +518,68 @@ def check_config_accepted(docs: list[dict], binary: str, values: dict) -> None:
                      "-subj", "/CN=ktb", "-days", "2", "-keyout", f"{tmp}/{d}/{name}.key", "-out", f"{tmp}/{d}/{name}.crt"],
                     check=True, capture_output=True,
                 )
-            for d in ["tls", "client-ca", "audit"]:
-                text = text.replace(f"/etc/kraken-token-broker/{d}", f"{tmp}/{d}")
+            for d in ["tls", "client-ca"]:
+                mounts[f"/etc/kraken-token-broker/{d}"] = f"{tmp}/{d}"
         if values["audit"]["enabled"]:
             (Path(tmp) / "audit").mkdir()
             (Path(tmp) / "audit" / "fingerprint-key").write_text("a-fingerprint-key-of-32-bytes-ok\n")
+            mounts["/etc/kraken-token-broker/audit"] = f"{tmp}/audit"
         if values["kubernetes"]["enabled"]:
-            # What the projected volume holds, and what the kubelet sets.
+            # What the projected volume holds.
             sa = Path(tmp) / "sa"
             sa.mkdir()
             (sa / "token").write_text("the-brokers-own-token\n")
             (sa / "ca.crt").write_text((Path(tmp) / "tls" / "tls.crt").read_text())
-            text = text.replace("[kubernetes]\n", f'[kubernetes]\nca = {{ file = "{sa}/ca.crt" }}\ntoken = {{ file = "{sa}/token" }}\n')
-            env_base.update(KUBERNETES_SERVICE_HOST="10.0.0.1", KUBERNETES_SERVICE_PORT="443")
-        config = Path(tmp) / "broker.toml"
-        config.write_text(text)
+        # As rendered, reading no secret (certificates and CAs are public:
+        # they are read from where the pod would have them).
+        public = text
+        for mount, there in mounts.items():
+            public = public.replace(mount, there)
+        as_rendered = Path(tmp) / "as-rendered.toml"
+        as_rendered.write_text(public)
+        result = subprocess.run([binary, "check-config", "--no-secrets", "--config", str(as_rendered)],
+                                capture_output=True, text=True, env=env_base)
+        check(result.returncode == 0, f"check-config --no-secrets accepts the rendered config:\n{result.stderr}\n{public}")
+        check("/etc/kraken-token-broker/keys/main/api-key" in result.stdout, "--no-secrets: the keys where the pod has them")
         for replica in range(values["replicaCount"]):
-            env = {**env_base, "KTB_REPLICA": str(replica)}
-            result = subprocess.run([binary, "check-config", "--config", str(config)], capture_output=True, text=True, env=env)
-            check(result.returncode == 0, f"the broker accepts the rendered config (replica {replica}):\n{result.stderr}\n{text}")
-            check(f"/{replica}/main/api-key" in result.stdout, f"replica {replica} reads its own key: {result.stdout}")
+            keys = Path(tmp) / f"keys-{replica}"
+            for account in values["accounts"]:
+                d = keys / account["name"]
+                d.mkdir(parents=True)
+                for key in key_files(account):
+                    (d / key).write_text(data.get(f"{account['name']}.{replica}.{key}", defaults[key]) + "\n")
+            pod_text = text.replace("/etc/kraken-token-broker/keys", str(keys))
+            for mount, there in mounts.items():
+                pod_text = pod_text.replace(mount, there)
+            config = Path(tmp) / f"broker-{replica}.toml"
+            config.write_text(pod_text)
+            result = subprocess.run([binary, "check-config", "--config", str(config)], capture_output=True, text=True, env=env_base)
+            check(result.returncode == 0, f"the broker accepts the rendered config (replica {replica}):\n{result.stderr}\n{pod_text}")
+            check(f"/keys-{replica}/main/api-key" in result.stdout, f"replica {replica} reads its own key: {result.stdout}")
             for value in data.values():
                 check(value not in result.stdout, "check-config prints no secret")
 
 
 def check_notes(chart) -> None:
-    """NOTES' command for the keys Secret names every file the pods mount,
-    2FA files included."""
+    """NOTES' commands create each replica's keys Secret with every file its
+    pod mounts, 2FA files included, and nothing else."""
     values = defaults()
-    values["replicaCount"] = 2
+    values["replicaCount"] = 3
     values["accounts"] = [{"name": "main", "otp": "none"}, {"name": "alt", "otp": "static"}, {"name": "twofa", "otp": "totp"}]
     values["consumers"][0]["accounts"] = ["main"]
     out = chart.render(values, name="ktb", namespace="trading")
     notes = next(text for path, text in out.items() if path.endswith("NOTES.txt"))
     docs = [d for path, text in out.items() if not path.endswith("NOTES.txt") for d in yaml.safe_load_all(text) if d]
-    (sts,) = by_kind(docs, "StatefulSet")
-    keys = next(v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == "keys")["secret"]["items"]
-    for item in keys:
-        check(f"--from-file={item['key']}=" in notes, f"NOTES creates {item['key']}, which the pods mount")
-    check(notes.count("--from-file=") == len(keys), "and nothing else")
+    commands = notes.split("create secret generic ")[1:]
+    sets = replicas(docs, values)
+    check(len(commands) == len(sets), "a command per replica's Secret")
+    for (n, sts), command in zip(sets, commands):
+        keys = next(v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == "keys")["secret"]
+        check(command.startswith(keys["secretName"] + " "), f"NOTES creates {keys['secretName']}")
+        created = command.split("--dry-run")[0]
+        for item in keys["items"]:
+            check(f"--from-file={item['key']}=" in created, f"NOTES creates {item['key']} in replica {n}'s Secret")
+        check(created.count("--from-file=") == len(keys["items"]), "and nothing else")
 
 
 def check_schema_refusals(chart) -> None:
@@ -417,6 +625,16 @@ def check_schema_refusals(chart) -> None:
         "an unknown tls key": ("certificate", lambda v: v["tls"].update(certificate="x")),
         "an extra env var that overrides KTB_REPLICA": ("extraEnv", lambda v: v.update(extraEnv=[{"name": "KTB_REPLICA", "value": "0"}])),
         "an egress port out of range": ("egressPorts", lambda v: v["networkPolicy"].update(egressPorts=[0])),
+        "a digest that is a tag": ("digest", lambda v: v["image"].update(digest="latest")),
+        "max_rejected_calls of 0": ("maxRejectedCalls", lambda v: v["kraken"].update(maxRejectedCalls=0)),
+        "a key expiry that is no RFC 3339 time": ("keyExpiresAt", lambda v: v["accounts"][0].update(keyExpiresAt="March 2027")),
+        "forbidding the permission every key needs": (
+            "forbidPermissions",
+            lambda v: v["accounts"][0].update(forbidPermissions=["create-ws-token"]),
+        ),
+        "the removed keysSecret.existingSecret": ("existingSecret", lambda v: v["keysSecret"].update(existingSecret="x")),
+        "DNS to no pods in particular": ("podLabels", lambda v: v["networkPolicy"]["dns"].update(podLabels={"k8s-app": None})),
+        "a dashboard label that is no string": ("grafana_dashboard", lambda v: v["dashboard"].update(labels={"grafana_dashboard": 1})),
     }
     for what, (names, mutate) in bad.items():
         values = copy.deepcopy(defaults())
@@ -427,6 +645,30 @@ def check_schema_refusals(chart) -> None:
             check(names in str(e), f"the refusal of {what} names `{names}`: {e}")
             continue
         raise AssertionError(f"the schema accepted {what}")
+    # A pattern's refusal says, in words, what the value must be.
+    for path, mutate, must in [
+        ("/kraken/timeout", lambda v: v["kraken"].update(timeout="soon"), "value must be 'a duration such as 30s, 5m, 1h or 1m30s'"),
+        ("/accounts/0/keyExpiresAt", lambda v: v["accounts"][0].update(keyExpiresAt="2027-03-01"),
+         "value must be 'an RFC 3339 UTC time like 2027-03-01T00:00:00Z'"),
+        ("/consumers/0/credentialSha256", lambda v: v["consumers"][0].update(credentialSha256="abc"), "value must be '64 hex digits"),
+    ]:
+        values = copy.deepcopy(defaults())
+        mutate(values)
+        try:
+            chart.validate_schema(values)
+            raise AssertionError(f"the schema accepted a bad {path}")
+        except helm.HelmValuesError as e:
+            lines = [line for line in str(e).splitlines() if f"at '{path}'" in line]
+            check(any(must in line for line in lines), f"the refusal of {path} says {must!r}: {e}")
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def undescribed(node: dict, path: str) -> list[str]:
+        out = []
+        for k, v in node.get("properties", {}).items():
+            out += ([] if "description" in v else [path + k]) + undescribed(v, f"{path}{k}.")
+        return out + (undescribed(node["items"], path) if isinstance(node.get("items"), dict) else [])
+
+    check(not undescribed(schema, ""), f"every value has a description: {undescribed(schema, '')}")
     print(f"schema refuses {len(bad)} kinds of bad values")
 
 
@@ -480,14 +722,21 @@ def main() -> None:
     plain = render(chart, defaults())
     kinds = sorted(d["kind"] for d in plain)
     check(
-        kinds == ["ConfigMap", "NetworkPolicy", "PodDisruptionBudget", "Service", "Service", "ServiceAccount", "StatefulSet"],
+        kinds == ["ConfigMap", "ConfigMap", "NetworkPolicy", "PodDisruptionBudget", "Service", "Service", "ServiceAccount",
+                  "StatefulSet", "StatefulSet"],
         f"default kinds: {kinds}",
     )
-    check(not by_kind(plain, "Secret"), "no Secret (no key material) by default")
     validate_kinds(plain, "defaults")
     check_workload(plain, defaults())
+    check_key_isolation(plain, defaults())
     check_policies(plain, defaults())
     check_config_accepted(plain, binary, defaults())
+
+    one = defaults()
+    one["replicaCount"] = 1
+    single = render(chart, one)
+    check_workload(single, one)
+    check_policies(single, one)
 
     full_values = everything_enabled()
     full = render(chart, full_values)
@@ -495,15 +744,20 @@ def main() -> None:
     check("ServiceMonitor" in kinds and "PrometheusRule" in kinds and "Secret" in kinds, f"all kinds: {kinds}")
     validate_kinds(full, "everything enabled")
     check_workload(full, full_values)
+    check_key_isolation(full, full_values)
     check_policies(full, full_values)
     check_prometheus_rule(full)
     check_certificate(full, full_values)
     check_config_accepted(full, binary, full_values)
+    check_config_keys(check, json.loads((CHART / "values.schema.json").read_text()), full_values, broker_toml(full))
 
+    check_restarts(chart)
+    check_dashboard(chart)
     check_schema_refusals(chart)
     check_template_refusals(chart)
     check_notes(chart)
     check_runbooks()
+    check_readme_values()
     print(f"chart checks passed ({checks} assertions)")
 
 

@@ -2,7 +2,8 @@
 run Helm, and checks that the committed ones have not drifted.
 
 - deploy/kubernetes/kraken-token-broker.yaml: one file for `kubectl apply -f`
-  (release `ktb`, namespace `trading`);
+  (release `ktb`, namespace `trading`; two replicas, each a StatefulSet of one
+  pod reading its own keys Secret; no Grafana dashboard ConfigMap);
 - deploy/kustomize/base/: the same objects, with a kustomization.yaml.
   deploy/kustomize/overlays/example/ (written by hand, not here) adds an
   engine with the agent as a sidecar.
@@ -22,18 +23,26 @@ CHART = ROOT / "helm" / "kraken-token-broker"
 PLAIN = ROOT / "deploy" / "kubernetes" / "kraken-token-broker.yaml"
 BASE = ROOT / "deploy" / "kustomize" / "base"
 HEADER = (
-    "# Rendered from helm/kraken-token-broker with its default values (release `ktb`,\n"
-    "# namespace `trading`) by ci/render_manifests.py; CI fails if it drifts from\n"
+    "# Rendered from helm/kraken-token-broker with its default values (release\n"
+    "# `ktb`, namespace `trading`) by ci/render_manifests.py; CI fails if it drifts from\n"
     "# the chart. Do not edit: change the chart, then run\n"
     "#   python ci/render_manifests.py\n"
-    "# Before applying: create the keys Secret (see the chart's NOTES, or\n"
-    "# proto-docs/deploying.md) and replace the example consumer's hash.\n"
+    "# Before applying: create each replica's keys Secret (see the chart's\n"
+    "# NOTES, or proto-docs/deploying.md) and replace the example consumer's hash.\n"
+    "# The Grafana dashboard is left out: import\n"
+    "# helm/kraken-token-broker/files/dashboard.json into Grafana yourself.\n"
 )
+
+# What the plain manifests change from the chart's defaults: the dashboard
+# is a Grafana sidecar's concern, and its JSON is better imported as a file.
+OVERRIDES = {"dashboard": {"enabled": False}}
 
 
 def rendered() -> dict[str, str]:
     chart = helm.Chart.load(str(CHART))
     values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for key, value in OVERRIDES.items():
+        values[key].update(value)
     out = chart.render(values, name="ktb", namespace="trading")
     docs = []
     for path in sorted(out):

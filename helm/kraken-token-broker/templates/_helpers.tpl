@@ -41,9 +41,29 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
-{{/* The Secret holding the accounts' key material. */}}
+{{/* The prefix of the replicas' key Secrets: replica N reads "<prefix>-N". */}}
+{{- define "ktb.keysSecretPrefix" -}}
+{{- default (printf "%s-keys" (include "ktb.fullname" .)) .Values.keysSecret.namePrefix }}
+{{- end }}
+
+{{/* The key Secret of one replica: (dict "root" $ "replica" N). */}}
 {{- define "ktb.keysSecretName" -}}
-{{- default (printf "%s-keys" (include "ktb.fullname" .)) .Values.keysSecret.existingSecret }}
+{{- printf "%s-%d" (include "ktb.keysSecretPrefix" .root) (int .replica) }}
+{{- end }}
+
+{{/* The workload of one replica: (dict "root" $ "replica" N). Short enough
+for a StatefulSet (its pods' controller-revision-hash label must fit 63). */}}
+{{- define "ktb.replicaName" -}}
+{{- printf "%s-%d" (include "ktb.fullname" .root | trunc 50 | trimSuffix "-") (int .replica) }}
+{{- end }}
+
+{{/* The image: repository@digest when a digest is given, else repository:tag. */}}
+{{- define "ktb.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
 {{- end }}
 
 {{/* Where things live inside the container. */}}
@@ -70,3 +90,21 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "ktb.tlsDir" -}}/etc/kraken-token-broker/tls{{- end }}
 {{- define "ktb.clientCaDir" -}}/etc/kraken-token-broker/client-ca{{- end }}
 {{- define "ktb.auditDir" -}}/etc/kraken-token-broker/audit{{- end }}
+
+{{/* The config's [listen] section: the one part the broker cannot take on a
+reload (addresses, TLS on or off), so the pods carry its checksum and restart
+when it changes; everything else is re-read live. */}}
+{{- define "ktb.listenConfig" -}}
+[listen]
+api = "0.0.0.0:{{ include "ktb.apiContainerPort" . }}"
+admin = "0.0.0.0:{{ include "ktb.adminContainerPort" . }}"
+{{- if .Values.tls.enabled }}
+
+[listen.tls]
+cert = { file = "{{ include "ktb.tlsDir" . }}/tls.crt" }
+key = { file = "{{ include "ktb.tlsDir" . }}/tls.key" }
+{{- if .Values.tls.clientCaSecret }}
+client_ca = { file = "{{ include "ktb.clientCaDir" . }}/ca.crt" }
+{{- end }}
+{{- end }}
+{{- end }}
