@@ -1,6 +1,6 @@
 //! The cluster's ServiceAccount token signing keys (the API server's
-//! `/openid/v1/jwks`, readable with the standard
-//! `system:service-account-issuer-discovery` role), so that a token's
+//! `/openid/v1/jwks`, which the chart's own ClusterRole lets it read, as
+//! the built-in `system:service-account-issuer-discovery` would), so that a token's
 //! signature is checked here before any TokenReview is spent on it: a forged
 //! token costs a signature check, never a review, and so can never use up
 //! the review budget real engines need.
@@ -193,7 +193,7 @@ impl Jwks {
                     warn!(
                         %error,
                         keys,
-                        fix = "let the broker's ServiceAccount read /openid/v1/jwks (the ClusterRole system:service-account-issuer-discovery; the chart binds it)",
+                        fix = "let the broker's ServiceAccount get the non-resource URL /openid/v1/jwks (the chart's ClusterRole <namespace>-<release>-tokenreview grants it; or the built-in system:service-account-issuer-discovery)",
                         "cannot read the ServiceAccount token signing keys: tokens signed by an unknown key are checked by TokenReview alone"
                     );
                 }
