@@ -18,12 +18,16 @@ port, a token fetched through the published API port, no token in the
 container's logs, and SIGTERM ending the container with exit code 0 within
 its drain time.
 
+The broker runs the config the chart renders (its key paths, its args),
+with only the Kraken URLs and the example consumer's credential replaced.
+
 Usage: image_check.py <release-binary>
 """
 
 import base64
 import json
 import os
+import re
 import secrets
 import hashlib
 import shutil
@@ -153,21 +157,33 @@ def build_image(binary: Path, work: Path) -> int:
     return size
 
 
-def chart_pod() -> tuple[dict, dict, dict]:
-    """The chart's default workload: pod spec, broker container, keys volume."""
+def chart_pod() -> tuple[dict, dict, dict, str]:
+    """The chart's default workload (its first replica): pod spec, broker
+    container, keys volume, and the broker.toml it renders."""
     chart = helm.Chart.load(str(CHART))
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     out = chart.render(values, name="ktb", namespace="trading")
-    for path, text in out.items():
-        if not path.endswith(".yaml"):
-            continue
-        for doc in yaml.safe_load_all(text):
-            if doc and doc.get("kind") in ("StatefulSet", "Deployment"):
-                pod = doc["spec"]["template"]["spec"]
-                container = next(c for c in pod["containers"] if c["name"] == "broker")
-                keys = next((v for v in pod.get("volumes", []) if v["name"] == "keys"), {})
-                return pod, container, keys
+    docs = [d for path, text in out.items() if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
+    config = next(d["data"]["broker.toml"] for d in docs
+                  if d.get("kind") == "ConfigMap" and "broker.toml" in d.get("data", {}))
+    for doc in docs:
+        if doc.get("kind") in ("StatefulSet", "Deployment"):
+            pod = doc["spec"]["template"]["spec"]
+            container = next(c for c in pod["containers"] if c["name"] == "broker")
+            keys = next((v for v in pod.get("volumes", []) if v["name"] == "keys"), {})
+            return pod, container, keys, config
     raise AssertionError("the chart renders no broker workload")
+
+
+def point_at_simulator(config: str, credential: str) -> str:
+    """The chart's broker.toml with Kraken's URLs replaced by the simulator's
+    and the example consumer's hash by the test credential's."""
+    replaced = re.sub(r'(?m)^rest_url = ".*"$', 'rest_url = "http://kraken-sim:8090"', config)
+    replaced = re.sub(r'(?m)^ws_url = ".*"$', 'ws_url = "ws://kraken-sim:8090/v2"', replaced)
+    digest = hashlib.sha256(credential.encode()).hexdigest()
+    replaced, n = re.subn(r'(?m)^credential_sha256 = ".*"$', f'credential_sha256 = "{digest}"', replaced, count=1)
+    assert n == 1 and "kraken-sim" in replaced, "the chart's config has the Kraken URLs and a credential consumer"
+    return replaced
 
 
 def run_flags(pod: dict, container: dict, keys: dict) -> tuple[list[str], int, int, int]:
@@ -239,7 +255,7 @@ def published(container: str, port: int) -> str:
 
 
 def run_containers(work: Path) -> None:
-    pod, container, keys = chart_pod()
+    pod, container, keys, chart_config = chart_pod()
     flags, fs_group, mode, grace = run_flags(pod, container, keys)
     step(f"chart's pod as docker flags: {' '.join(flags)}; key files mode {mode:o}, group {fs_group}")
     tag = f"ktb-ci-{os.getpid()}"
@@ -260,22 +276,11 @@ def run_containers(work: Path) -> None:
     for d in [work / "keys", keydir]:
         os.chown(d, 0, fs_group)
         os.chmod(d, 0o750)
-    (config / "broker.toml").write_text(f"""
-[listen]
-api = "0.0.0.0:8080"
-admin = "0.0.0.0:9090"
-[kraken]
-rest_url = "http://kraken-sim:8090"
-ws_url = "ws://kraken-sim:8090/v2"
-[[account]]
-name = "main"
-api_key = {{ file = "/etc/kraken-token-broker/keys/main/api-key" }}
-api_secret = {{ file = "/etc/kraken-token-broker/keys/main/api-secret" }}
-[[consumer]]
-name = "engine"
-credential_sha256 = "{hashlib.sha256(credential.encode()).hexdigest()}"
-accounts = ["main"]
-""")
+    # The chart's own config, its key paths and all: the account files are
+    # laid out as the chart's keys volume lays them out.
+    (config / "broker.toml").write_text(point_at_simulator(chart_config, credential))
+    items = {i["path"] for i in keys.get("secret", {}).get("items", [])}
+    assert items == {"main/api-key", "main/api-secret"}, f"the chart's key files: {items}"
     os.chmod(config, 0o755)
     os.chmod(config / "broker.toml", 0o644)
 
@@ -292,7 +297,7 @@ accounts = ["main"]
                "--stop-timeout", str(grace),
                "-v", f"{config}:/etc/kraken-token-broker/config:ro",
                "-v", f"{work / 'keys'}:/etc/kraken-token-broker/keys:ro",
-               "-p", "127.0.0.1::8080", "-p", "127.0.0.1::9090", IMAGE)
+               "-p", "127.0.0.1::8080", "-p", "127.0.0.1::9090", IMAGE, *container.get("args", []))
         api, admin = published(broker, 8080), published(broker, 9090)
         ready = wait_for("/readyz 200", 60, lambda: http(f"http://{admin}/readyz")[0] == 200)
         assert ready
