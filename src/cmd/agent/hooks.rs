@@ -121,9 +121,11 @@ fn signal(sig: HookSignal, file: &Path) -> Result<i32, String> {
         .trim()
         .parse()
         .map_err(|_| format!("`{}` is not a PID", text.trim()))?;
-    // 0 and 1 would signal a group or the pod's init; negative numbers a group.
-    let pid = rustix::process::Pid::from_raw(raw)
-        .filter(|_| raw > 1)
+    // 0 and 1 would signal a group or the pod's init; negative numbers a group
+    // (and rustix's Pid refuses them by panicking: checked first).
+    let pid = (raw > 1)
+        .then(|| rustix::process::Pid::from_raw(raw))
+        .flatten()
         .ok_or_else(|| format!("{raw} is not the PID of an engine"))?;
     rustix::process::kill_process(pid, sig.raw()).map_err(|e| format!("kill {raw}: {e}"))?;
     Ok(raw)
