@@ -284,6 +284,11 @@ def run_containers(work: Path) -> None:
     os.chmod(config, 0o755)
     os.chmod(config / "broker.toml", 0o644)
 
+    # What a killed earlier run left behind.
+    for leftover in docker("ps", "-aq", "--filter", "name=ktb-ci-").split():
+        docker("rm", "-f", leftover, check=False)
+    for leftover in docker("network", "ls", "-q", "--filter", "name=ktb-ci-").split():
+        docker("network", "rm", leftover, check=False)
     try:
         docker("network", "create", network)
         step("simulator and broker on a user-defined network")

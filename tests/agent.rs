@@ -512,8 +512,10 @@ async fn each_write_in_env_format_runs_the_command_and_signals_the_engine() {
         async move { ready.then_some(()) }
     })
     .await;
+    let env_log = dir.path().join("exec.env");
     let exec = format!(
-        "test -s \"$KTB_TOKEN_FILE\" && echo \"$KTB_TOKEN_FILE\" >> {}",
+        "test -s \"$KTB_TOKEN_FILE\" && env >> {} && echo \"$KTB_TOKEN_FILE\" >> {}",
+        env_log.display(),
         exec_log.display()
     );
     let agent = Agent::start(
@@ -554,6 +556,12 @@ async fn each_write_in_env_format_runs_the_command_and_signals_the_engine() {
     assert!(sim.state().token_is_valid(&field("KTB_TOKEN")));
     assert!(field("KTB_EXPIRES_AT").ends_with('Z'));
     assert_eq!(field("KTB_ACCOUNT"), "main");
+    let env = std::fs::read_to_string(&env_log).unwrap();
+    assert!(
+        !env.contains(&served.credential) && !env.contains("KTB_CONSUMER_CREDENTIAL"),
+        "the command never gets the consumer's credential"
+    );
+    assert!(!env.contains(&field("KTB_TOKEN")), "nor the token");
     let logs = agent.stderr();
     assert!(logs.contains("signalled the engine"), "{logs}");
     assert!(!logs.contains(&field("KTB_TOKEN")), "no token in the agent's logs");
@@ -604,10 +612,33 @@ async fn a_reported_token_is_replaced_in_the_file_before_the_report_returns() {
     let report = format!("http://{addr}/v1/report");
     let http = reqwest::Client::new();
     let calls = sim.state().token_calls().len();
+    let json = ("content-type", "application/json");
+
+    // What a page in a browser, or a DNS-rebound name, could send: refused.
+    let from_a_page = http
+        .post(&report)
+        .header("origin", "https://evil.example")
+        .header(json.0, json.1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(from_a_page.status(), 403);
+    let untyped = http.post(&report).send().await.unwrap();
+    assert_eq!(untyped.status(), 415, "a form or text body needs no preflight: refused");
+    let rebound = http
+        .post(&report)
+        .header("host", "evil.example")
+        .header(json.0, json.1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound.status(), 403);
+    assert_eq!(sim.state().token_calls().len(), calls, "nothing reached the broker");
 
     // A report of a token the file no longer holds changes nothing.
     let stale = http
         .post(&report)
+        .header(json.0, json.1)
         .body(r#"{"token":"an-older-token"}"#)
         .send()
         .await
@@ -617,16 +648,37 @@ async fn a_reported_token_is_replaced_in_the_file_before_the_report_returns() {
     assert_eq!(sim.state().token_calls().len(), calls, "no upstream call");
 
     // The report of the file's token: replaced before the answer.
-    let answer = http.post(&report).send().await.unwrap();
+    let answer = http
+        .post(&report)
+        .header(json.0, json.1)
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(answer.status(), 200);
     assert_eq!(answer.json::<serde_json::Value>().await.unwrap()["reported"], true);
     let second = token_in(&out).expect("a token");
     assert_ne!(second, first, "the file holds the replacement when the report returns");
     assert!(sim.state().token_is_valid(&second));
     assert_eq!(sim.state().token_calls().len(), calls + 1, "one upstream call");
+    // Two engines reporting the same token at once: one report.
+    let both = futures_util::future::join(
+        http.post(&report).header(json.0, json.1).send(),
+        http.post(&report).header(json.0, json.1).send(),
+    )
+    .await;
+    let mut reported = Vec::new();
+    for answer in [both.0.unwrap(), both.1.unwrap()] {
+        assert_eq!(answer.status(), 200);
+        reported.push(answer.json::<serde_json::Value>().await.unwrap()["reported"] == true);
+    }
+    reported.sort();
+    assert_eq!(reported, [false, true], "one reported, the other found the file newer");
+    assert_eq!(sim.state().token_calls().len(), calls + 2, "one more upstream call");
+    let third = token_in(&out).expect("a token");
     let logs = agent.stderr();
     assert!(
-        !logs.contains(&first) && !logs.contains(&second),
+        !logs.contains(&first) && !logs.contains(&second) && !logs.contains(&third),
         "no token in the agent's logs"
     );
 

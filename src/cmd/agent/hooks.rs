@@ -42,6 +42,8 @@ impl HookSignal {
 pub(super) struct Hooks {
     exec: Option<String>,
     signal: Option<(HookSignal, PathBuf)>,
+    /// One run at a time, in the order the writes were made.
+    running: tokio::sync::Mutex<()>,
 }
 
 impl Hooks {
@@ -64,11 +66,13 @@ impl Hooks {
         Ok(Self {
             exec: args.exec.clone(),
             signal,
+            running: tokio::sync::Mutex::new(()),
         })
     }
 
     /// Runs the hooks after the file at `path` was replaced.
     pub(super) async fn run(&self, path: &Path) {
+        let _one_at_a_time = self.running.lock().await;
         if let Some(cmd) = &self.exec {
             exec(cmd, path).await;
         }
@@ -81,32 +85,47 @@ impl Hooks {
     }
 }
 
+/// What a `--exec` command inherits of the agent's environment: nothing
+/// else (the agent's own environment holds the consumer's credential).
+const EXEC_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR"];
+
 /// Runs `cmd` with `/bin/sh -c`, `KTB_TOKEN_FILE` naming the file (never
-/// the token in its arguments or environment), at most [`EXEC_TIMEOUT`].
+/// the token, nor the consumer's credential, in its arguments or
+/// environment), in a process group of its own, at most [`EXEC_TIMEOUT`]:
+/// then the whole group is killed, so nothing it started lingers.
 async fn exec(cmd: &str, path: &Path) {
-    let child = tokio::process::Command::new("/bin/sh")
+    let mut command = tokio::process::Command::new("/bin/sh");
+    command
         .arg("-c")
         .arg(cmd)
+        .env_clear()
+        .envs(EXEC_ENV.iter().filter_map(|k| std::env::var_os(k).map(|v| (k, v))))
         .env("KTB_TOKEN_FILE", path)
         .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn();
-    let mut child = match child {
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
             warn!(error = %e, "cannot run the --exec command (it needs /bin/sh in the agent's image)");
             return;
         }
     };
+    let group = child
+        .id()
+        .and_then(|id| rustix::process::Pid::from_raw(i32::try_from(id).ok()?));
     match tokio::time::timeout(EXEC_TIMEOUT, child.wait()).await {
         Ok(Ok(status)) if status.success() => info!("the --exec command ran"),
         Ok(Ok(status)) => warn!(%status, "the --exec command failed"),
         Ok(Err(e)) => warn!(error = %e, "the --exec command could not be waited for"),
         Err(_) => {
+            if let Some(group) = group {
+                let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+            }
             let _ = child.kill().await;
             warn!(
                 timeout_s = EXEC_TIMEOUT.as_secs(),
-                "the --exec command ran too long and was killed"
+                "the --exec command ran too long: it and everything it started were killed"
             );
         }
     }

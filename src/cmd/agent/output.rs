@@ -39,7 +39,13 @@ pub(super) struct Output {
     mode: u32,
     owner: Option<Owner>,
     format: Format,
-    hooks: Hooks,
+    hooks: Arc<Hooks>,
+    /// Held from the check of `last` until the write is recorded: the watch
+    /// stream and a report never interleave an older token over a newer.
+    writing: tokio::sync::Mutex<()>,
+    /// Tokens written so far (a report made before the latest write has
+    /// nothing left to report).
+    generation: std::sync::atomic::AtomicU64,
     last: std::sync::Mutex<Option<[u8; 32]>>,
     /// The token the file holds, for a report of its rejection.
     current: std::sync::Mutex<Option<SecretString>>,
@@ -113,7 +119,9 @@ impl Output {
             mode: args.mode,
             owner: args.owner,
             format: args.format,
-            hooks: Hooks::new(args)?,
+            hooks: Arc::new(Hooks::new(args)?),
+            writing: tokio::sync::Mutex::new(()),
+            generation: std::sync::atomic::AtomicU64::new(0),
             last: std::sync::Mutex::new(None),
             current: std::sync::Mutex::new(None),
         })
@@ -133,10 +141,36 @@ impl Output {
         if file_mode & 0o040 != 0 { 0o750 } else { 0o700 }
     }
 
-    /// Replaces the file with the token in `json` (the broker's token JSON),
-    /// in the agent's format, unless it already holds that token; then runs
-    /// the hooks (`--exec`, `--signal`).
+    /// Tokens written so far.
+    pub(super) fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// [`Output::replace_file`], then the hooks (`--exec`, `--signal`),
+    /// waited for.
     pub(super) async fn write(&self, json: &str) -> Result<Written, String> {
+        let written = self.replace_file(json).await?;
+        if written == Written::Yes {
+            self.hooks.run(&self.path).await;
+        }
+        Ok(written)
+    }
+
+    /// [`Output::replace_file`], with the hooks run behind (a report's
+    /// answer does not wait for a slow `--exec`).
+    pub(super) async fn write_hooks_behind(&self, json: &str) -> Result<Written, String> {
+        let written = self.replace_file(json).await?;
+        if written == Written::Yes {
+            let (hooks, path) = (Arc::clone(&self.hooks), self.path.clone());
+            tokio::spawn(async move { hooks.run(&path).await });
+        }
+        Ok(written)
+    }
+
+    /// Replaces the file with the token in `json` (the broker's token JSON),
+    /// in the agent's format, unless it already holds that token.
+    async fn replace_file(&self, json: &str) -> Result<Written, String> {
+        let _one_writer = self.writing.lock().await;
         let parsed = serde_json::from_str::<serde_json::Value>(json)
             .ok()
             .filter(|v| v["token"].as_str().is_some_and(|t| !t.is_empty()));
@@ -159,13 +193,13 @@ impl Output {
             .map_err(|e| format!("cannot write {}: {e}", self.path.display()))?;
         *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(sha);
         *self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(token);
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         info!(
             file = %self.path.display(),
             token = %hex::encode(&sha[..4]),
             expires_at = expires_at.as_deref().unwrap_or(""),
             "token file replaced"
         );
-        self.hooks.run(&self.path).await;
         Ok(Written::Yes)
     }
 }
