@@ -55,8 +55,11 @@ def test_ccxt_asks_the_broker_once_per_connection_and_once_per_rejection(demo):
         return requests_answered(demo, "/v1/token/invalidate", 200)
 
     async def main() -> None:
-        # The demo's tokens live 60 s; renew only within 5 s of the use-by.
-        exchange = BrokerKraken(Broker(demo.api, account=demo.account, credential=demo.credential), renew_before=5)
+        # The demo's tokens live 60 s: renew only within 5 s of the use-by. Patience:
+        # earlier tests may have spent this consumer's share of forced refreshes
+        # (a report answered 429 with Retry-After, waited out).
+        broker = Broker(demo.api, account=demo.account, credential=demo.credential)
+        exchange = BrokerKraken(broker, renew_before=5, patience=30)
         exchange.set_markets(MARKETS)
         f0, r0 = fetches(), reports()
         try:

@@ -26,7 +26,8 @@ What it takes care of, found in ccxt 4.5's source:
   ``retry_after`` attribute, and the broker is not asked again before it has
   passed: calls meanwhile fail at once with the same class), 401 and 403
   ``AuthenticationError`` (permanent: fix the identity), others
-  ``ExchangeError``;
+  ``ExchangeError``. With ``patience=`` (seconds; default 0) transient
+  refusals are first waited out as ``AsyncBroker.fetch(patience=)`` does;
 - a subscribe refused with ``ESession:Invalid session`` rejects only a
   future keyed by its ``req_id``, which no watch waits on, so the watch
   would hang: here the refusal wakes every private watch with an
@@ -58,7 +59,7 @@ from ccxt.base.errors import (
 )
 
 from . import Broker, BrokerError, Token
-from .aio import AsyncBroker, SingleFlight
+from .aio import AsyncBroker, SingleFlight, patiently
 
 __all__ = ["BrokerKraken", "DEFAULT_RENEW_BEFORE"]
 
@@ -94,10 +95,12 @@ class BrokerKraken(ccxt.pro.kraken):
         config: dict | None = None,
         *,
         renew_before: float = DEFAULT_RENEW_BEFORE,
+        patience: float = 0.0,
     ) -> None:
         super().__init__(config or {})
         self._broker = broker if isinstance(broker, AsyncBroker) else AsyncBroker.like(broker)
         self._renew_before = renew_before
+        self._patience = patience  # 0: a refusal is raised at once, for the caller's own retry loop
         # The token of each private connection (ccxt's Client), gone with it.
         self._held: weakref.WeakKeyDictionary[Any, _Held] = weakref.WeakKeyDictionary()
         self._token: Token | None = None
@@ -168,7 +171,7 @@ class BrokerKraken(ccxt.pro.kraken):
             error.retry_after = self._quiet_error.retry_after  # type: ignore[attr-defined]
             raise error
         try:
-            return await call()
+            return await patiently(call, self._patience)
         except BrokerError as e:
             raise self._ccxt_error(e) from None
 
