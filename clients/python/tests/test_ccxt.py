@@ -5,6 +5,7 @@ the new one. The engine's environment and memory never held the key."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,97 @@ def test_ccxt_watches_balances_and_recovers_a_revoked_token_with_no_key(demo):
         assert not engine.memory_holds(key.encode()), "the key is nowhere in the engine's memory"
     finally:
         engine.stop()
+
+
+def test_ccxt_asks_the_broker_once_per_connection_and_once_per_rejection(demo):
+    from ktb_client.ccxt_kraken import BrokerKraken
+    from net_helpers import MARKETS, requests_answered, until
+
+    def fetches() -> int:
+        return requests_answered(demo, "/v1/token", 200)
+
+    def reports() -> int:
+        return requests_answered(demo, "/v1/token/invalidate", 200)
+
+    async def main() -> None:
+        # The demo's tokens live 60 s: renew only within 5 s of the use-by. Patience:
+        # earlier tests may have spent this consumer's share of forced refreshes
+        # (a report answered 429 with Retry-After, waited out).
+        broker = Broker(demo.api, account=demo.account, credential=demo.credential)
+        exchange = BrokerKraken(broker, renew_before=5, patience=30)
+        exchange.set_markets(MARKETS)
+        f0, r0 = fetches(), reports()
+        try:
+            assert exchange.token is None and fetches() == f0, "nothing is fetched at construction"
+            await exchange.watch_balance()
+            assert fetches() == f0 + 1
+            orders = asyncio.create_task(exchange.watch_orders())
+            placed = [await exchange.create_order_ws("BTC/USD", "limit", "buy", 0.001, 1000) for _ in range(3)]
+            for order in placed[:2]:
+                await exchange.cancel_order_ws(order["id"])
+            assert (await asyncio.wait_for(orders, 10)), "an order update on the same connection"
+            assert fetches() == f0 + 1 and reports() == r0, "one fetch for one connection, seven private calls"
+
+            # Kraken forgets the token: two orders at once are refused, one report, both sent again.
+            calls = len(demo.sim_get("/_sim/calls")["calls"])
+            demo.sim_post("/_sim/tokens/revoke")
+            both = await asyncio.gather(*(exchange.create_order_ws("BTC/USD", "limit", "buy", 0.001, 1000)
+                                          for _ in range(2)))
+            assert all(o["id"] for o in both)
+            assert reports() == r0 + 1 and fetches() == f0 + 1, "one report for one rejected token"
+            assert len(demo.sim_get("/_sim/calls")["calls"]) == calls + 1, "one Kraken call"
+
+            # A new connection asks again, once.
+            url = exchange.urls["api"]["ws"]["privateV2"]
+            demo.sim_post("/_sim/ws/drop")
+            await until("ccxt to see the connection close", 10, lambda: url not in exchange.clients)
+            fresh = await exchange.create_order_ws("BTC/USD", "limit", "buy", 0.001, 1000)
+            await exchange.cancel_order_ws(fresh["id"])
+            assert fetches() == f0 + 2 and reports() == r0 + 1
+        finally:
+            await exchange.close()
+
+    asyncio.run(main())
+
+
+def test_ccxt_raises_broker_refusals_as_ccxt_errors(demo):
+    import ccxt
+
+    from ktb_client.ccxt_kraken import BrokerKraken
+    from net_helpers import MARKETS, ScriptedBroker, free_port
+
+    async def watch(broker: Broker) -> Exception:
+        exchange = BrokerKraken(broker)
+        exchange.set_markets(MARKETS)
+        try:
+            await exchange.watch_balance()
+        except Exception as e:  # noqa: BLE001 (the test inspects what escaped)
+            return e
+        finally:
+            await exchange.close()
+        raise AssertionError("the watch succeeded")
+
+    async def main() -> None:
+        async with ScriptedBroker([(429, {"Retry-After": "30"})]) as fake:
+            exchange = BrokerKraken(Broker(fake.url, credential="c"))
+            exchange.set_markets(MARKETS)
+            try:
+                with pytest.raises(ccxt.RateLimitExceeded) as e:
+                    await exchange.watch_balance()
+                assert isinstance(e.value, ccxt.NetworkError) and e.value.retry_after == 30
+                with pytest.raises(ccxt.NetworkError):
+                    await exchange.watch_my_trades()
+                assert fake.requests == 1, "the broker is not asked again before its Retry-After"
+            finally:
+                await exchange.close()
+        async with ScriptedBroker([(503, {})]) as fake:
+            error = await watch(Broker(fake.url, credential="c"))
+            assert isinstance(error, ccxt.NetworkError) and not isinstance(error, ccxt.AuthenticationError)
+        error = await watch(Broker(f"http://127.0.0.1:{free_port()}", credential="c"))
+        assert isinstance(error, ccxt.NetworkError), "unreachable"
+        error = await watch(Broker(demo.api, account=demo.account, credential="ktb_wrong-000000000000000000000000"))
+        assert isinstance(error, ccxt.AuthenticationError) and "401" in str(error)
+        error = await watch(Broker(demo.api, account="not-granted", credential=demo.credential))
+        assert isinstance(error, ccxt.AuthenticationError) and "403" in str(error)
+
+    asyncio.run(main())

@@ -6,6 +6,9 @@ logs never a token."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -51,3 +54,155 @@ def test_the_sdk_subscribes_and_recovers_a_revoked_token_with_no_key(demo):
     assert "Recover authenticated subscriptions" in logs, "the SDK logged its resubscription (DEBUG on)"
     for token in held:
         assert token not in logs, "no token in the SDK's logs, at DEBUG"
+
+
+class _Seen:
+    """Messages the client's callback received, and the provider's warnings."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+        self.warnings: list[str] = []
+
+    async def callback(self, message) -> None:
+        if isinstance(message, dict):
+            self.messages.append(message)
+
+    def answered(self, method: str, success: bool) -> list[dict]:
+        return [m for m in self.messages if m.get("method") == method and m.get("success") is success]
+
+
+class _Capture(logging.Handler):
+    def __init__(self, seen: _Seen) -> None:
+        super().__init__(logging.WARNING)
+        self.seen = seen
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.warnings.append(record.getMessage())
+
+
+def _watching(seen: _Seen):
+    handler = _Capture(seen)
+    logging.getLogger("ktb_client").addHandler(handler)
+    return handler
+
+
+def test_the_sdk_client_starts_before_its_broker_and_waits_for_it(demo):
+    from ktb_client.kraken_sdk import BrokerSpotWSClient
+    from net_helpers import Forwarder, free_port, until
+
+    seen = _Seen()
+    handler = _watching(seen)
+
+    async def main() -> None:
+        port = free_port()
+        broker = Broker(f"http://127.0.0.1:{port}", account=demo.account, credential=demo.credential)
+        client = BrokerSpotWSClient(broker, callback=seen.callback, patience=30, backoff_max=0.5)
+        starting = asyncio.create_task(client.start())
+        try:
+            await until("three refused fetches", 10, lambda: sum("unreachable" in w for w in seen.warnings) >= 3)
+            assert not starting.done()
+            host, api_port = demo.api.removeprefix("http://").split(":")
+            async with Forwarder(port, (host, int(api_port))):
+                await asyncio.wait_for(starting, 10)
+                await client.subscribe(params={"channel": "executions"})
+                await until("the subscription", 10, lambda: seen.answered("subscribe", True))
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        logging.getLogger("ktb_client").removeHandler(handler)
+
+
+def test_the_sdk_client_survives_a_kraken_outage_without_a_restart(demo):
+    """During the outage the broker has no token and answers 503 with
+    Retry-After; the provider waits inside get_ws_token. The SDK gives up
+    after MAX_RECONNECT_NUM (7) failed reconnects in a row; a fetch that
+    raised cost one each. Here that budget is 3 on this client, and the
+    outage lasts until the broker has refused at least 3 fetches of this
+    client (about 10 s: the broker's Retry-After grows 1, 2, 5 s with its own
+    back-off), then recovery takes the broker's next attempt (up to 15 s in
+    the demo). The default patience, 15 min, covers outages of minutes and
+    any number of refusals the same way."""
+    from ktb_client import AsyncBroker, BrokerError
+    from ktb_client.kraken_sdk import BrokerSpotWSClient
+    from net_helpers import requests_answered, sim_put, until
+
+    seen = _Seen()
+    budget = 3
+
+    async def main() -> None:
+        broker = AsyncBroker(demo.api, account=demo.account, credential=demo.credential)
+        client = BrokerSpotWSClient(broker, callback=seen.callback, patience=120, backoff_max=1)
+        client._priv_conn.MAX_RECONNECT_NUM = budget  # the SDK's 7, made smaller for a shorter test
+        await client.start()
+        try:
+            await client.subscribe(params={"channel": "executions"})
+            await until("the subscription", 10, lambda: seen.answered("subscribe", True))
+            first = client.token
+
+            # Kraken goes down and forgets its tokens; the broker learns its
+            # token is rejected and cannot mint another; the connection drops.
+            sim_put(demo, "/_sim/system", {"status": "maintenance"})
+            demo.sim_post("/_sim/tokens/revoke")
+            # (Earlier tests may have spent this consumer's share of forced
+            # refreshes: a 429 with Retry-After, waited out here.)
+            deadline = time.monotonic() + 30
+            while True:
+                with pytest.raises(BrokerError) as refused:
+                    await broker.invalidate(first)
+                if refused.value.status != 429 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(refused.value.retry_after or 1)
+            assert refused.value.status == 503 and refused.value.retry_after
+            refused_before = requests_answered(demo, "/v1/token", 503)
+            seen.messages.clear()
+            demo.sim_post("/_sim/ws/drop")
+            await until(f"{budget} refused fetches", 40,
+                        lambda: requests_answered(demo, "/v1/token", 503) - refused_before >= budget)
+            sim_put(demo, "/_sim/system", {"status": "online"})
+
+            await until("the subscription again", 40, lambda: seen.answered("subscribe", True))
+            assert client.token is not None and client.token.token != first.token
+            assert not client.exception_occur
+            assert not any("python-kraken-sdk" in m for m in seen.messages), "no MaxReconnectError"
+        finally:
+            sim_put(demo, "/_sim/system", {"status": "online"})
+            await client.close()
+
+    asyncio.run(main())
+
+
+def test_the_sdk_client_reports_a_token_refused_on_a_trading_request_and_sends_it_again(demo):
+    from ktb_client.kraken_sdk import BrokerSpotWSClient
+    from net_helpers import ORDER, requests_answered, until
+
+    seen = _Seen()
+
+    async def main() -> None:
+        client = BrokerSpotWSClient(Broker(demo.api, account=demo.account, credential=demo.credential),
+                                    callback=seen.callback)
+        await client.start()
+        try:
+            await client.subscribe(params={"channel": "executions"})
+            await until("the subscription", 10, lambda: seen.answered("subscribe", True))
+            fetches = requests_answered(demo, "/v1/token", 200)
+            reports = requests_answered(demo, "/v1/token/invalidate", 200)
+            calls = len(demo.sim_get("/_sim/calls")["calls"])
+
+            demo.sim_post("/_sim/tokens/revoke")
+            mine = {"method": "add_order", "params": dict(ORDER)}
+            await client.send_message(mine)
+            await client.send_message({"method": "add_order", "params": dict(ORDER), "req_id": 7})
+            await until("both orders placed", 15, lambda: len(seen.answered("add_order", True)) == 2)
+            assert not seen.answered("add_order", False), "the refusals were handled, not handed on"
+            assert sorted(m["req_id"] for m in seen.answered("add_order", True))[0] == 7
+            assert "token" not in mine["params"], "the caller's message is left as it was"
+            assert requests_answered(demo, "/v1/token/invalidate", 200) == reports + 1, "one report"
+            assert requests_answered(demo, "/v1/token", 200) == fetches
+            assert len(demo.sim_get("/_sim/calls")["calls"]) == calls + 1, "one Kraken call"
+        finally:
+            await client.close()
+
+    asyncio.run(main())

@@ -7,6 +7,10 @@ that never holds the API key.
     for event in broker.watch():      # a Token, or an Unavailable, as the broker holds them
         ...
 
+In an asyncio program use ``AsyncBroker`` (``ktb_client.aio``): the same
+calls, awaited, and ``async for event in broker.watch()``, none of which
+blocks the event loop.
+
 The identity is one of: a credential (``credential=`` or the
 ``KTB_CONSUMER_CREDENTIAL`` variable), a projected ServiceAccount token file
 (``token_file=``, re-read on every request), or a client certificate
@@ -27,7 +31,7 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-__all__ = ["Broker", "BrokerError", "Token", "Unavailable", "CREDENTIAL_ENV"]
+__all__ = ["AsyncBroker", "Broker", "BrokerError", "Token", "Unavailable", "CREDENTIAL_ENV"]
 
 CREDENTIAL_ENV = "KTB_CONSUMER_CREDENTIAL"
 
@@ -79,6 +83,12 @@ class BrokerError(Exception):
     def permanent(self) -> bool:
         """401 or 403: retrying will not help until the identity is fixed."""
         return self.status in (401, 403)
+
+    @property
+    def transient(self) -> bool:
+        """Unreachable (0), 429 or 5xx: asking again later may succeed
+        (after ``retry_after`` seconds when the broker said)."""
+        return self.status == 0 or self.status == 429 or self.status >= 500
 
 
 class Broker:
@@ -186,28 +196,46 @@ class Broker:
                 raise BrokerError(0, f"cannot reach the broker at {self._host}:{self._port}: {e}") from None
             if response.status != 200:
                 raise _refusal(response.status, response.read(), response.getheader("Retry-After"))
-            event, data = "message", []
+            events = _SseParser()
             while True:
                 line = response.readline()
                 if not line:
                     return
-                text = line.decode("utf-8").rstrip("\r\n")
-                if text == "":
-                    if data:
-                        payload = "\n".join(data)
-                        if event == "token":
-                            yield Token.from_json(json.loads(payload))
-                        elif event == "unavailable":
-                            yield Unavailable(detail=json.loads(payload).get("detail", ""))
-                    event, data = "message", []
-                elif text.startswith(":"):
-                    continue
-                elif text.startswith("event:"):
-                    event = text[6:].strip()
-                elif text.startswith("data:"):
-                    data.append(text[5:].removeprefix(" "))
+                event = events.feed(line)
+                if event is not None:
+                    yield event
         finally:
             conn.close()
+
+
+class _SseParser:
+    """The broker's watch stream (Server-Sent Events), one line at a time:
+    ``feed`` answers a ``Token`` or ``Unavailable`` when a line completes one,
+    else ``None``. Comment lines (keep-alives) and other events are skipped.
+    Shared by ``Broker.watch`` and ``AsyncBroker.watch``."""
+
+    def __init__(self) -> None:
+        self._event = "message"
+        self._data: list[str] = []
+
+    def feed(self, line: bytes) -> Token | Unavailable | None:
+        text = line.decode("utf-8").rstrip("\r\n")
+        if text == "":
+            event, data = self._event, self._data
+            self._event, self._data = "message", []
+            if data:
+                payload = "\n".join(data)
+                if event == "token":
+                    return Token.from_json(json.loads(payload))
+                if event == "unavailable":
+                    return Unavailable(detail=json.loads(payload).get("detail", ""))
+        elif text.startswith(":"):
+            pass
+        elif text.startswith("event:"):
+            self._event = text[6:].strip()
+        elif text.startswith("data:"):
+            self._data.append(text[5:].removeprefix(" "))
+        return None
 
 
 def _refusal(status: int, data: bytes, retry_after: str | None) -> BrokerError:
@@ -217,3 +245,7 @@ def _refusal(status: int, data: bytes, retry_after: str | None) -> BrokerError:
         detail = ""
     seconds = int(retry_after) if retry_after and retry_after.isdigit() else None
     return BrokerError(status, detail or http.client.responses.get(status, "error"), seconds)
+
+
+# Last: the asyncio client builds on the names above.
+from .aio import AsyncBroker  # noqa: E402

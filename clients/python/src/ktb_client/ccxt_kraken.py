@@ -7,62 +7,192 @@ kraken-token-broker: the engine holds no API key.
     exchange = BrokerKraken(Broker("http://broker:8080", account="main"))
     trades = await exchange.watch_my_trades()
     balance = await exchange.watch_balance()
+    order = await exchange.create_order_ws("BTC/USD", "limit", "buy", 0.01, 30000)
 
 What it takes care of, found in ccxt 4.5's source:
 
-- ``authenticate()`` is what every private watch calls for a token (it would
-  call ``privatePostGetWebSocketsToken`` with the key): here it asks the
-  broker, and the private URLs point where the broker says (``ws_url``);
+- ``authenticate()`` is what every private watch and every WebSocket order
+  call awaits for a token (ccxt's own calls ``privatePostGetWebSocketsToken``
+  with the key, and caches the answer on a client object for 900 s): here
+  the token comes from the broker and is kept per private connection (ccxt's
+  ``Client`` for the private URL, replaced by a new one when the connection
+  closes). The broker is asked again only for a new connection, after Kraken
+  rejected the token, or when less than ``renew_before`` seconds are left to
+  its use-by; concurrent callers share one request. The private URLs point
+  where the broker says (``ws_url``). Nothing is fetched at construction;
+- the broker's refusals become ccxt's errors, so watch loops that catch
+  ccxt errors keep working: unreachable, 429 and 5xx are ``NetworkError``
+  (``RateLimitExceeded`` for 429, else ``ExchangeNotAvailable``; with a
+  ``retry_after`` attribute, and the broker is not asked again before it has
+  passed: calls meanwhile fail at once with the same class), 401 and 403
+  ``AuthenticationError`` (permanent: fix the identity), others
+  ``ExchangeError``. With ``patience=`` (seconds; default 0) transient
+  refusals are first waited out as ``AsyncBroker.fetch(patience=)`` does;
 - a subscribe refused with ``ESession:Invalid session`` rejects only a
   future keyed by its ``req_id``, which no watch waits on, so the watch
   would hang: here the refusal wakes every private watch with an
   ``AuthenticationError``, drops the cached subscription, and the watch is
   tried again once the rejected token is reported to the broker (which
-  answers the replacement).
+  answers the replacement);
+- an order call (``create_order_ws``, ``edit_order_ws``, ``cancel_order_ws``,
+  ``cancel_orders_ws``, ``cancel_all_orders_ws``) refused with
+  ``ESession:Invalid session`` or ``Token(s) not found`` reports the token
+  and is sent once more with the replacement (Kraken did not act on a
+  request it refused for its token); a second refusal is raised.
 """
 
 from __future__ import annotations
 
-import asyncio
+import time
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import ccxt.pro
-from ccxt.base.errors import AuthenticationError
+from ccxt.base.errors import (
+    AuthenticationError,
+    BaseError,
+    ExchangeError,
+    ExchangeNotAvailable,
+    NetworkError,
+    RateLimitExceeded,
+)
 
-from . import Broker, Token
+from . import Broker, BrokerError, Token
+from .aio import AsyncBroker, SingleFlight, patiently
 
-__all__ = ["BrokerKraken"]
+__all__ = ["BrokerKraken", "DEFAULT_RENEW_BEFORE"]
 
-_INVALID_SESSION = "ESession:Invalid session"
+# Kraken's answers to a request whose token it does not accept: an unknown,
+# revoked or expired one, and none at all (as recorded from the live API).
+_TOKEN_REJECTIONS = ("ESession:Invalid session", "Token(s) not found")
 _PRIVATE_HASHES = ("myTrades", "orders", "balances", "executions")
-# Reports in a row before the refusal is handed to the caller.
+# Reports in a row before a watch's refusal is handed to the caller.
 _MAX_REPORTS = 3
+# Ask the broker again when a connection's token has less than this left to
+# its use-by (a token is checked when a request carries it).
+DEFAULT_RENEW_BEFORE = 30.0
+
+
+def _rejects_token(error: object) -> bool:
+    return any(r in str(error) for r in _TOKEN_REJECTIONS)
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A connection's token and when (monotonic) its use-by passes."""
+
+    token: Token
+    use_by: float
 
 
 class BrokerKraken(ccxt.pro.kraken):
     """ccxt.pro's kraken with private WebSocket channels through the broker."""
 
-    def __init__(self, broker: Broker, config: dict | None = None) -> None:
+    def __init__(
+        self,
+        broker: Broker | AsyncBroker,
+        config: dict | None = None,
+        *,
+        renew_before: float = DEFAULT_RENEW_BEFORE,
+        patience: float = 0.0,
+    ) -> None:
         super().__init__(config or {})
-        self._broker = broker
-        self._token: Token = broker.fetch()
-        ws = self.urls["api"]["ws"]
-        ws["privateV2"] = self._token.ws_url
-        ws["private"] = self._token.ws_url.removesuffix("/").removesuffix("/v2")
+        self._broker = broker if isinstance(broker, AsyncBroker) else AsyncBroker.like(broker)
+        self._renew_before = renew_before
+        self._patience = patience  # 0: a refusal is raised at once, for the caller's own retry loop
+        # The token of each private connection (ccxt's Client), gone with it.
+        self._held: weakref.WeakKeyDictionary[Any, _Held] = weakref.WeakKeyDictionary()
+        self._token: Token | None = None
+        self._ws_url: str | None = None
+        self._quiet_until = 0.0  # monotonic: the broker's Retry-After not yet passed
+        self._quiet_error: NetworkError | None = None
+        self._flights = SingleFlight()
 
     @property
-    def token(self) -> Token:
-        """The token in use (its ``repr`` hides the value)."""
+    def token(self) -> Token | None:
+        """The token last used (its ``repr`` hides the value); ``None``
+        before the first private call."""
         return self._token
 
-    async def authenticate(self, params: dict = {}) -> str:  # noqa: B006 (ccxt's signature)
-        token = await asyncio.to_thread(self._broker.fetch)
+    # -- the token of a connection ----------------------------------------
+
+    def _private_client(self, create: bool) -> Any | None:
+        if self._ws_url is None:
+            return None
+        if create:
+            return self.client(self._ws_url)
+        return (self.clients or {}).get(self._ws_url)
+
+    def _keep(self, token: Token) -> None:
+        """Uses `token` for the current (or next) private connection."""
+        if token.ws_url != self._ws_url:
+            ws = self.urls["api"]["ws"]
+            ws["privateV2"] = token.ws_url
+            ws["private"] = token.ws_url.removesuffix("/").removesuffix("/v2")
+            self._ws_url = token.ws_url
         self._token = token
+        self._held[self._private_client(create=True)] = _Held(token, time.monotonic() + token.expires_in)
+
+    async def authenticate(self, params: dict = {}) -> str:  # noqa: B006 (ccxt's signature)
+        client = self._private_client(create=False)
+        held = self._held.get(client) if client is not None else None
+        if held is not None and held.use_by - time.monotonic() > self._renew_before:
+            self._token = held.token
+            return held.token.token
+        token = await self._flights.run(("fetch", id(client)), self._fetch)
         return token.token
+
+    async def _fetch(self) -> Token:
+        token = await self._ask(self._broker.fetch)
+        self._keep(token)
+        return token
+
+    async def _report(self, rejected: Token) -> Token:
+        """Reports `rejected` once, however many calls it failed; answers
+        the token to use (already the replacement if another call reported)."""
+        client = self._private_client(create=False)
+        held = self._held.get(client) if client is not None else None
+        if held is not None and held.token.token != rejected.token:
+            return held.token
+
+        async def report() -> Token:
+            token = await self._ask(lambda: self._broker.invalidate(rejected))
+            self._keep(token)
+            return token
+
+        return await self._flights.run(("report", rejected.token), report)
+
+    async def _ask(self, call) -> Token:
+        """One request to the broker, its refusal as a ccxt error."""
+        now = time.monotonic()
+        if now < self._quiet_until and self._quiet_error is not None:
+            error = type(self._quiet_error)(f"{self._quiet_error} (asking again in {self._quiet_until - now:.0f} s)")
+            error.retry_after = self._quiet_error.retry_after  # type: ignore[attr-defined]
+            raise error
+        try:
+            return await patiently(call, self._patience)
+        except BrokerError as e:
+            raise self._ccxt_error(e) from None
+
+    def _ccxt_error(self, error: BrokerError) -> BaseError:
+        message = f"{self.id} kraken-token-broker: {error}"
+        if error.permanent:
+            return AuthenticationError(message)
+        if not error.transient:
+            return ExchangeError(message)
+        mapped: NetworkError = RateLimitExceeded(message) if error.status == 429 else ExchangeNotAvailable(message)
+        mapped.retry_after = error.retry_after  # type: ignore[attr-defined]
+        if error.retry_after:
+            self._quiet_until = time.monotonic() + error.retry_after
+            self._quiet_error = mapped
+        return mapped
+
+    # -- Kraken's refusals of a token --------------------------------------
 
     def handle_error_message(self, client: Any, message: dict) -> bool:
         error = message.get("error") if isinstance(message, dict) else None
-        if error and _INVALID_SESSION in str(error) and message.get("method") == "subscribe":
+        if error and _rejects_token(error) and message.get("method") == "subscribe":
             refusal = AuthenticationError(f"{self.id} {error}")
             for key in list(client.subscriptions):
                 if key in _PRIVATE_HASHES or key.split(":")[0] in _PRIVATE_HASHES:
@@ -73,19 +203,56 @@ class BrokerKraken(ccxt.pro.kraken):
             return False
         return super().handle_error_message(client, message)
 
-    async def _reporting(self, watch):
+    async def _used(self) -> Token:
+        """The token the next private request will carry."""
+        await self.authenticate()
+        assert self._token is not None  # authenticate() set it or raised
+        return self._token
+
+    async def _watching(self, watch):
         for attempt in range(_MAX_REPORTS + 1):
+            used = await self._used()
             try:
                 return await watch()
             except AuthenticationError as e:
-                if _INVALID_SESSION not in str(e) or attempt == _MAX_REPORTS:
+                if not _rejects_token(e) or attempt == _MAX_REPORTS:
                     raise
-                rejected = self._token
-                self._token = await asyncio.to_thread(self._broker.invalidate, rejected)
+                await self._report(used)
         raise AssertionError("unreachable")
 
+    async def _trading(self, request):
+        """An order call, sent once more with a new token if Kraken refused
+        the token (a refused request was not acted on)."""
+        used = await self._used()
+        try:
+            return await request()
+        except BaseError as e:
+            if not _rejects_token(e):
+                raise
+        await self._report(used)
+        return await request()
+
     async def watch_private(self, name: str, symbol=None, since=None, limit=None, params: dict = {}):  # noqa: B006
-        return await self._reporting(lambda: super(BrokerKraken, self).watch_private(name, symbol, since, limit, params))
+        return await self._watching(lambda: super(BrokerKraken, self).watch_private(name, symbol, since, limit, params))
 
     async def watch_balance(self, params: dict = {}):  # noqa: B006
-        return await self._reporting(lambda: super(BrokerKraken, self).watch_balance(params))
+        return await self._watching(lambda: super(BrokerKraken, self).watch_balance(params))
+
+    async def create_order_ws(self, symbol, type, side, amount, price=None, params: dict = {}):  # noqa: A002, B006
+        return await self._trading(
+            lambda: super(BrokerKraken, self).create_order_ws(symbol, type, side, amount, price, params)
+        )
+
+    async def edit_order_ws(self, id, symbol, type, side, amount=None, price=None, params: dict = {}):  # noqa: A002, B006
+        return await self._trading(
+            lambda: super(BrokerKraken, self).edit_order_ws(id, symbol, type, side, amount, price, params)
+        )
+
+    async def cancel_order_ws(self, id, symbol=None, params: dict = {}):  # noqa: A002, B006
+        return await self._trading(lambda: super(BrokerKraken, self).cancel_order_ws(id, symbol, params))
+
+    async def cancel_orders_ws(self, ids, symbol=None, params: dict = {}):  # noqa: B006
+        return await self._trading(lambda: super(BrokerKraken, self).cancel_orders_ws(ids, symbol, params))
+
+    async def cancel_all_orders_ws(self, symbol=None, params: dict = {}):  # noqa: B006
+        return await self._trading(lambda: super(BrokerKraken, self).cancel_all_orders_ws(symbol, params))

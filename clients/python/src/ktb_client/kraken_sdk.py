@@ -7,25 +7,39 @@ kraken-token-broker: the engine holds no API key.
     client = BrokerSpotWSClient(Broker("http://broker:8080", account="main"), callback=on_message)
     await client.start()
     await client.subscribe(params={"channel": "executions"})
+    await client.send_message({"method": "add_order", "params": {...}})
 
 What it takes care of, found in python-kraken-sdk 3.5's source:
 
 - its private connection opens only when a key and a secret are given, so it
   is given placeholders (never a key; the REST client is never used);
-- it appends ``/v2`` to ``auth_ws_url``, while the broker's ``ws_url`` ends in
-  ``/v2``: the suffix is taken off first;
 - ``get_ws_token`` is what it calls on every (re)connect: here it asks the
-  broker;
-- error replies to a subscribe carry only the ``req_id``, and its own
-  resubscription after a reconnect sends none: every subscribe gets a
-  ``req_id`` here, remembered with its parameters, so an
-  ``ESession:Invalid session`` can be matched to what to subscribe again;
-  the rejected token is reported to the broker and the subscription sent
-  again with the token the broker answers;
+  broker (through ``AsyncBroker``, so the loop never blocks), and waits out
+  a broker that is unreachable or answers 429/5xx (a Kraken outage: 503 with
+  ``Retry-After``) for up to ``patience`` seconds (``DEFAULT_PATIENCE``),
+  with back-off capped at ``backoff_max``. The SDK gives up for good after
+  7 failed reconnects in a row (``MaxReconnectError``), which a token fetch
+  that raised at once used up within a minute or two of an outage;
+- nothing is asked at construction: ``start()`` fetches the first token
+  (with the same patience, so an engine started before its broker waits for
+  it) and the private URL is where the token says (``ws_url``); the SDK
+  would append ``/v2`` to a URL given at construction, so the connection's
+  endpoint is set from each token instead;
+- error replies carry only the ``req_id``, and its own resubscription after
+  a reconnect sends none: every subscribe and every trading request
+  (``add_order``, ``cancel_order``, ... the SDK's ``private_methods``) gets
+  a ``req_id`` here, remembered with its parameters and the token it went
+  with, so an ``ESession:Invalid session`` (or ``Token(s) not found``) can
+  be matched to what to send again. The rejected token is reported to the
+  broker once however many requests it failed, and the request sent again
+  with the token the broker answers: a subscription up to 3 times in a row,
+  a trading request once (Kraken did not act on a request refused for its
+  token). The refusal reaches the callback only when no retry is left;
+  the retried request's answer does, under the same ``req_id``;
 - it puts the token into the parameters it keeps and logs them at INFO when
-  it resubscribes (and the token itself at DEBUG): subscriptions are sent
-  with a copy of their parameters, and a logging filter on its loggers
-  replaces every token this client has held with ``<redacted>``.
+  it resubscribes (and the token itself at DEBUG): requests are sent with a
+  copy of their parameters, and a logging filter on its loggers replaces
+  every token this client has held with ``<redacted>``.
 """
 
 from __future__ import annotations
@@ -35,22 +49,37 @@ import copy
 import itertools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from kraken.spot import SpotWSClient
 
-from . import Broker, Token
+from . import Broker, BrokerError, Token
+from .aio import DEFAULT_BACKOFF_MAX, LOG, AsyncBroker, SingleFlight, patiently
 
-__all__ = ["BrokerSpotWSClient"]
+__all__ = ["BrokerSpotWSClient", "DEFAULT_PATIENCE"]
 
 # The SDK opens its private connection only with a non-empty key and secret.
 # These are not credentials: nothing signs with them (the REST client, which
 # would, is never called).
 _PLACEHOLDER = "kraken-token-broker"
-_INVALID_SESSION = "ESession:Invalid session"
+# Kraken's answers to a request whose token it does not accept: an unknown,
+# revoked or expired one, and none at all (as recorded from the live API).
+_TOKEN_REJECTIONS = ("ESession:Invalid session", "Token(s) not found")
 _SDK_LOGGERS = ("kraken.spot.websocket", "kraken.spot.websocket.connectors", "kraken.spot.ws_client")
-# Reports of one subscription in a row before its error is handed on.
+# Reports of one subscription in a row before its error is handed on (a
+# trading request is sent again once only).
 _MAX_REPORTS = 3
+# How long a token fetch or report waits out an unreachable or refusing
+# broker before it raises (a Kraken outage of minutes is survived).
+DEFAULT_PATIENCE = 900.0
+# The SDK's private attribute holding the connection's URL (read after
+# get_ws_token on every connect).
+_ENDPOINT = "_ConnectSpotWebsocketBase__ws_endpoint"
+
+
+def _rejects_token(error: object) -> bool:
+    return any(r in str(error) for r in _TOKEN_REJECTIONS)
 
 
 class _Redact(logging.Filter):
@@ -71,42 +100,54 @@ class _Redact(logging.Filter):
         return True
 
 
+@dataclass
+class _Sent:
+    """A request that may have to be sent again: a subscription's
+    parameters, or a whole trading message, without a token; and the token
+    it last went with (to report that one, not a newer one)."""
+
+    subscribe: bool
+    body: dict
+    token: str
+
+
 class BrokerSpotWSClient(SpotWSClient):
     """A ``SpotWSClient`` (private channels only, unless ``no_public=False``)
     whose token comes from the broker and is replaced when Kraken rejects it."""
 
     def __init__(
         self,
-        broker: Broker,
+        broker: Broker | AsyncBroker,
         callback: Callable | None = None,
         *,
         no_public: bool = True,
         ws_url: str | None = None,
+        patience: float = DEFAULT_PATIENCE,
+        backoff_max: float = DEFAULT_BACKOFF_MAX,
         **kwargs: Any,
     ) -> None:
-        self._broker = broker
-        self._token: Token = broker.fetch()
+        self._broker = broker if isinstance(broker, AsyncBroker) else AsyncBroker.like(broker)
+        self._patience = patience
+        self._backoff_max = backoff_max
+        self._token: Token | None = None
+        self._unused: Token | None = None  # fetched by start() for the first connect
         self._redact = _Redact()
-        self._redact.tokens.add(self._token.token)
         for name in _SDK_LOGGERS:
             logging.getLogger(name).addFilter(self._redact)
-        self._requests: dict[int, dict] = {}
+        self._sent: dict[int, _Sent] = {}
         self._reports: dict[int, int] = {}
         self._req_ids = itertools.count(1_000_001)
+        self._flights = SingleFlight()
+        self._tasks: set[asyncio.Task] = set()
         self._user_callback = callback
         super().__init__(
-            key=_PLACEHOLDER,
-            secret=_PLACEHOLDER,
-            callback=None,
-            no_public=no_public,
-            ws_url=ws_url,
-            auth_ws_url=self._token.ws_url.removesuffix("/").removesuffix("/v2"),
-            **kwargs,
+            key=_PLACEHOLDER, secret=_PLACEHOLDER, callback=None, no_public=no_public, ws_url=ws_url, **kwargs
         )
 
     @property
-    def token(self) -> Token:
-        """The token in use (its ``repr`` hides the value)."""
+    def token(self) -> Token | None:
+        """The token in use (its ``repr`` hides the value); ``None`` before
+        ``start()``."""
         return self._token
 
     def _use(self, token: Token) -> None:
@@ -114,12 +155,47 @@ class BrokerSpotWSClient(SpotWSClient):
         self._redact.tokens.add(token.token)
         if self._priv_conn is not None:
             self._priv_conn.ws_conn_details = {"token": token.token, "expires": token.expires_in}
+            setattr(self._priv_conn, _ENDPOINT, token.ws_url)
+
+    async def _fetch(self) -> Token:
+        token = await patiently(self._broker.fetch, self._patience, cap=self._backoff_max)
+        self._use(token)
+        return token
+
+    async def start(self) -> None:
+        """As the SDK's, once the broker has answered a first token (waited
+        for up to ``patience`` seconds; a refusal of this client's identity,
+        401 or 403, raises ``BrokerError`` at once)."""
+        if self._token is None:
+            self._unused = await self._fetch()
+        await super().start()
 
     async def get_ws_token(self) -> dict:
         """Called by the SDK on every (re)connect: the broker's current token."""
-        token = await asyncio.to_thread(self._broker.fetch)
-        self._use(token)
+        token, self._unused = self._unused, None
+        if token is None:
+            token = await self._fetch()
         return {"token": token.token, "expires": token.expires_in}
+
+    async def _report(self, rejected: str) -> Token:
+        """Reports `rejected` once, however many requests it failed; answers
+        the token to use (the current one if `rejected` was replaced)."""
+        if self._token is not None and self._token.token != rejected:
+            return self._token
+
+        async def report() -> Token:
+            token = await patiently(
+                lambda: self._broker.invalidate(rejected), self._patience, cap=self._backoff_max
+            )
+            self._use(token)
+            return token
+
+        return await self._flights.run(rejected, report)
+
+    # -- requests that may be sent again ------------------------------------
+
+    def _current(self) -> str:
+        return self._token.token if self._token is not None else ""
 
     async def subscribe(self, params: dict, req_id: int | None = None) -> None:
         """As the SDK's, with a ``req_id`` always (to match an error reply)
@@ -127,29 +203,60 @@ class BrokerSpotWSClient(SpotWSClient):
         if req_id is None:
             req_id = next(self._req_ids)
         clean = {k: v for k, v in params.items() if k != "token"}
-        self._requests[req_id] = clean
+        self._sent[req_id] = _Sent(subscribe=True, body=clean, token=self._current())
         await super().subscribe(params=copy.deepcopy(clean), req_id=req_id)
 
+    async def send_message(self, message: dict, *, raw: bool = False) -> None:
+        """As the SDK's; a trading request (one of ``private_methods``) gets
+        a ``req_id`` if it has none, and is remembered to be sent again if
+        Kraken refuses its token."""
+        if raw or message.get("method") not in self.private_methods:
+            await super().send_message(message, raw=raw)
+            return
+        clean = copy.deepcopy(message)
+        if isinstance(clean.get("params"), dict):
+            clean["params"].pop("token", None)
+        req_id = clean.setdefault("req_id", next(self._req_ids))
+        self._sent[req_id] = _Sent(subscribe=False, body=clean, token=self._current())
+        await super().send_message(copy.deepcopy(clean))
+
+    async def _send_again(self, req_id: int, sent: _Sent, refusal: dict) -> None:
+        try:
+            token = await self._report(sent.token)
+        except BrokerError as e:
+            LOG.warning("kraken-token-broker: cannot replace a rejected token: %s", e)
+            self._sent.pop(req_id, None)
+            self._reports.pop(req_id, None)
+            await self._deliver(refusal)
+            return
+        sent.token = token.token
+        if sent.subscribe:
+            await super().subscribe(params=copy.deepcopy(sent.body), req_id=req_id)
+        else:
+            await super().send_message(copy.deepcopy(sent.body))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def on_message(self, message: dict | list) -> None:
-        if (
-            isinstance(message, dict)
-            and message.get("method") == "subscribe"
-            and message.get("success") is False
-            and _INVALID_SESSION in str(message.get("error", ""))
-        ):
-            req_id = message.get("req_id")
-            params = self._requests.get(req_id) if isinstance(req_id, int) else None
-            reports = self._reports.get(req_id, 0) if isinstance(req_id, int) else _MAX_REPORTS
-            if params is not None and reports < _MAX_REPORTS:
-                self._reports[req_id] = reports + 1
-                rejected = self._token
-                fresh = await asyncio.to_thread(self._broker.invalidate, rejected)
-                self._use(fresh)
-                await self.subscribe(params=params)
-                return
-        elif isinstance(message, dict) and message.get("method") == "subscribe" and message.get("success"):
-            req_id = message.get("req_id")
-            if isinstance(req_id, int):
-                self._reports.pop(req_id, None)
+        req_id = message.get("req_id") if isinstance(message, dict) else None
+        sent = self._sent.get(req_id) if isinstance(req_id, int) else None
+        if sent is not None and isinstance(message, dict):
+            if message.get("success") is False and _rejects_token(message.get("error", "")):
+                reports = self._reports.get(req_id, 0)
+                if reports < (_MAX_REPORTS if sent.subscribe else 1):
+                    self._reports[req_id] = reports + 1
+                    # In a task: a report may wait out a broker outage, and
+                    # the SDK's receive loop awaits this callback.
+                    self._spawn(self._send_again(req_id, sent, message))
+                    return
+            # Answered for good (a reconnect subscribes again with a new req_id).
+            self._sent.pop(req_id, None)
+            self._reports.pop(req_id, None)
+        await self._deliver(message)
+
+    async def _deliver(self, message: dict | list) -> None:
         if self._user_callback is not None:
             await self._user_callback(message)
