@@ -53,8 +53,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* The workload of one replica: (dict "root" $ "replica" N). Short enough
 for a StatefulSet (its pods' controller-revision-hash label must fit 63). */}}
+{{- /* At most 47 + "-" + 3 digits = 51 characters: a StatefulSet's name plus
+"-" and a 10-character hash must fit the 63 of its controller-revision-hash
+label. */}}
 {{- define "ktb.replicaName" -}}
-{{- printf "%s-%d" (include "ktb.fullname" .root | trunc 50 | trimSuffix "-") (int .replica) }}
+{{- printf "%s-%d" (include "ktb.fullname" .root | trunc 47 | trimSuffix "-") (int .replica) }}
 {{- end }}
 
 {{/* The image: repository@digest when a digest is given, else repository:tag. */}}
