@@ -221,6 +221,13 @@ class BrokerSpotWSClient(SpotWSClient):
         for task in list(self._tasks):
             task.cancel()
         try:
+            # The SDK's receive loop sees keep_alive only between messages
+            # (up to 10 s apart without a subscription): close its sockets.
+            for conn in (self._priv_conn, self._pub_conn):
+                if conn is not None:
+                    conn.keep_alive = False
+                    if conn.socket is not None:
+                        await conn.socket.close()
             await super().close()
         finally:
             for name in _SDK_LOGGERS:
