@@ -59,11 +59,16 @@ async def until(what: str, seconds: float, probe) -> None:
 
 class ScriptedBroker:
     """Answers each request with the next of `script` (status, headers) and
-    the last one ever after: 200 with FAKE_TOKEN, else a problem JSON."""
+    the last one ever after: 200 with `token` (default FAKE_TOKEN), else a
+    problem JSON. `paths` are the request targets, in order; `raw`, if set,
+    is sent instead of any answer (a malformed one)."""
 
-    def __init__(self, script: list[tuple[int, dict[str, str]]]) -> None:
+    def __init__(self, script: list[tuple[int, dict[str, str]]], token: dict | None = None) -> None:
         self.script = script
+        self.token = token or FAKE_TOKEN
+        self.raw: bytes | None = None
         self.requests = 0
+        self.paths: list[str] = []
         self.url = ""
 
     async def __aenter__(self) -> ScriptedBroker:
@@ -76,12 +81,19 @@ class ScriptedBroker:
         await self._server.wait_closed()
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request_line = (await reader.readline()).decode("latin-1").split(" ")
         while (await reader.readline()) not in (b"\r\n", b""):
             pass
+        self.paths.append(request_line[1] if len(request_line) > 1 else "")
         status, headers = self.script[min(self.requests, len(self.script) - 1)]
         self.requests += 1
+        if self.raw is not None:
+            writer.write(self.raw)
+            await writer.drain()
+            writer.close()
+            return
         if status == 200:
-            body, kind = json.dumps(FAKE_TOKEN).encode(), "application/json"
+            body, kind = json.dumps(self.token).encode(), "application/json"
         else:
             body = json.dumps({"type": "about:blank", "title": "scripted", "status": status,
                                "detail": f"scripted {status}"}).encode()

@@ -136,3 +136,95 @@ def test_ccxt_raises_broker_refusals_as_ccxt_errors(demo):
         assert isinstance(error, ccxt.AuthenticationError) and "403" in str(error)
 
     asyncio.run(main())
+
+
+def test_ccxt_sends_an_order_again_once_then_raises_the_refusal(demo):
+    """The broker (a fake) answers a token the simulator never issued, and
+    the same one to the report: the order is refused, sent once more after
+    one report, refused again, and that refusal is raised."""
+    import ccxt
+
+    from ktb_client.ccxt_kraken import BrokerKraken
+    from net_helpers import FAKE_TOKEN, MARKETS, ScriptedBroker
+
+    async def main() -> None:
+        async with ScriptedBroker([(200, {})], token=dict(FAKE_TOKEN, ws_url=demo.ws_url)) as fake:
+            exchange = BrokerKraken(Broker(fake.url, credential="c"))
+            exchange.set_markets(MARKETS)
+            try:
+                with pytest.raises(ccxt.BaseError) as e:
+                    await exchange.create_order_ws("BTC/USD", "limit", "buy", 0.001, 1000)
+                assert "Invalid session" in str(e.value)
+                assert fake.requests == 2, "one fetch, one report"
+                assert fake.paths[0].startswith("/v1/token?") and "min_ttl=31" in fake.paths[0]
+                assert fake.paths[1].startswith("/v1/token/invalidate")
+            finally:
+                await exchange.close()
+
+    asyncio.run(main())
+
+
+def test_ccxt_keeps_an_open_connection_working_while_the_broker_is_down(demo):
+    """The fake broker serves the demo's real token as having 32 s left
+    (renew_before 30 s: min_ttl 31 is met), then refuses with 503. About 2 s
+    on, the token is within renew_before of its use-by, which limits only
+    opening a connection: calls on the open one go on with its token, and
+    the renewal is tried aside, not again within 5 s of failing."""
+    import dataclasses
+    import time
+
+    from ktb_client.ccxt_kraken import BrokerKraken
+    from net_helpers import MARKETS, ScriptedBroker
+
+    real = Broker(demo.api, account=demo.account, credential=demo.credential).fetch(min_ttl=40)
+
+    async def main() -> None:
+        async with ScriptedBroker([(200, {}), (503, {})], token=dict(dataclasses.asdict(real), expires_in=32)) as fake:
+            # (ccxt would space its requests 1 s apart.)
+            exchange = BrokerKraken(Broker(fake.url, credential="c"), {"enableRateLimit": False}, renew_before=30)
+            exchange.set_markets(MARKETS)
+            try:
+                assert await exchange.watch_balance() is not None
+                assert fake.requests == 1
+                deadline = time.monotonic() + 15
+                while fake.requests == 1:  # until the renewal has been tried (and refused)
+                    assert time.monotonic() < deadline, "no renewal tried"
+                    order = await exchange.create_order_ws("BTC/USD", "limit", "buy", 0.001, 1000)
+                    await exchange.cancel_order_ws(order["id"])
+                    await asyncio.sleep(0.2)
+                order = await exchange.create_order_ws("BTC/USD", "limit", "buy", 0.001, 1000)
+                await exchange.cancel_order_ws(order["id"])
+                assert fake.requests == 2, "no renewal again within 5 s of a failed one"
+                orders = asyncio.create_task(exchange.watch_orders())  # a new subscription, same token
+                for _ in range(2):
+                    order = await exchange.create_order_ws("BTC/USD", "limit", "buy", 0.001, 1000)
+                    await exchange.cancel_order_ws(order["id"])
+                assert await asyncio.wait_for(orders, 10)
+                assert all("min_ttl=31" in p for p in fake.paths if p.startswith("/v1/token?"))
+            finally:
+                await exchange.close()
+
+    asyncio.run(main())
+
+
+def test_ccxt_asks_nothing_and_opens_nothing_after_close():
+    """A fetch waiting out a 503 when the exchange is closed ends: the
+    watch fails with ExchangeClosedByUser and no client or session is made."""
+    import ccxt
+
+    from ktb_client.ccxt_kraken import BrokerKraken
+    from net_helpers import MARKETS, ScriptedBroker, until
+
+    async def main() -> None:
+        async with ScriptedBroker([(503, {"Retry-After": "1"}), (200, {})]) as fake:
+            exchange = BrokerKraken(Broker(fake.url, credential="c"), patience=30)
+            exchange.set_markets(MARKETS)
+            watch = asyncio.create_task(exchange.watch_balance())
+            await until("the first refusal", 5, lambda: fake.requests == 1)
+            await exchange.close()
+            done, _ = await asyncio.wait({watch}, timeout=5)
+            assert watch in done and isinstance(watch.exception(), ccxt.ExchangeClosedByUser)
+            assert not exchange.clients and exchange.session is None
+            assert fake.requests == 1
+
+    asyncio.run(main())

@@ -188,7 +188,7 @@ def test_the_sdk_client_survives_a_kraken_outage_without_a_restart(demo):
     asyncio.run(main())
 
 
-def test_the_sdk_client_reports_a_token_refused_on_a_trading_request_and_sends_it_again(demo):
+def test_the_sdk_client_reports_a_token_refused_on_trading_requests_and_sends_them_again(demo):
     from ktb_client.kraken_sdk import BrokerSpotWSClient
     from net_helpers import ORDER, requests_answered, until
 
@@ -208,15 +208,119 @@ def test_the_sdk_client_reports_a_token_refused_on_a_trading_request_and_sends_i
             demo.sim_post("/_sim/tokens/revoke")
             mine = {"method": "add_order", "params": dict(ORDER)}
             await client.send_message(mine)
+            # Two under one req_id: both followed (neither replaces the other).
             await client.send_message({"method": "add_order", "params": dict(ORDER), "req_id": 7})
-            await until("both orders placed", 15, lambda: len(seen.answered("add_order", True)) == 2)
+            await client.send_message({"method": "add_order", "params": dict(ORDER), "req_id": 7})
+            await until("all three orders placed", 15, lambda: len(seen.answered("add_order", True)) == 3)
             assert not seen.answered("add_order", False), "the refusals were handled, not handed on"
-            assert sorted(m["req_id"] for m in seen.answered("add_order", True))[0] == 7
+            assert sorted(m["req_id"] for m in seen.answered("add_order", True))[:2] == [7, 7]
             assert "token" not in mine["params"], "the caller's message is left as it was"
             assert requests_answered(demo, "/v1/token/invalidate", 200) == reports + 1, "one report"
             assert requests_answered(demo, "/v1/token", 200) == fetches
             assert len(demo.sim_get("/_sim/calls")["calls"]) == calls + 1, "one Kraken call"
         finally:
             await client.close()
+
+    asyncio.run(main())
+
+
+async def _ping(client, seen: _Seen, req_id: int) -> None:
+    """A ping on the private connection, answered after every earlier request
+    there (one socket, in order)."""
+    import json
+
+    from net_helpers import until
+
+    await client._get_socket(private=True).send(json.dumps({"method": "ping", "req_id": req_id}))
+    await until("the pong", 10, lambda: any(m.get("method") == "pong" and m.get("req_id") == req_id
+                                           for m in seen.messages))
+
+
+def test_the_sdk_client_sends_a_trading_request_again_once_and_hands_on_the_second_refusal(demo):
+    """The broker (a fake) answers a token the simulator never issued, and
+    the same one to the report: Kraken refuses each order twice. Two orders
+    under the same req_id are both followed, and each refusal reaches the
+    callback, with the caller's req_id, after one re-send."""
+    from ktb_client.kraken_sdk import BrokerSpotWSClient
+    from net_helpers import FAKE_TOKEN, ORDER, ScriptedBroker, until
+
+    seen = _Seen()
+
+    async def main() -> None:
+        async with ScriptedBroker([(200, {})], token=dict(FAKE_TOKEN, ws_url=demo.ws_url)) as fake:
+            client = BrokerSpotWSClient(Broker(fake.url, credential="c"), callback=seen.callback, backoff_max=0.2)
+            await client.start()
+            try:
+                for _ in range(2):
+                    await client.send_message({"method": "add_order", "params": dict(ORDER), "req_id": 7})
+                await until("both refusals handed on", 10, lambda: len(seen.answered("add_order", False)) == 2)
+                await _ping(client, seen, 99)
+                refusals = seen.answered("add_order", False)
+                assert len(refusals) == 2, "each order sent twice, no more"
+                assert [m["req_id"] for m in refusals] == [7, 7]
+                assert all("Invalid session" in m["error"] for m in refusals)
+                assert fake.paths[0].startswith("/v1/token") and 2 <= fake.requests <= 3
+                assert all(p.startswith("/v1/token/invalidate") for p in fake.paths[1:]), "reports only"
+            finally:
+                await client.close()
+
+    asyncio.run(main())
+
+
+def test_the_sdk_client_never_sends_an_order_again_after_resend_within(demo):
+    """The report of the refused token waits out two 503s (1 s each); the
+    order may be sent again only within 0.5 s: its refusal is handed on
+    before the report is answered, and the order is not sent after it."""
+    from ktb_client.kraken_sdk import BrokerSpotWSClient
+    from net_helpers import FAKE_TOKEN, ORDER, ScriptedBroker, until
+
+    seen = _Seen()
+    script = [(200, {}), (503, {"Retry-After": "1"}), (503, {"Retry-After": "1"}), (200, {})]
+
+    async def main() -> None:
+        async with ScriptedBroker(script, token=dict(FAKE_TOKEN, ws_url=demo.ws_url)) as fake:
+            client = BrokerSpotWSClient(Broker(fake.url, credential="c"), callback=seen.callback,
+                                        backoff_max=0.2, resend_within=0.5)
+            await client.start()
+            fake.token = dict(fake.token, token="fake-token-2")  # what the report will answer
+            try:
+                await client.send_message({"method": "add_order", "params": dict(ORDER)})
+                await until("the refusal handed on", 10, lambda: seen.answered("add_order", False))
+                assert fake.requests < 4, "handed on while the report still waited"
+                await until("the report answered", 10,
+                            lambda: client.token is not None and client.token.token == "fake-token-2")
+                await _ping(client, seen, 98)
+                assert len(seen.answered("add_order", False)) == 1, "not sent again with the new token"
+            finally:
+                await client.close()
+
+    asyncio.run(main())
+
+
+def test_the_sdk_client_closes_at_once_while_it_waits_out_a_broker_outage(demo):
+    """The connection drops while the broker answers 503 (patience 15 min):
+    the SDK's reconnect waits in get_ws_token, and close() ends that wait
+    (the SDK's own stop() would wait for it), removing the log filter."""
+    from ktb_client.kraken_sdk import _SDK_LOGGERS, BrokerSpotWSClient
+    from net_helpers import FAKE_TOKEN, ScriptedBroker, until
+
+    seen = _Seen()
+
+    async def main() -> None:
+        async with ScriptedBroker([(200, {}), (503, {"Retry-After": "1"})],
+                                  token=dict(FAKE_TOKEN, ws_url=demo.ws_url)) as fake:
+            client = BrokerSpotWSClient(Broker(fake.url, credential="c"), callback=seen.callback)
+            await client.start()
+            assert all(client._redact in logging.getLogger(n).filters for n in _SDK_LOGGERS)
+            demo.sim_post("/_sim/ws/drop")
+            await until("two refused fetches", 15, lambda: fake.requests >= 3)
+            closing = asyncio.ensure_future(client.close())
+            done, _ = await asyncio.wait({closing}, timeout=5)
+            assert closing in done, "close() returned within 5 s (the patience is 900 s)"
+            closing.result()
+            asked = fake.requests
+            assert not any(client._redact in logging.getLogger(n).filters for n in _SDK_LOGGERS)
+            await asyncio.sleep(1.5)  # a duration: the broker is not asked after close()
+            assert fake.requests == asked
 
     asyncio.run(main())

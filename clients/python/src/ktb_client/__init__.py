@@ -131,6 +131,10 @@ class Broker:
     # -- requests --------------------------------------------------------
 
     def _headers(self) -> dict[str, str]:
+        # The token file is read on every request, synchronously (also on
+        # AsyncBroker's event loop): a projected ServiceAccount token is a
+        # file of about a kilobyte on a tmpfs, read once per fetch or report
+        # (not per Kraken message), so this is a microsecond-scale read.
         headers = {"Accept": "application/json", "User-Agent": "ktb-client-python/0.1"}
         bearer = self._credential
         if self._token_file is not None:
@@ -160,11 +164,18 @@ class Broker:
                 conn.request(method, path, body=body, headers=headers)
                 response = conn.getresponse()
                 data = response.read()
-            except OSError as e:
-                raise BrokerError(0, f"cannot reach the broker at {self._host}:{self._port}: {e}") from None
+            except (OSError, http.client.HTTPException) as e:
+                raise BrokerError(0, f"cannot reach the broker at {self._host}:{self._port}: "
+                                     f"{str(e) or type(e).__name__}") from None
             if response.status != 200:
                 raise _refusal(response.status, data, response.getheader("Retry-After"))
-            return json.loads(data)
+            try:
+                answer = json.loads(data)
+                Token.from_json(answer)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise BrokerError(0, f"a malformed answer from the broker at {self._host}:{self._port}: "
+                                     f"{str(e) or type(e).__name__}") from None
+            return answer
         finally:
             conn.close()
 
@@ -192,7 +203,7 @@ class Broker:
             try:
                 conn.request("GET", self._path("/v1/token/watch"), headers=headers)
                 response = conn.getresponse()
-            except OSError as e:
+            except (OSError, http.client.HTTPException) as e:
                 raise BrokerError(0, f"cannot reach the broker at {self._host}:{self._port}: {e}") from None
             if response.status != 200:
                 raise _refusal(response.status, response.read(), response.getheader("Retry-After"))

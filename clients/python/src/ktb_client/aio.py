@@ -105,13 +105,16 @@ class AsyncBroker:
                 line = await asyncio.wait_for(body.readline(), idle_timeout)
                 if not line:
                     return
-                event = events.feed(line)
+                try:
+                    event = events.feed(line)
+                except (ValueError, KeyError, TypeError, AttributeError) as e:
+                    raise BrokerError(0, f"a malformed event from the broker at {self._where()}: {_what(e)}") from None
                 if event is not None:
                     yield event
-        except (OSError, asyncio.IncompleteReadError) as e:
-            if isinstance(e, TimeoutError):
-                raise
-            raise BrokerError(0, f"lost the broker at {self._where()}: {e}") from None
+        except TimeoutError:
+            raise
+        except (OSError, asyncio.IncompleteReadError, ValueError) as e:
+            raise BrokerError(0, f"lost the broker at {self._where()}: {_what(e)}") from None
         finally:
             writer.close()
 
@@ -131,7 +134,7 @@ class AsyncBroker:
                 timeout,
             )
         except (OSError, TimeoutError) as e:
-            raise BrokerError(0, f"cannot reach the broker at {self._where()}: {e or 'timed out'}") from None
+            raise BrokerError(0, f"cannot reach the broker at {self._where()}: {_what(e, timeout)}") from None
 
     async def _call(self, method: str, path: str, body: bytes | None = None) -> Token:
         headers = self._config._headers()
@@ -144,12 +147,16 @@ class AsyncBroker:
                 status, fields, response = await self._exchange(reader, writer, method, path, headers, body)
                 data = await response.read_all()
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
-            raise BrokerError(0, f"no answer from the broker at {self._where()}: {e or 'timed out'}") from None
+            raise BrokerError(0, f"no answer from the broker at {self._where()}: {_what(e, timeout)}") from None
         finally:
             writer.close()
         if status != 200:
             raise _refusal(status, data, fields.get("retry-after"))
-        return Token.from_json(json.loads(data))
+        try:
+            return Token.from_json(json.loads(data))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            # Transient (status 0): a proxy's page or a cut body; asking again may get a token.
+            raise BrokerError(0, f"a malformed answer from the broker at {self._where()}: {_what(e)}") from None
 
     async def _exchange(
         self,
@@ -212,7 +219,10 @@ class _Body:
         if not size_line:
             self._done = True
             return b""
-        size = int(size_line.split(b";")[0].strip() or b"0", 16)
+        try:
+            size = int(size_line.split(b";")[0].strip() or b"0", 16)
+        except ValueError:
+            raise ValueError("a malformed chunk size") from None
         if size == 0:
             self._done = True
             return b""
@@ -281,6 +291,13 @@ async def patiently(
             attempt += 1
 
 
+def _what(error: BaseException, timeout: float | None = None) -> str:
+    """An exception as a message that is never empty (a TimeoutError's is)."""
+    if isinstance(error, TimeoutError) and not str(error):
+        return f"timed out after {timeout:g} s" if timeout is not None else "timed out"
+    return str(error) or type(error).__name__
+
+
 def _reason(error: BrokerError) -> str:
     if error.status == 0:
         return "unreachable"
@@ -304,3 +321,8 @@ class SingleFlight:
             task.add_done_callback(lambda _t: self._running.pop(key, None))
         # shield: one waiter cancelled must not cancel the others' call
         return await asyncio.shield(task)
+
+    def cancel(self) -> None:
+        """Cancels every call running (their waiters get CancelledError)."""
+        for task in list(self._running.values()):
+            task.cancel()

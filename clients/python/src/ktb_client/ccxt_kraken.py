@@ -18,8 +18,16 @@ What it takes care of, found in ccxt 4.5's source:
   ``Client`` for the private URL, replaced by a new one when the connection
   closes). The broker is asked again only for a new connection, after Kraken
   rejected the token, or when less than ``renew_before`` seconds are left to
-  its use-by; concurrent callers share one request. The private URLs point
-  where the broker says (``ws_url``). Nothing is fetched at construction;
+  its use-by (asking for a token with ``min_ttl`` more than that, so one
+  answer lasts); concurrent callers share one request. The use-by limits
+  only opening a connection (Kraken: the token "does not expire once a
+  successful WebSockets connection and private subscription has been made"),
+  so while the connection is open its token is used on and the renewal runs
+  in the background: a broker outage never fails a call on a working
+  connection (a failed renewal is tried again after 5 s, or the broker's
+  ``Retry-After``). Only Kraken refusing the token forces a report. The
+  private URLs point where the broker says (``ws_url``). Nothing is fetched
+  at construction, and nothing fetched after ``close()`` opens a connection;
 - the broker's refusals become ccxt's errors, so watch loops that catch
   ccxt errors keep working: unreachable, 429 and 5xx are ``NetworkError``
   (``RateLimitExceeded`` for 429, else ``ExchangeNotAvailable``; with a
@@ -43,6 +51,8 @@ What it takes care of, found in ccxt 4.5's source:
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 import weakref
 from dataclasses import dataclass
@@ -52,6 +62,7 @@ import ccxt.pro
 from ccxt.base.errors import (
     AuthenticationError,
     BaseError,
+    ExchangeClosedByUser,
     ExchangeError,
     ExchangeNotAvailable,
     NetworkError,
@@ -59,7 +70,7 @@ from ccxt.base.errors import (
 )
 
 from . import Broker, BrokerError, Token
-from .aio import AsyncBroker, SingleFlight, patiently
+from .aio import LOG, AsyncBroker, SingleFlight, patiently
 
 __all__ = ["BrokerKraken", "DEFAULT_RENEW_BEFORE"]
 
@@ -72,6 +83,8 @@ _MAX_REPORTS = 3
 # Ask the broker again when a connection's token has less than this left to
 # its use-by (a token is checked when a request carries it).
 DEFAULT_RENEW_BEFORE = 30.0
+# After a background renewal failed, not again before this (or Retry-After).
+_RENEW_RETRY = 5.0
 
 
 def _rejects_token(error: object) -> bool:
@@ -108,6 +121,9 @@ class BrokerKraken(ccxt.pro.kraken):
         self._quiet_until = 0.0  # monotonic: the broker's Retry-After not yet passed
         self._quiet_error: NetworkError | None = None
         self._flights = SingleFlight()
+        self._renewals: set[asyncio.Task] = set()
+        self._renew_not_before = 0.0  # monotonic: after a failed background renewal
+        self._epoch = 0  # close() counts up: an answer asked for before then is not kept
 
     @property
     def token(self) -> Token | None:
@@ -124,8 +140,11 @@ class BrokerKraken(ccxt.pro.kraken):
             return self.client(self._ws_url)
         return (self.clients or {}).get(self._ws_url)
 
-    def _keep(self, token: Token) -> None:
-        """Uses `token` for the current (or next) private connection."""
+    def _keep(self, token: Token, epoch: int) -> None:
+        """Uses `token` for the current (or next) private connection; asked
+        for before a ``close()`` (`epoch` passed), it is dropped instead."""
+        if epoch != self._epoch:
+            raise ExchangeClosedByUser(f"{self.id} closed while asking kraken-token-broker")
         if token.ws_url != self._ws_url:
             ws = self.urls["api"]["ws"]
             ws["privateV2"] = token.ws_url
@@ -137,16 +156,52 @@ class BrokerKraken(ccxt.pro.kraken):
     async def authenticate(self, params: dict = {}) -> str:  # noqa: B006 (ccxt's signature)
         client = self._private_client(create=False)
         held = self._held.get(client) if client is not None else None
-        if held is not None and held.use_by - time.monotonic() > self._renew_before:
-            self._token = held.token
-            return held.token.token
-        token = await self._flights.run(("fetch", id(client)), self._fetch)
+        if held is not None:
+            if held.use_by - time.monotonic() > self._renew_before:
+                self._token = held.token
+                return held.token.token
+            if not client.closed():
+                # The open connection goes on with its token; renew aside.
+                self._renew_later(client)
+                self._token = held.token
+                return held.token.token
+        token = await self._flight(("fetch", id(client)), self._fetch)
         return token.token
 
     async def _fetch(self) -> Token:
-        token = await self._ask(self._broker.fetch)
-        self._keep(token)
+        epoch = self._epoch
+        min_ttl = math.ceil(self._renew_before) + 1
+        token = await self._ask(lambda: self._broker.fetch(min_ttl=min_ttl))
+        self._keep(token, epoch)
         return token
+
+    def _renew_later(self, client: Any) -> None:
+        now = time.monotonic()
+        if now < max(self._renew_not_before, self._quiet_until) or self._renewals:
+            return
+
+        async def renew() -> None:
+            try:
+                await self._flight(("fetch", id(client)), self._fetch)
+            except ExchangeClosedByUser:
+                pass
+            except BaseError as e:
+                retry_after = getattr(e, "retry_after", None) or 0
+                self._renew_not_before = time.monotonic() + max(_RENEW_RETRY, retry_after)
+                LOG.warning("kraken-token-broker: cannot renew the token of an open connection (kept): %s", e)
+
+        task = asyncio.ensure_future(renew())
+        self._renewals.add(task)
+        task.add_done_callback(self._renewals.discard)
+
+    async def close(self, *args: Any, **kwargs: Any) -> None:
+        """As ccxt's; broker requests under way are ended first, so none
+        opens a connection (or session) after this."""
+        self._epoch += 1
+        self._flights.cancel()
+        for task in list(self._renewals):
+            task.cancel()
+        await super().close(*args, **kwargs)
 
     async def _report(self, rejected: Token) -> Token:
         """Reports `rejected` once, however many calls it failed; answers
@@ -157,11 +212,24 @@ class BrokerKraken(ccxt.pro.kraken):
             return held.token
 
         async def report() -> Token:
+            epoch = self._epoch
             token = await self._ask(lambda: self._broker.invalidate(rejected))
-            self._keep(token)
+            self._keep(token, epoch)
             return token
 
-        return await self._flights.run(("report", rejected.token), report)
+        return await self._flight(("report", rejected.token), report)
+
+    async def _flight(self, key: object, call) -> Token:
+        """A shared broker request; one ended by ``close()`` raises
+        ``ExchangeClosedByUser`` in its waiters (not a cancellation of theirs)."""
+        epoch = self._epoch
+        try:
+            return await self._flights.run(key, call)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if epoch != self._epoch and task is not None and not task.cancelling():
+                raise ExchangeClosedByUser(f"{self.id} closed while asking kraken-token-broker") from None
+            raise
 
     async def _ask(self, call) -> Token:
         """One request to the broker, its refusal as a ccxt error."""
