@@ -38,7 +38,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from ktb_harness import free_port, start_simulator, stop_all, wait, write_broker_config
+from ktb_harness import free_port, start_prometheus, start_simulator, stop_all, wait, write_broker_config
 from prometheus_e2e import http
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -211,20 +211,8 @@ def main() -> None:
         api, admin = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{admin_port}"
         wait("the broker to be ready", 20, lambda: http("GET", f"{admin}/readyz")[0] == 200)
 
-        prom_port = free_port()
-        (tmp / "prometheus.yml").write_text(f"""
-global:
-  scrape_interval: 1s
-scrape_configs:
-  - job_name: kraken-token-broker
-    static_configs:
-      - targets: ["127.0.0.1:{admin_port}"]
-""")
-        procs.append(subprocess.Popen(
-            ["prometheus", f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}"],
-            stdout=subprocess.DEVNULL, stderr=(tmp / "prometheus.log").open("w")))
-        prom = f"http://127.0.0.1:{prom_port}"
+        prometheus, prom = start_prometheus(tmp, admin_port)
+        procs.append(prometheus)
         # A scrape before the traffic, so every counter has a 0 to rise from.
         wait("Prometheus to scrape the broker", 30,
              lambda: http("GET", f"{prom}/api/v1/query?query=kraken_token_broker_build_info")[0] == 200

@@ -43,6 +43,8 @@ from pathlib import Path
 import helm_python as helm
 import yaml
 
+from ktb_harness import wait
+
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "kraken-token-broker"
 MIRROR = os.environ.get("KTB_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -235,20 +237,6 @@ def http(url: str, token: str | None = None) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-def wait_for(what: str, seconds: float, probe):
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            value = probe()
-        except OSError:
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-        time.sleep(0.2)
-
-
 def published(container: str, port: int) -> str:
     line = docker("port", container, f"{port}/tcp").splitlines()[0]
     return line.replace("0.0.0.0", "127.0.0.1")
@@ -297,14 +285,14 @@ def run_containers(work: Path) -> None:
                   *flags, "-e", "KTB_SIM_API_KEY", "-e", "KTB_SIM_API_SECRET",
                   IMAGE, "simulate", "--listen", "0.0.0.0:8090", env=env, check=False, capture=True)
         assert out.returncode == 0, out.stdout
-        wait_for("the simulator", 30, lambda: "listening on" in docker("logs", sim))
+        wait("the simulator", 30, lambda: "listening on" in docker("logs", sim), every=0.2)
         docker("run", "-d", "--name", broker, "--network", network, *flags,
                "--stop-timeout", str(grace),
                "-v", f"{config}:/etc/kraken-token-broker/config:ro",
                "-v", f"{work / 'keys'}:/etc/kraken-token-broker/keys:ro",
                "-p", "127.0.0.1::8080", "-p", "127.0.0.1::9090", IMAGE, *container.get("args", []))
         api, admin = published(broker, 8080), published(broker, 9090)
-        ready = wait_for("/readyz 200", 60, lambda: http(f"http://{admin}/readyz")[0] == 200)
+        ready = wait("/readyz 200", 60, lambda: http(f"http://{admin}/readyz")[0] == 200, every=0.2)
         assert ready
         status, body = http(f"http://{api}/v1/token?account=main", credential)
         assert status == 200, f"/v1/token answered {status}: {body}"

@@ -77,6 +77,28 @@ accounts = ["main"]
     return credential
 
 
+def start_prometheus(tmp: Path, admin_port: int, rules: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """A Prometheus scraping the broker's admin port every second (and
+    evaluating `rules`, if given, as often). Returns the process and its URL."""
+    port = free_port()
+    rule_files = f"rule_files:\n  - {rules}\n" if rules else ""
+    config = tmp / "prometheus.yml"
+    config.write_text(f"""
+global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+{rule_files}scrape_configs:
+  - job_name: kraken-token-broker
+    static_configs:
+      - targets: ["127.0.0.1:{admin_port}"]
+""")
+    proc = subprocess.Popen(
+        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=(tmp / "prometheus.log").open("w"))
+    return proc, f"http://127.0.0.1:{port}"
+
+
 def stop_all(procs: list[subprocess.Popen]) -> None:
     """Terminates the processes (last started first), killing any that linger."""
     for p in reversed(procs):

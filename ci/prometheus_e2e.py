@@ -23,7 +23,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from ktb_harness import free_port, start_simulator, stop_all, wait, write_broker_config
+from ktb_harness import free_port, start_prometheus, start_simulator, stop_all, wait, write_broker_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "helm" / "kraken-token-broker" / "files" / "alert-rules.yaml"
@@ -81,24 +81,8 @@ def main() -> None:
         print("promtool check metrics: clean")
 
         # Prometheus, scraping and evaluating every second.
-        prom_port = free_port()
-        prom_config = tmp / "prometheus.yml"
-        prom_config.write_text(f"""
-global:
-  scrape_interval: 1s
-  evaluation_interval: 1s
-rule_files:
-  - {RULES}
-scrape_configs:
-  - job_name: kraken-token-broker
-    static_configs:
-      - targets: ["127.0.0.1:{admin_port}"]
-""")
-        procs.append(subprocess.Popen(
-            ["prometheus", f"--config.file={prom_config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}"],
-            stdout=subprocess.DEVNULL, stderr=(tmp / "prometheus.log").open("w")))
-        prom = f"http://127.0.0.1:{prom_port}"
+        prometheus, prom = start_prometheus(tmp, admin_port, RULES)
+        procs.append(prometheus)
 
         def target_up():
             status, body = http("GET", f"{prom}/api/v1/targets")
