@@ -213,14 +213,7 @@ pub async fn invalidate(
 ) -> Result<Response, ApiError> {
     let query = parse_query(raw.as_deref(), false)?;
     let grant = auth.grant(query.account.as_deref())?;
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            let mime = v.split(';').next().unwrap_or("").trim();
-            mime.eq_ignore_ascii_case("application/json")
-        });
-    if !json {
+    if !super::is_json(&headers) {
         return Err(ApiError::UnsupportedMediaType);
     }
     // Read only now, after auth: within a deadline and a size limit.

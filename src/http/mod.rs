@@ -286,3 +286,14 @@ pub fn admin_router(state: AppState) -> Router {
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn_with_state(metrics, track))
 }
+
+/// Whether a request's body is declared JSON (`Content-Type:
+/// application/json`, any parameters): what a page elsewhere cannot send
+/// without a CORS preflight.
+pub fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
+}

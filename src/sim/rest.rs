@@ -165,13 +165,13 @@ impl IntoResponse for Refused {
 }
 
 fn require_json(headers: &HeaderMap) -> Result<(), Refused> {
-    let json = header_str(headers, "content-type")
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
-    if json { Ok(()) } else { Err(Refused::NotJson) }
+    if crate::http::is_json(headers) {
+        Ok(())
+    } else {
+        Err(Refused::NotJson)
+    }
 }
 
-/// Parses a JSON body (an empty body is `empty`, where one is allowed).
 /// A JSON body of `T`; where an empty body means something (`empty`), an
 /// empty body needs no `Content-Type` (`curl -X POST URL` sends none),
 /// unless a browser sent it (it names an `Origin`): a page elsewhere may

@@ -145,12 +145,7 @@ fn foreign(headers: &axum::http::HeaderMap) -> Option<(StatusCode, &'static str)
             "the Host must be a loopback address or localhost",
         ));
     }
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
-    if !json {
+    if !crate::http::is_json(headers) {
         return Some((
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "send Content-Type: application/json (with no body, or {\"token\": \"...\"})",

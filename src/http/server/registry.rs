@@ -26,7 +26,7 @@ pub struct Standing {
     proof: Arc<Mutex<Option<Proof>>>,
     /// The protected connections one consumer may hold on this listener.
     cap: usize,
-    /// Whether the request this handle was made for proved an identity.
+    /// Whether the request now handled on the connection proved an identity.
     proved_now: Arc<AtomicBool>,
 }
 
@@ -59,13 +59,12 @@ impl Standing {
     /// The handle one request carries. The connection keeps its standing
     /// while the request is handled (a proven connection is not open to
     /// eviction mid-request), and [`Standing::settle`] sets it from what the
-    /// request proved once it is answered.
+    /// request proved once it is answered. HTTP/1 handles one request of a
+    /// connection at a time, so one flag per connection serves each in turn
+    /// (no allocation per request).
     pub fn for_request(&self) -> Self {
-        Self {
-            proof: Arc::clone(&self.proof),
-            cap: self.cap,
-            proved_now: Arc::default(),
-        }
+        self.proved_now.store(false, Ordering::Relaxed);
+        self.clone()
     }
 
     /// The request is answered: a connection whose last request proved no
