@@ -164,12 +164,13 @@ impl IntoResponse for Refused {
     }
 }
 
+/// The simulator stands apart from the broker (tests/architecture.rs): its
+/// own check, the same rule as `crate::http::is_json`.
 fn require_json(headers: &HeaderMap) -> Result<(), Refused> {
-    if crate::http::is_json(headers) {
-        Ok(())
-    } else {
-        Err(Refused::NotJson)
-    }
+    let json = header_str(headers, "content-type")
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
+    if json { Ok(()) } else { Err(Refused::NotJson) }
 }
 
 /// A JSON body of `T`; where an empty body means something (`empty`), an
