@@ -707,6 +707,8 @@ async fn a_consumer_holding_every_slot_never_keeps_another_consumer_out() {
                 per_second: 1.0,
                 burst: 5.0,
             },
+            relay: Default::default(),
+            relay_only: false,
         })
         .start()
         .await;

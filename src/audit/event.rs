@@ -46,6 +46,10 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         since: Option<String>,
     },
+    /// A trading request sent through the relay, and Kraken's answer: which
+    /// engine placed, changed or cancelled which order. Never the token.
+    #[serde(rename = "relay.order")]
+    RelayOrder(Box<RelayOrder>),
     /// The account's API key was seen used by another signer.
     #[serde(rename = "key.foreign_use")]
     KeyForeignUse {
@@ -133,4 +137,40 @@ mod tests {
                                "peer": "10.0.0.1", "count": 3, "time": "t"})
         );
     }
+}
+
+/// The fields of a `relay.order` line.
+#[derive(Debug, Clone, Serialize)]
+pub struct RelayOrder {
+    pub consumer: String,
+    pub account: String,
+    pub peer: Option<String>,
+    pub method: String,
+    /// The request's `req_id`, as the engine sent it.
+    pub req_id: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub symbol: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub side: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order_qty: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit_price: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cl_ord_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order_userref: Option<String>,
+    /// The order the request names (`cancel_order`, `amend_order`), or the
+    /// one Kraken's answer gives (`add_order`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<String>,
+    /// For `batch_add`/`batch_cancel`: how many orders it carries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub orders: Option<usize>,
+    /// `answered` (Kraken's answer below), `unanswered` (the connection
+    /// ended first), or `refused` (the broker answered: no token to be had).
+    pub outcome: &'static str,
+    pub success: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }

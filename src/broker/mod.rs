@@ -353,6 +353,16 @@ pub async fn run(
         }
     })
     .await;
+    // Relays close after the drain (1001), each at a frame boundary, and
+    // their Kraken connections with them.
+    broker.streams.relays_stop.cancel();
+    broker.streams.relays.close();
+    if tokio::time::timeout(RELAY_CLOSE_TIMEOUT, broker.streams.relays.wait())
+        .await
+        .is_err()
+    {
+        warn!("relay connections did not close in time; they are cut");
+    }
     // Every audit line of the requests just answered, and the last summary.
     if let Some(auditor) = &broker.auditor {
         auditor.close(AUDIT_CLOSE_TIMEOUT).await;
@@ -362,6 +372,8 @@ pub async fn run(
     outcome
 }
 
+/// How long shutdown waits for relay connections to close.
+const RELAY_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long shutdown waits for the audit trail to be written out.
 const AUDIT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 

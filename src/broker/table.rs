@@ -60,6 +60,13 @@ fn consumer(c: &ConsumerConfig, old: &ServeTable, parts: &Parts<'_>) -> Consumer
         |o| Arc::clone(&o.watchers),
     );
     let proven = before.map(|o| Arc::clone(&o.proven)).unwrap_or_default();
+    // Open relays keep their permits while the cap stays the same.
+    let relays = before
+        .filter(|o| o.relay.max_connections == c.relay.max_connections)
+        .map_or_else(
+            || Arc::new(tokio::sync::Semaphore::new(c.relay.max_connections)),
+            |o| Arc::clone(&o.relays),
+        );
     let grants = c
         .accounts
         .iter()
@@ -71,6 +78,7 @@ fn consumer(c: &ConsumerConfig, old: &ServeTable, parts: &Parts<'_>) -> Consumer
             })
         })
         .collect();
+    parts.metrics.relay().consumer(&c.name);
     Consumer {
         name: c.name.clone(),
         identity: c.identity.clone(),
@@ -79,6 +87,9 @@ fn consumer(c: &ConsumerConfig, old: &ServeTable, parts: &Parts<'_>) -> Consumer
         rate_limited: consumers.rate_limited(&c.name),
         watchers,
         proven,
+        relay: c.relay.clone(),
+        relay_only: c.relay_only,
+        relays,
     }
 }
 
@@ -89,6 +100,7 @@ fn forget_the_gone(config: &Config, old: &ServeTable, metrics: &Metrics) {
         let now = config.consumers.iter().find(|c| c.name == was.name);
         if now.is_none() {
             consumers.remove_rate_limited(&was.name);
+            metrics.relay().remove_consumer(&was.name);
         }
         for grant in &was.grants {
             if !now.is_some_and(|c| c.accounts.contains(&grant.account)) {

@@ -106,6 +106,8 @@ pub async fn run(args: DemoArgs) -> Result<(), Error> {
             },
             accounts: vec!["demo".into()],
             rate_limit: DEFAULT_RATE_LIMIT,
+            relay: Default::default(),
+            relay_only: false,
         }],
         kubernetes: None,
         audit: None,

@@ -181,6 +181,56 @@ pub struct ConsumerConfig {
     pub identity: Identity,
     pub accounts: Vec<String>,
     pub rate_limit: RateLimit,
+    /// What it may do through the relay (`GET /v1/relay`).
+    pub relay: RelayPolicy,
+    /// `relay_only = true`: `/v1/token` and `/v1/token/watch` refuse it.
+    pub relay_only: bool,
+}
+
+/// A consumer's relay settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayPolicy {
+    /// `relay.allow`: the methods (`add_order`) and method:channel pairs
+    /// (`subscribe:executions`) it may send; `None`: every method.
+    pub allow: Option<Vec<RelayGrant>>,
+    /// `relay.max_connections`: relay connections open at once.
+    pub max_connections: usize,
+}
+
+impl Default for RelayPolicy {
+    fn default() -> Self {
+        Self {
+            allow: None,
+            max_connections: DEFAULT_RELAY_CONNECTIONS,
+        }
+    }
+}
+
+/// Relay connections a consumer may hold open when `relay.max_connections`
+/// is not set.
+pub const DEFAULT_RELAY_CONNECTIONS: usize = 64;
+
+/// One entry of `relay.allow`: a method, and for `subscribe` and
+/// `unsubscribe`, optionally one channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayGrant {
+    pub method: String,
+    pub channel: Option<String>,
+}
+
+impl RelayPolicy {
+    /// Whether `method` (with `channel`, for `subscribe`/`unsubscribe`) is
+    /// allowed. `ping` always is: it carries nothing and keeps a
+    /// connection alive.
+    pub fn allows(&self, method: &str, channel: Option<&str>) -> bool {
+        let Some(allow) = &self.allow else {
+            return true;
+        };
+        method == "ping"
+            || allow
+                .iter()
+                .any(|g| g.method == method && (g.channel.is_none() || g.channel.as_deref() == channel))
+    }
 }
 
 /// A whole, valid configuration.

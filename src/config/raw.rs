@@ -113,6 +113,16 @@ pub(super) struct ConsumerSection {
     pub(super) client_cert: Option<Spanned<ClientCertSection>>,
     pub(super) accounts: Option<Spanned<Vec<Text>>>,
     pub(super) rate_limit: Option<Spanned<RateLimitSection>>,
+    pub(super) relay: Option<Spanned<RelaySection>>,
+    pub(super) relay_only: Option<Spanned<bool>>,
+}
+
+/// `relay = { allow = [...], max_connections = N }` of a consumer.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RelaySection {
+    pub(super) allow: Option<Spanned<Vec<Text>>>,
+    pub(super) max_connections: Option<Spanned<i64>>,
 }
 
 /// Where a secret is, as written: `{ file = "..." }` or `{ env = "..." }`.

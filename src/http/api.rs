@@ -179,6 +179,7 @@ fn refused(auth: &Authenticated, u: Unavailable, account: &str) -> ApiError {
 
 /// `GET /v1/token?account=NAME&min_ttl=SECONDS`
 pub async fn get_token(auth: Authenticated, method: Method, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    auth.may_hold_tokens()?;
     let query = parse_query(raw.as_deref(), true)?;
     let grant = auth.grant(query.account.as_deref())?;
     let table = &auth.table;
@@ -211,6 +212,7 @@ pub async fn invalidate(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    auth.may_hold_tokens()?;
     let query = parse_query(raw.as_deref(), false)?;
     let grant = auth.grant(query.account.as_deref())?;
     if !super::is_json(&headers) {

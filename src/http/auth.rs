@@ -51,6 +51,13 @@ pub struct Authenticated {
 }
 
 impl Authenticated {
+    /// Refuses a `relay_only` consumer a token (403), counted.
+    pub fn may_hold_tokens(&self) -> Result<(), ApiError> {
+        self.consumer.may_hold_tokens().inspect_err(|_| {
+            self.metrics.relay().refused(&self.consumer.name, super::relay::Refusal::RelayOnly);
+        })
+    }
+
     /// The grant of the account asked for, or the only one when none is
     /// named. An account not granted is refused the same way whether or not
     /// it exists.
@@ -248,5 +255,36 @@ impl FromRequestParts<AppState> for Authenticated {
                 })
             }
         }
+    }
+}
+
+/// Whether a relay's consumer still proves who it is.
+pub enum Reproof {
+    /// It does; prove it again then (if ever).
+    Proven(Option<Instant>),
+    /// It does not: the relay ends.
+    Refused,
+    /// It cannot be told now (the API server is down or busy).
+    Unknown,
+}
+
+/// Proves again, for a relay that outlives its request, the `Authorization`
+/// value (`bearer`) that proved `consumer`: a ServiceAccount token is
+/// reviewed again (a cached review counts) and must still name the same
+/// consumer, under the table in force now.
+pub async fn prove_again(state: &AppState, bearer: &crate::secret::SecretString, consumer: &Consumer) -> Reproof {
+    let Ok(value) = axum::http::HeaderValue::from_str(bearer.expose()) else {
+        return Reproof::Refused;
+    };
+    let mut request = axum::http::Request::new(());
+    request.headers_mut().insert(AUTHORIZATION, value);
+    let (parts, ()) = request.into_parts();
+    let table = state.table.load_full();
+    match identify(&parts, &table, state).await {
+        Ok(found) if found.name == consumer.name && found.identity == consumer.identity => {
+            Reproof::Proven(reprove_at(&parts, &found, &table))
+        }
+        Ok(_) | Err(Refusal::Auth(..) | Refusal::Malformed(_)) => Reproof::Refused,
+        Err(Refusal::Unavailable(_) | Refusal::Throttled(_)) => Reproof::Unknown,
     }
 }

@@ -21,6 +21,7 @@ pub enum Route {
     Token,
     Invalidate,
     Watch,
+    Relay,
     Healthz,
     Readyz,
     Metrics,
@@ -29,10 +30,11 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 7] = [
+    pub const ALL: [Route; 8] = [
         Route::Token,
         Route::Invalidate,
         Route::Watch,
+        Route::Relay,
         Route::Healthz,
         Route::Readyz,
         Route::Metrics,
@@ -44,6 +46,7 @@ impl Route {
             Route::Token => "/v1/token",
             Route::Invalidate => "/v1/token/invalidate",
             Route::Watch => "/v1/token/watch",
+            Route::Relay => "/v1/relay",
             Route::Healthz => "/healthz",
             Route::Readyz => "/readyz",
             Route::Metrics => "/metrics",
@@ -65,6 +68,7 @@ impl Route {
             Route::Token => &[200, 400, 401, 403, 405, 413, 429, 431, 503],
             Route::Invalidate => &[200, 400, 401, 403, 405, 413, 415, 429, 431, 503],
             Route::Watch => &[200, 400, 401, 403, 405, 429, 431, 503],
+            Route::Relay => &[101, 400, 401, 403, 405, 429, 431, 503],
             Route::Healthz | Route::Metrics => &[200],
             Route::Readyz => &[200, 503],
             Route::Unmatched => &[400, 404, 414, 431],

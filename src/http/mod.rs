@@ -10,6 +10,7 @@ pub mod auth;
 pub mod limits;
 pub mod metrics;
 pub mod problem;
+pub mod relay;
 pub mod server;
 pub mod throttle;
 pub mod watch;
@@ -69,6 +70,13 @@ pub struct Consumer {
     /// Its connections protected from eviction, at most
     /// [`server::ServerLimits::max_proven_per_consumer`] (kept across reloads).
     pub proven: server::ProvenConnections,
+    /// What it may send through the relay.
+    pub relay: crate::config::RelayPolicy,
+    /// Whether it may use the relay only (no token is handed to it).
+    pub relay_only: bool,
+    /// Its open relay connections, at most `relay.max_connections` (kept
+    /// across reloads that leave that number be).
+    pub relays: Arc<tokio::sync::Semaphore>,
 }
 
 impl Consumer {
@@ -88,7 +96,18 @@ impl Consumer {
             rate_limited: metrics.consumers().rate_limited(name),
             watchers: Arc::new(tokio::sync::Semaphore::new(watch::MAX_WATCHERS_PER_CONSUMER)),
             proven: server::ProvenConnections::default(),
+            relay: crate::config::RelayPolicy::default(),
+            relay_only: false,
+            relays: Arc::new(tokio::sync::Semaphore::new(crate::config::DEFAULT_RELAY_CONNECTIONS)),
         }
+    }
+
+    /// `relay_only`: refuses a request for a token (403).
+    pub fn may_hold_tokens(&self) -> Result<(), problem::ApiError> {
+        if self.relay_only {
+            return Err(problem::ApiError::RelayOnly);
+        }
+        Ok(())
     }
 }
 
@@ -258,6 +277,7 @@ pub const API_ROUTES: &[(&str, &str)] = &[
     ("/v1/token", "GET"),
     ("/v1/token/invalidate", "POST"),
     ("/v1/token/watch", "GET"),
+    ("/v1/relay", "GET"),
 ];
 
 /// The consumer API. Every wait inside it is bounded where it happens (a
@@ -269,6 +289,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/token", get(api::get_token))
         .route("/v1/token/invalidate", post(api::invalidate))
         .route("/v1/token/watch", get(watch::watch))
+        .route("/v1/relay", get(relay::relay))
         .fallback(not_found)
         .with_state(state)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))

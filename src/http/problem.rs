@@ -30,6 +30,8 @@ pub enum ApiError {
     /// 403: the account is not granted to this consumer (or does not exist:
     /// the same answer either way).
     Forbidden,
+    /// 403: the consumer is `relay_only`: it may not hold tokens.
+    RelayOnly,
     /// 404: no such route.
     NotFound,
     /// 405: the route exists, the method does not.
@@ -65,7 +67,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::Forbidden | ApiError::RelayOnly => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -82,6 +84,7 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad-request",
             ApiError::Unauthorized { .. } => "unauthorized",
             ApiError::Forbidden => "forbidden",
+            ApiError::RelayOnly => "relay-only",
             ApiError::NotFound => "not-found",
             ApiError::MethodNotAllowed => "method-not-allowed",
             ApiError::RequestTimeout => "request-timeout",
@@ -104,6 +107,9 @@ impl ApiError {
             }
             ApiError::Unauthorized { missing: false } => "the credential is not valid",
             ApiError::Forbidden => "this consumer is not granted that account",
+            ApiError::RelayOnly => {
+                "this consumer is relay_only: it trades through GET /v1/relay and is never handed a token"
+            }
             ApiError::NotFound => "no such endpoint: tokens are served at GET /v1/token",
             ApiError::MethodNotAllowed => "this endpoint does not take that method: see the Allow header",
             ApiError::RequestTimeout => "the request body did not arrive in time",

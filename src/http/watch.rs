@@ -54,6 +54,10 @@ pub struct Streams {
     pub stop: CancellationToken,
     /// Bumped whenever a new serving table is in force.
     pub tables: Arc<watch::Sender<u64>>,
+    /// Cancelled after the drain on shutdown: relay connections close (1001).
+    pub relays_stop: CancellationToken,
+    /// The open relay connections, to wait for them at shutdown.
+    pub relays: tokio_util::task::TaskTracker,
 }
 
 impl Default for Streams {
@@ -61,6 +65,8 @@ impl Default for Streams {
         Self {
             stop: CancellationToken::new(),
             tables: Arc::new(watch::channel(0).0),
+            relays_stop: CancellationToken::new(),
+            relays: tokio_util::task::TaskTracker::new(),
         }
     }
 }
@@ -213,6 +219,7 @@ pub async fn watch(
     State(state): State<AppState>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
+    auth.may_hold_tokens()?;
     let query = parse_query(raw.as_deref(), false)?;
     let grant = auth.grant(query.account.as_deref())?;
     let account = grant.account.clone();

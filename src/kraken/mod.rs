@@ -10,6 +10,7 @@ pub mod otp;
 pub mod sign;
 pub mod source;
 pub mod wire;
+pub mod ws;
 
 pub use client::{ApiCredentials, KeyLane, KrakenClient, USER_AGENT};
 pub use error::{

@@ -17,6 +17,7 @@
 //! | [`GateMetrics`] | `token/metrics.rs` | the lockout and the rejected-call budget |
 //! | [`HttpMetrics`] | `http/metrics.rs` | requests by route, connections |
 //! | [`ConsumerMetrics`] | `http/metrics.rs` | tokens served, refusals, reviews, watch streams |
+//! | [`RelayMetrics`] | `http/relay/metrics.rs` | relay connections, messages, refusals |
 //! | [`AuditMetrics`] | `audit/mod.rs` | audit lines lost |
 //! | [`ProcessMetrics`] | `metrics/process.rs` | the build, config reloads |
 
@@ -29,6 +30,7 @@ use prometheus::{
 
 pub use crate::audit::AuditMetrics;
 pub use crate::http::metrics::{AuthFailure, ConnectionRefusal, ConsumerMetrics, HttpMetrics, ListenerName, Route};
+pub use crate::http::relay::metrics::RelayMetrics;
 pub use crate::token::metrics::{AccountMetrics, GateMetrics, HeldReason, TokenMetrics};
 pub use process::ProcessMetrics;
 
@@ -111,6 +113,7 @@ struct Inner {
     gate: GateMetrics,
     http: HttpMetrics,
     consumers: ConsumerMetrics,
+    relay: RelayMetrics,
     audit: AuditMetrics,
     process: ProcessMetrics,
 }
@@ -131,6 +134,7 @@ impl Metrics {
             gate: GateMetrics::register(&r),
             http: HttpMetrics::register(&r),
             consumers: ConsumerMetrics::register(&r),
+            relay: RelayMetrics::register(&r),
             audit: AuditMetrics::register(&r),
             process: ProcessMetrics::register(&r),
             registry,
@@ -150,6 +154,10 @@ impl Metrics {
         &self.0.consumers
     }
 
+    pub fn relay(&self) -> &RelayMetrics {
+        &self.0.relay
+    }
+
     pub fn audit(&self) -> &AuditMetrics {
         &self.0.audit
     }
@@ -162,6 +170,7 @@ impl Metrics {
     /// watch streams and held calls too).
     pub fn account(&self, account: &str) -> AccountMetrics {
         self.0.consumers.watch_streams(account);
+        self.0.relay.connections(account);
         self.0.tokens.account(account, &self.0.gate)
     }
 
@@ -170,6 +179,7 @@ impl Metrics {
         self.0.tokens.remove_account(account);
         self.0.gate.remove_account(account);
         self.0.consumers.remove_account(account);
+        self.0.relay.remove_account(account);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -52,6 +52,8 @@ pub fn test_config(
             // Tests play many engines with this one consumer: a limit that
             // never binds here (the limit's own tests set theirs).
             rate_limit: UNLIMITED,
+            relay: Default::default(),
+            relay_only: false,
         }],
         kubernetes: None,
         audit: None,

@@ -6,6 +6,7 @@
 
 pub mod apiserver;
 pub mod broker;
+pub mod kraken_ws;
 pub mod pki;
 pub mod process;
 pub mod sim;

@@ -8,7 +8,8 @@ use toml::Spanned;
 use super::super::problems::{Findings, at};
 use super::super::raw::{ClientCertSection, ConsumerSection, Entry, ServiceAccountSection};
 use super::super::values::{Text, parse_sha256, unique_name};
-use super::super::{ConsumerConfig, DEFAULT_RATE_LIMIT, Identity, RateLimit, San};
+use super::super::{ConsumerConfig, DEFAULT_RATE_LIMIT, Identity, RateLimit, RelayGrant, RelayPolicy, San};
+use crate::kraken::ws::{CHANNELS, METHODS, has_channel};
 
 pub(in crate::config) fn consumers(
     f: &mut Findings<'_>,
@@ -51,12 +52,16 @@ pub(in crate::config) fn consumers(
             }
         };
         let rate_limit = consumer_rate_limit(f, c, &prefix);
+        let relay = consumer_relay(f, c, &prefix);
+        let relay_only = c.relay_only.as_ref().is_some_and(|v| *v.get_ref());
         if let (Some(name), Some(identity), Some(accounts)) = (name, identity, granted) {
             consumers.push(ConsumerConfig {
                 name,
                 identity,
                 accounts,
                 rate_limit,
+                relay,
+                relay_only,
             });
         }
     }
@@ -279,6 +284,70 @@ fn valid_k8s_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
+/// `relay = { allow = [...], max_connections = N }`: every entry a method of
+/// Kraken's WebSocket v2, or `subscribe:`/`unsubscribe:` and a channel.
+fn consumer_relay(f: &mut Findings<'_>, c: &ConsumerSection, prefix: &str) -> RelayPolicy {
+    let mut policy = RelayPolicy::default();
+    let Some(relay) = &c.relay else {
+        return policy;
+    };
+    let relay = relay.get_ref();
+    if let Some(max) = &relay.max_connections {
+        match usize::try_from(*max.get_ref()) {
+            Ok(n) if (1..=10_000).contains(&n) => policy.max_connections = n,
+            _ => f.problem(
+                at(max),
+                format!("{prefix}.relay.max_connections"),
+                "must be between 1 and 10000",
+            ),
+        }
+    }
+    if let Some(list) = &relay.allow {
+        let key = format!("{prefix}.relay.allow");
+        let mut grants = Vec::new();
+        for item in list.get_ref() {
+            match relay_grant(item.get_ref()) {
+                Ok(grant) if !grants.contains(&grant) => grants.push(grant),
+                Ok(_) => {}
+                Err(why) => f.problem(at(item), key.clone(), why),
+            }
+        }
+        policy.allow = Some(grants);
+    }
+    policy
+}
+
+/// One `relay.allow` entry, or why it is not one.
+fn relay_grant(entry: &str) -> Result<RelayGrant, String> {
+    let (method, channel) = match entry.split_once(':') {
+        Some((method, channel)) => (method, Some(channel)),
+        None => (entry, None),
+    };
+    if !METHODS.contains(&method) {
+        return Err(format!(
+            "`{method}` is not a method of Kraken's WebSocket v2 (one of: {})",
+            METHODS.join(", ")
+        ));
+    }
+    if let Some(channel) = channel {
+        if !has_channel(method) {
+            return Err(format!(
+                "`{entry}`: only subscribe and unsubscribe name a channel"
+            ));
+        }
+        if !CHANNELS.contains(&channel) {
+            return Err(format!(
+                "`{channel}` is not a channel of Kraken's WebSocket v2 (one of: {})",
+                CHANNELS.join(", ")
+            ));
+        }
+    }
+    Ok(RelayGrant {
+        method: method.to_owned(),
+        channel: channel.map(str::to_owned),
+    })
 }
 
 fn consumer_rate_limit(f: &mut Findings<'_>, c: &ConsumerSection, prefix: &str) -> RateLimit {

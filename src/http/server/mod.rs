@@ -39,7 +39,6 @@ use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -132,7 +131,7 @@ pub async fn serve(
     metrics: Metrics,
 ) -> io::Result<()> {
     let local = listener.socket.local_addr()?;
-    let graceful = GracefulShutdown::new();
+    let graceful = Drain::default();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
@@ -179,7 +178,7 @@ pub async fn serve(
             metrics: shared.metrics.clone(),
             listener: shared.name,
         };
-        let graceful_watch = graceful.watcher();
+        let graceful_watch = graceful.watch();
         tokio::spawn(async move {
             let _slot = slot;
             tokio::select! {
@@ -190,7 +189,7 @@ pub async fn serve(
     }
     drop(listener);
     tokio::select! {
-        _ = graceful.shutdown() => info!(listener = %local, "drained"),
+        () = graceful.shutdown() => info!(listener = %local, "drained"),
         _ = tokio::time::sleep(limits.drain_timeout) => {
             warn!(listener = %local, timeout = ?limits.drain_timeout, "drain timed out; closing remaining connections");
         }
@@ -215,7 +214,7 @@ impl Connection {
         self,
         stream: TcpStream,
         tls: Option<Arc<rustls::ServerConfig>>,
-        watcher: hyper_util::server::graceful::Watcher,
+        watcher: DrainWatch,
     ) {
         let stream = stall::WriteDeadline::new(stream, self.write_stall);
         let Some(config) = tls else {
@@ -272,7 +271,7 @@ impl Connection {
         self.metrics.http().connection_refused(self.listener, why);
     }
 
-    async fn http<IO>(self, io: IO, cert: Option<ClientCertificate>, watcher: hyper_util::server::graceful::Watcher)
+    async fn http<IO>(self, io: IO, cert: Option<ClientCertificate>, watcher: DrainWatch)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -310,9 +309,64 @@ impl Connection {
         let io = AutoResponses::new(io, self.metrics.clone());
         let connection = self
             .http
-            .serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
+            // GET /v1/relay takes the connection over as a WebSocket.
+            .with_upgrades();
         if let Err(error) = watcher.watch(connection).await {
             debug!(%error, %peer, "connection ended with an error");
+        }
+    }
+}
+
+/// The graceful drain of a listener's connections: on shutdown each is told
+/// to finish its request under way and close; the drain ends when all have.
+/// (hyper-util's `GracefulShutdown` does this for connections that cannot
+/// be upgraded; a relay's must be.)
+#[derive(Default)]
+struct Drain {
+    draining: CancellationToken,
+    open: tokio_util::task::TaskTracker,
+}
+
+impl Drain {
+    fn watch(&self) -> DrainWatch {
+        DrainWatch {
+            draining: self.draining.clone(),
+            _open: self.open.token(),
+        }
+    }
+
+    /// Tells every connection to finish, and waits for them.
+    async fn shutdown(self) {
+        self.draining.cancel();
+        self.open.close();
+        self.open.wait().await;
+    }
+}
+
+/// One connection's part in the drain (counted until dropped).
+struct DrainWatch {
+    draining: CancellationToken,
+    _open: tokio_util::task::task_tracker::TaskTrackerToken,
+}
+
+impl DrainWatch {
+    /// Serves `connection`; on shutdown, lets its request under way finish.
+    async fn watch<I, S, B>(self, connection: hyper::server::conn::http1::UpgradeableConnection<I, S>) -> hyper::Result<()>
+    where
+        S: hyper::service::HttpService<Incoming, ResBody = B>,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        B: hyper::body::Body + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut connection = std::pin::pin!(connection);
+        tokio::select! {
+            result = connection.as_mut() => result,
+            () = self.draining.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
         }
     }
 }
