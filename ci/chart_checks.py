@@ -11,7 +11,7 @@
 - rendered with 3 replicas, no pod spec can read another replica's keys
   Secret (volumes, projected sources, env, envFrom);
 - every key of the broker's config has a values key and is rendered
-  (ci/chart_config_keys.py);
+  (ci/chart_config_keys.py), the relay's (`relay`, `relay_only`) included;
 - only the config the broker cannot reload ([listen]) restarts the pods;
 - the rendered broker.toml passes the broker's own `check-config`.
 
@@ -67,7 +67,13 @@ def everything_enabled() -> dict:
     v["consumers"] = [
         {"name": "mm-btc", "credentialSha256": "ab" * 32, "accounts": ["main"]},
         {"name": "mm-eth", "credentialSha256": "cd" * 32, "accounts": ["main", "alt", "twofa"], "rateLimit": {"perSecond": 20, "burst": 40}},
-        {"name": "mm-sol", "serviceAccount": {"namespace": "trading", "name": "mm-sol"}, "accounts": ["main"]},
+        {"name": "mm-sol", "serviceAccount": {"namespace": "trading", "name": "mm-sol"}, "accounts": ["main"],
+         "relay": {"allow": ["subscribe:executions", "subscribe:balances", "unsubscribe", "add_order", "cancel_order"],
+                   "maxConnections": 8},
+         "relayOnly": True},
+        {"name": "risk", "serviceAccount": {"namespace": "risk", "name": "monitor"}, "accounts": ["main"],
+         "relay": {"allow": ["subscribe:executions", "unsubscribe:executions"]}, "relayOnly": False},
+        {"name": "mm-relay", "credentialSha256": "ef" * 32, "accounts": ["alt"], "relay": {"maxConnections": 1}},
         {"name": "mm-xrp", "clientCert": {"uri": "spiffe://cluster.local/ns/trading/sa/mm-xrp"}, "accounts": ["alt"]},
         {"name": "mm-ada", "clientCert": {"dns": "mm-ada.trading.svc"}, "accounts": ["alt"]},
         {"name": "mm-old", "clientCertSan": "mm-old.trading.svc", "accounts": ["alt"]},
@@ -378,6 +384,7 @@ def check_restarts(chart) -> None:
         ("a new consumer", lambda v: v["consumers"].append({"name": "c2", "credentialSha256": "ab" * 32, "accounts": ["main"]})),
         ("an account's expiry", lambda v: v["accounts"][0].update(keyExpiresAt="2027-01-01T00:00:00Z")),
         ("kraken.keyInfoInterval", lambda v: v["kraken"].update(keyInfoInterval="30m")),
+        ("a consumer's relay settings", lambda v: v["consumers"][0].update(relay={"allow": ["ping"]}, relayOnly=True)),
     ]:
         check(template_of(mutate) == base, f"{what} is reloaded live: no restart")
     listen = base["metadata"]["annotations"]["checksum/listen"]
@@ -635,6 +642,12 @@ def check_schema_refusals(chart) -> None:
         "the removed keysSecret.existingSecret": ("existingSecret", lambda v: v["keysSecret"].update(existingSecret="x")),
         "DNS to no pods in particular": ("podLabels", lambda v: v["networkPolicy"]["dns"].update(podLabels={"k8s-app": None})),
         "a dashboard label that is no string": ("grafana_dashboard", lambda v: v["dashboard"].update(labels={"grafana_dashboard": 1})),
+        "a relay method Kraken does not have": ("allow", lambda v: v["consumers"][0].update(relay={"allow": ["withdraw"]})),
+        "a channel on a method that takes none": ("allow", lambda v: v["consumers"][0].update(relay={"allow": ["add_order:executions"]})),
+        "relay connections of 0": ("maxConnections", lambda v: v["consumers"][0].update(relay={"maxConnections": 0})),
+        "relay connections over 10000": ("maxConnections", lambda v: v["consumers"][0].update(relay={"maxConnections": 10001})),
+        "an unknown relay key": ("methods", lambda v: v["consumers"][0].update(relay={"methods": ["ping"]})),
+        "relayOnly that is no boolean": ("relayOnly", lambda v: v["consumers"][0].update(relayOnly="yes")),
     }
     for what, (names, mutate) in bad.items():
         values = copy.deepcopy(defaults())
@@ -651,6 +664,8 @@ def check_schema_refusals(chart) -> None:
         ("/accounts/0/keyExpiresAt", lambda v: v["accounts"][0].update(keyExpiresAt="2027-03-01"),
          "value must be 'an RFC 3339 UTC time like 2027-03-01T00:00:00Z'"),
         ("/consumers/0/credentialSha256", lambda v: v["consumers"][0].update(credentialSha256="abc"), "value must be '64 hex digits"),
+        ("/consumers/0/relay/allow/0", lambda v: v["consumers"][0].update(relay={"allow": ["add_order:executions"]}),
+         "value must be 'a Kraken WebSocket v2 method"),
     ]:
         values = copy.deepcopy(defaults())
         mutate(values)

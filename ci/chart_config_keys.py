@@ -61,6 +61,9 @@ VALUES_OF: dict[str, str] = {
     "consumer.accounts": "consumers.accounts",
     "consumer.rate_limit.per_second": "consumers.rateLimit.perSecond",
     "consumer.rate_limit.burst": "consumers.rateLimit.burst",
+    "consumer.relay.allow": "consumers.relay.allow",
+    "consumer.relay.max_connections": "consumers.relay.maxConnections",
+    "consumer.relay_only": "consumers.relayOnly",
 }
 
 # Keys whose value is the values key's, copied as it is.
@@ -71,6 +74,7 @@ COPIED = {
     "kubernetes.cache_ttl", "account.name", "account.key_expires_at", "account.forbid_permissions",
     "consumer.name", "consumer.kubernetes.namespace", "consumer.kubernetes.service_account",
     "consumer.client_cert.uri", "consumer.accounts", "consumer.rate_limit.per_second", "consumer.rate_limit.burst",
+    "consumer.relay.allow", "consumer.relay.max_connections", "consumer.relay_only",
 }
 
 # Written by the broker's parser but never rendered by the chart, on purpose.
