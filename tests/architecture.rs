@@ -105,8 +105,21 @@ const ITEMS: &[(&str, &str, &[&str], &[&str])] = &[
         &["ApiFailure", "Class", "classify_api_error"],
     ),
     // Kraken's documented maximum lifetime bounds `min_ttl`; `/readyz`
-    // names the key's verdict.
-    ("http", "kraken", &["MAX_TOKEN_LIFETIME", "Verdict"], &[]),
+    // names the key's verdict; the relay reads Kraken's WebSocket v2
+    // messages (`kraken::ws`, pure: no client, no key).
+    (
+        "http",
+        "kraken",
+        &[
+            "MAX_TOKEN_LIFETIME",
+            "Verdict",
+            "Request",
+            "Answer",
+            "Malformed",
+            "error_answer",
+        ],
+        &[],
+    ),
     ("identity", "kraken", &[], &[]),
     // The trait it implements.
     ("kraken", "token", &["FetchFuture", "InspectFuture", "TokenSource"], &[]),

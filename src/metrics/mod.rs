@@ -226,6 +226,7 @@ mod tests {
         let main = m.account("main");
         let _ = m.consumers().served("main", "mm");
         let _ = m.consumers().rate_limited("mm");
+        m.relay().consumer("mm");
         main.set_key("abcd1234", Some(std::time::SystemTime::UNIX_EPOCH));
         main.set_permissions(Some(&["create-ws-token".to_owned()]));
         assert_eq!(m.catalogue(), include_str!("catalogue.txt"));
