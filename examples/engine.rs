@@ -11,11 +11,21 @@
 //! - when the connection drops (a network blip, Kraken's maintenance), it
 //!   reconnects with back-off and jitter, with the latest token.
 //!
+//! With `--relay`, the same engine trades through the broker's relay
+//! (`GET /v1/relay`) instead, and never holds a token: it connects to the
+//! broker, speaks Kraken's WebSocket v2 without tokens (the broker adds
+//! them), subscribes to `executions`, places and cancels one order, and
+//! reconnects with back-off when the relay closes (1001: the broker is
+//! stopping; 1008: a reload revoked it, see the reason; other codes are
+//! Kraken's own). No invalidation step: the broker replaces a token Kraken
+//! refuses and resends the request itself.
+//!
 //! Against the demo (`cargo run --release -- demo`, then in another shell):
 //!
 //! ```text
 //! export KTB_CONSUMER_CREDENTIAL=ktb_...   # printed by the demo
 //! cargo run --example engine -- http://127.0.0.1:8080 demo
+//! cargo run --example engine -- http://127.0.0.1:8080 demo --relay
 //! # then, to see the recovery paths, against the demo's simulator:
 //! curl -X POST -H 'Content-Type: application/json' http://127.0.0.1:<sim>/_sim/tokens/revoke
 //! curl -X POST -H 'Content-Type: application/json' http://127.0.0.1:<sim>/_sim/ws/drop
@@ -172,12 +182,79 @@ async fn connection(broker: &Broker, mut token: Token) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One relay connection: subscribe, place and cancel an order, read until
+/// the relay closes. Returns whether to reconnect (not after a refusal
+/// that a retry cannot cure: 401, 403).
+async fn relay_connection(broker: &Broker) -> anyhow::Result<bool> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!(
+        "{}/v1/relay?account={}",
+        broker.base.replacen("http", "ws", 1),
+        broker.account
+    );
+    let mut request = url.into_client_request()?;
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {}", broker.credential).parse()?);
+    let mut socket = match tokio_tungstenite::connect_async(request).await {
+        Ok((socket, _)) => socket,
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let status = response.status().as_u16();
+            let body = response
+                .body()
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
+            println!("the relay answered {status}: {body}");
+            return Ok(!matches!(status, 401 | 403));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // No token in any of these: the broker sets params.token.
+    let requests = [
+        json!({"method": "subscribe", "params": {"channel": "executions", "snap_orders": true}, "req_id": 1}),
+        json!({"method": "add_order", "req_id": 2, "params": {"order_type": "limit", "side": "buy",
+            "order_qty": 0.0001, "limit_price": 1.0, "symbol": "BTC/USD", "post_only": true}}),
+    ];
+    for request in requests {
+        socket.send(Message::Text(request.to_string().into())).await?;
+    }
+    while let Some(frame) = socket.next().await {
+        let text = match frame? {
+            Message::Text(text) => text,
+            Message::Close(frame) => {
+                let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                println!("the relay closed: {code} {reason}");
+                return Ok(true);
+            }
+            _ => continue,
+        };
+        let message: Value = serde_json::from_str(text.as_str())?;
+        match (message["method"].as_str(), message["channel"].as_str()) {
+            (Some("add_order"), _) if message["success"] == true => {
+                let order_id = message["result"]["order_id"].clone();
+                println!("order placed: {order_id}; cancelling it");
+                let cancel = json!({"method": "cancel_order", "req_id": 3, "params": {"order_id": [order_id]}});
+                socket.send(Message::Text(cancel.to_string().into())).await?;
+            }
+            (Some(method), _) if message["success"] == false => {
+                println!("{method} refused: {}", message["error"]);
+            }
+            (Some(method), _) if message["success"] == true => println!("{method}: ok"),
+            (_, Some("executions")) => println!("executions {}", message["type"]),
+            _ => {}
+        }
+    }
+    Ok(true)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let base = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "http://127.0.0.1:8080".into());
     let account = std::env::args().nth(2).unwrap_or_else(|| "main".into());
+    let relay = std::env::args().any(|a| a == "--relay");
     let credential = std::env::var("KTB_CONSUMER_CREDENTIAL")
         .map_err(|_| anyhow::anyhow!("set KTB_CONSUMER_CREDENTIAL to the consumer credential"))?;
     let broker = Broker {
@@ -189,6 +266,18 @@ async fn main() -> anyhow::Result<()> {
         account,
         credential,
     };
+    if relay {
+        let mut attempt = 0;
+        loop {
+            match relay_connection(&broker).await {
+                Ok(true) => {}
+                Ok(false) => anyhow::bail!("the relay refused this engine: see above"),
+                Err(e) => println!("the relay connection failed ({e}); reconnecting"),
+            }
+            attempt += 1;
+            tokio::time::sleep(backoff(attempt.min(4))).await;
+        }
+    }
     let (latest_tx, mut latest) = watch::channel(None);
     tokio::spawn(broker.clone().follow(latest_tx));
     let mut attempt = 0;

@@ -56,7 +56,10 @@ impl Engine {
     }
 
     async fn send(&mut self, request: Value) {
-        self.socket.send(Message::Text(request.to_string().into())).await.unwrap();
+        self.socket
+            .send(Message::Text(request.to_string().into()))
+            .await
+            .unwrap();
     }
 
     /// The next message; `None` when the connection closed or nothing came.
@@ -109,7 +112,9 @@ impl Engine {
         loop {
             let left = until.saturating_duration_since(tokio::time::Instant::now());
             match tokio::time::timeout(left, self.socket.next()).await {
-                Ok(Some(Ok(Message::Close(Some(frame))))) => return Some((u16::from(frame.code), frame.reason.to_string())),
+                Ok(Some(Ok(Message::Close(Some(frame))))) => {
+                    return Some((u16::from(frame.code), frame.reason.to_string()));
+                }
                 Ok(Some(Ok(Message::Close(None)))) => return Some((1005, String::new())),
                 Ok(Some(Ok(Message::Text(text)))) => self.received.push(text.to_string()),
                 Ok(Some(Ok(_))) => {}
@@ -167,9 +172,11 @@ async fn an_engine_subscribes_and_trades_through_the_relay_and_never_sees_a_toke
     assert_eq!(engine.answer(json!(2)).await["success"], true);
     // A token the engine sends itself is overwritten, never used.
     engine
-        .send(json!({"method": "add_order", "req_id": 3, "params": {"order_type": "limit", "side": "buy",
+        .send(
+            json!({"method": "add_order", "req_id": 3, "params": {"order_type": "limit", "side": "buy",
             "order_qty": 0.01, "limit_price": 1000.0, "symbol": "BTC/USD", "cl_ord_id": "engine-1",
-            "token": "not-a-token-of-this-account"}}))
+            "token": "not-a-token-of-this-account"}}),
+        )
         .await;
     let placed = engine.answer(json!(3)).await;
     assert_eq!(placed["success"], true, "{placed}");
@@ -182,7 +189,10 @@ async fn an_engine_subscribes_and_trades_through_the_relay_and_never_sees_a_toke
     assert_eq!(engine.answer(json!(5)).await["method"], "pong");
     // The executions channel reports the order's life.
     wait_for("the order's executions", ANSWER, || {
-        let seen = engine.received.iter().any(|f| f.contains("\"executions\"") && f.contains(&order_id));
+        let seen = engine
+            .received
+            .iter()
+            .any(|f| f.contains("\"executions\"") && f.contains(&order_id));
         async move { seen.then_some(()) }
     })
     .await;
@@ -194,7 +204,10 @@ async fn an_engine_subscribes_and_trades_through_the_relay_and_never_sees_a_toke
             assert!(!frame.contains(token.as_str()), "a token reached the engine: {frame}");
         }
     }
-    assert_eq!(broker.metric("tokens_served_total{account=\"main\",consumer=\"engine\"}"), 0.0);
+    assert_eq!(
+        broker.metric("tokens_served_total{account=\"main\",consumer=\"engine\"}"),
+        0.0
+    );
     assert!(broker.metric("relay_messages_total{direction=\"to_kraken\"}") >= 5.0);
     assert!(broker.metric("relay_messages_total{direction=\"to_consumer\"}") >= 6.0);
 
@@ -245,7 +258,10 @@ async fn a_read_only_consumer_is_refused_by_the_broker_and_the_request_never_rea
     assert_eq!(refused["method"], "add_order");
     assert_eq!(refused["success"], false);
     assert!(
-        refused["error"].as_str().unwrap().starts_with("EGeneral:Permission denied"),
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("EGeneral:Permission denied"),
         "{refused}"
     );
     // A subscription outside the list is refused the same way.
@@ -266,7 +282,10 @@ async fn a_read_only_consumer_is_refused_by_the_broker_and_the_request_never_rea
     );
     let subscribe = frames.iter().find(|f| f["req_id"] == 9).unwrap();
     let token = subscribe["params"]["token"].as_str().unwrap();
-    assert!(minted(&sim).iter().any(|t| t == token), "the broker's token, not the engine's");
+    assert!(
+        minted(&sim).iter().any(|t| t == token),
+        "the broker's token, not the engine's"
+    );
     assert_eq!(
         broker.metric("relay_refused_total{consumer=\"engine\",reason=\"not_allowed\"}"),
         2.0
@@ -314,8 +333,14 @@ async fn a_relay_only_consumer_gets_403_for_tokens_and_its_relays_are_bounded() 
 
     let mut first = Engine::connect(&broker, &broker.credential, "").await;
     let _second = Engine::connect(&broker, &broker.credential, "").await;
-    assert_eq!(Engine::try_connect(&broker, &broker.credential, "").await.err(), Some(429));
-    assert_eq!(Engine::try_connect(&broker, "not-the-credential", "").await.err(), Some(401));
+    assert_eq!(
+        Engine::try_connect(&broker, &broker.credential, "").await.err(),
+        Some(429)
+    );
+    assert_eq!(
+        Engine::try_connect(&broker, "not-the-credential", "").await.err(),
+        Some(401)
+    );
     first.send(json!({"method": "ping", "req_id": 1})).await;
     assert_eq!(first.answer(json!(1)).await["method"], "pong");
     drop(first);
@@ -348,7 +373,10 @@ async fn revoking_a_method_in_use_ends_the_relay_within_a_second_and_kraken_sees
     std::fs::write(&path, text.replace("\"add_order\", ", "")).unwrap();
     let started = std::time::Instant::now();
     broker.reload().await;
-    let (code, reason) = engine.closed(Duration::from_secs(1)).await.expect("closed within a second");
+    let (code, reason) = engine
+        .closed(Duration::from_secs(1))
+        .await
+        .expect("closed within a second");
     assert_eq!(code, 1008);
     assert!(reason.contains("add_order"), "{reason}");
     wait_for("Kraken to see the close", Duration::from_secs(1), || {
@@ -375,7 +403,10 @@ async fn revoking_a_method_in_use_ends_the_relay_within_a_second_and_kraken_sees
         .to_owned();
     std::fs::write(&path, text.replace(&current, &hex::encode(other))).unwrap();
     broker.reload().await;
-    let (code, _) = engine.closed(Duration::from_secs(1)).await.expect("closed within a second");
+    let (code, _) = engine
+        .closed(Duration::from_secs(1))
+        .await
+        .expect("closed within a second");
     assert_eq!(code, 1008);
     broker.stop().await.unwrap();
 }
@@ -393,8 +424,10 @@ async fn a_token_revoked_mid_session_is_replaced_and_the_request_answered_once()
 
     assert_eq!(sim.state().revoke_tokens(None), 1);
     engine
-        .send(json!({"method": "add_order", "req_id": 42, "params": {"order_type": "limit", "side": "sell",
-            "order_qty": 1.0, "limit_price": 100000.0, "symbol": "BTC/USD"}}))
+        .send(
+            json!({"method": "add_order", "req_id": 42, "params": {"order_type": "limit", "side": "sell",
+            "order_qty": 1.0, "limit_price": 100000.0, "symbol": "BTC/USD"}}),
+        )
         .await;
     let answers = engine.answers_within(json!(42), Duration::from_secs(3)).await;
     assert_eq!(answers.len(), 1, "one answer: {answers:?}");
@@ -438,10 +471,7 @@ async fn bounds_a_slow_reader_a_large_frame_krakens_close_and_shutdown() {
     // Kraken's own close code reaches the consumer.
     let mut engine = Engine::connect(&broker, &broker.credential, "").await;
     engine.send(json!({"method": "ping", "req_id": "close"})).await;
-    assert_eq!(
-        engine.closed(ANSWER).await,
-        Some((1013, "try again later".to_owned()))
-    );
+    assert_eq!(engine.closed(ANSWER).await, Some((1013, "try again later".to_owned())));
 
     // Malformed frames are answered by the broker.
     let mut engine = Engine::connect(&broker, &broker.credential, "").await;

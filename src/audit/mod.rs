@@ -17,7 +17,7 @@ pub mod event;
 pub mod repeats;
 pub mod writer;
 
-pub use event::{Event, ReloadResult, RelayOrder, Via};
+pub use event::{Event, RelayOrder, ReloadResult, Via};
 pub use writer::open;
 
 use std::net::IpAddr;

@@ -54,7 +54,9 @@ impl Authenticated {
     /// Refuses a `relay_only` consumer a token (403), counted.
     pub fn may_hold_tokens(&self) -> Result<(), ApiError> {
         self.consumer.may_hold_tokens().inspect_err(|_| {
-            self.metrics.relay().refused(&self.consumer.name, super::relay::Refusal::RelayOnly);
+            self.metrics
+                .relay()
+                .refused(&self.consumer.name, super::relay::Refusal::RelayOnly);
         })
     }
 

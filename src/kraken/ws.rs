@@ -162,10 +162,7 @@ impl Request {
     /// For `batch_add`/`batch_cancel`: how many orders it carries.
     pub fn orders(&self) -> Option<usize> {
         let params = self.body.get("params")?;
-        params
-            .get("orders")
-            .and_then(Value::as_array)
-            .map(Vec::len)
+        params.get("orders").and_then(Value::as_array).map(Vec::len)
     }
 }
 
@@ -218,7 +215,13 @@ impl Answer {
 
 /// An answer in Kraken's error shape, from the broker: `method` and
 /// `req_id` as the request had them (`method` omitted when it had none).
-pub fn error_answer(method: Option<&str>, req_id: Option<&Value>, error: &str, time_in: &str, time_out: &str) -> String {
+pub fn error_answer(
+    method: Option<&str>,
+    req_id: Option<&Value>,
+    error: &str,
+    time_in: &str,
+    time_out: &str,
+) -> String {
     let mut answer = Map::new();
     answer.insert("error".to_owned(), json!(error));
     if let Some(method) = method {
@@ -240,11 +243,23 @@ mod tests {
     #[test]
     fn trading_requests_and_private_subscriptions_need_a_token() {
         let needs = |text: &str| Request::parse(text).map(|r| r.needs_token());
-        assert_eq!(needs(r#"{"method":"add_order","params":{"symbol":"BTC/USD"}}"#), Ok(true));
+        assert_eq!(
+            needs(r#"{"method":"add_order","params":{"symbol":"BTC/USD"}}"#),
+            Ok(true)
+        );
         assert_eq!(needs(r#"{"method":"batch_cancel","params":{}}"#), Ok(true));
-        assert_eq!(needs(r#"{"method":"subscribe","params":{"channel":"executions"}}"#), Ok(true));
-        assert_eq!(needs(r#"{"method":"unsubscribe","params":{"channel":"level3"}}"#), Ok(true));
-        assert_eq!(needs(r#"{"method":"subscribe","params":{"channel":"ticker"}}"#), Ok(false));
+        assert_eq!(
+            needs(r#"{"method":"subscribe","params":{"channel":"executions"}}"#),
+            Ok(true)
+        );
+        assert_eq!(
+            needs(r#"{"method":"unsubscribe","params":{"channel":"level3"}}"#),
+            Ok(true)
+        );
+        assert_eq!(
+            needs(r#"{"method":"subscribe","params":{"channel":"ticker"}}"#),
+            Ok(false)
+        );
         assert_eq!(needs(r#"{"method":"ping","req_id":1}"#), Ok(false));
         assert_eq!(needs("not json").unwrap_err(), Malformed::NotJson);
         assert_eq!(needs("[1,2]").unwrap_err(), Malformed::NotJson);
@@ -254,8 +269,9 @@ mod tests {
 
     #[test]
     fn the_token_is_set_over_any_the_client_sent_and_removed_where_none_is_needed() {
-        let request = Request::parse(r#"{"method":"add_order","params":{"token":"theirs","symbol":"BTC/USD"},"req_id":5}"#)
-            .unwrap();
+        let request =
+            Request::parse(r#"{"method":"add_order","params":{"token":"theirs","symbol":"BTC/USD"},"req_id":5}"#)
+                .unwrap();
         let sent: Value = serde_json::from_str(&request.with_token("ours")).unwrap();
         assert_eq!(sent["params"]["token"], "ours");
         assert_eq!(sent["params"]["symbol"], "BTC/USD");
@@ -280,9 +296,11 @@ mod tests {
         assert_eq!(refused.method, "add_order");
         assert_eq!(refused.req_id, Some(json!(9)));
         assert!(refused.refuses_token());
-        let missing = Answer::parse(r#"{"error":"Token(s) not found","method":"cancel_order","success":false}"#).unwrap();
+        let missing =
+            Answer::parse(r#"{"error":"Token(s) not found","method":"cancel_order","success":false}"#).unwrap();
         assert!(missing.refuses_token());
-        let other = Answer::parse(r#"{"error":"EOrder:Insufficient funds","method":"add_order","success":false}"#).unwrap();
+        let other =
+            Answer::parse(r#"{"error":"EOrder:Insufficient funds","method":"add_order","success":false}"#).unwrap();
         assert!(!other.refuses_token());
         let ok = Answer::parse(r#"{"method":"add_order","result":{"order_id":"OABC"},"success":true}"#).unwrap();
         assert_eq!(ok.order_id.as_deref(), Some("OABC"));
@@ -291,7 +309,13 @@ mod tests {
 
     #[test]
     fn the_brokers_error_answer_has_krakens_shape() {
-        let text = error_answer(Some("add_order"), Some(&json!(7)), "EGeneral:Permission denied", "a", "b");
+        let text = error_answer(
+            Some("add_order"),
+            Some(&json!(7)),
+            "EGeneral:Permission denied",
+            "a",
+            "b",
+        );
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["method"], "add_order");
         assert_eq!(v["req_id"], 7);

@@ -333,9 +333,7 @@ fn relay_grant(entry: &str) -> Result<RelayGrant, String> {
     }
     if let Some(channel) = channel {
         if !has_channel(method) {
-            return Err(format!(
-                "`{entry}`: only subscribe and unsubscribe name a channel"
-            ));
+            return Err(format!("`{entry}`: only subscribe and unsubscribe name a channel"));
         }
         if !CHANNELS.contains(&channel) {
             return Err(format!(

@@ -172,7 +172,10 @@ impl Session {
                 }
             }
             End::SlowReader => {
-                self.state.metrics.relay().refused(&self.consumer.name, Refusal::SlowReader);
+                self.state
+                    .metrics
+                    .relay()
+                    .refused(&self.consumer.name, Refusal::SlowReader);
                 writer.abort();
             }
             End::ConsumerGone => {}
@@ -252,11 +255,11 @@ impl Session {
             .downcast_ref::<tokio_tungstenite::tungstenite::Error>()
             .is_some_and(|e| matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_)));
         if too_large {
-            self.state.metrics.relay().refused(&self.consumer.name, Refusal::TooLarge);
-            return End::Close(
-                1009,
-                format!("a frame over {} bytes", super::MAX_CONSUMER_FRAME),
-            );
+            self.state
+                .metrics
+                .relay()
+                .refused(&self.consumer.name, Refusal::TooLarge);
+            return End::Close(1009, format!("a frame over {} bytes", super::MAX_CONSUMER_FRAME));
         }
         End::ConsumerGone
     }
@@ -289,7 +292,10 @@ impl Session {
     }
 
     fn refuse_malformed(&self) -> Result<(), End> {
-        self.state.metrics.relay().refused(&self.consumer.name, Refusal::Malformed);
+        self.state
+            .metrics
+            .relay()
+            .refused(&self.consumer.name, Refusal::Malformed);
         self.answer(None, "EGeneral:Invalid arguments", &now_rfc3339())
     }
 
@@ -305,7 +311,10 @@ impl Session {
             Err(Malformed::NotJson | Malformed::NoMethod) => return self.refuse_malformed(),
         };
         if !self.consumer.relay.allows(&request.method, request.channel.as_deref()) {
-            self.state.metrics.relay().refused(&self.consumer.name, Refusal::NotAllowed);
+            self.state
+                .metrics
+                .relay()
+                .refused(&self.consumer.name, Refusal::NotAllowed);
             let what = match &request.channel {
                 Some(channel) => format!("{}:{channel}", request.method),
                 None => request.method.clone(),
@@ -320,7 +329,10 @@ impl Session {
         self.used.insert((request.method.clone(), request.channel.clone()));
         let (text, token) = if request.needs_token() {
             let Some(token) = self.token().await else {
-                self.state.metrics.relay().refused(&self.consumer.name, Refusal::NoToken);
+                self.state
+                    .metrics
+                    .relay()
+                    .refused(&self.consumer.name, Refusal::NoToken);
                 let error = format!(
                     "EService:Unavailable: the broker holds no token for account `{}` now",
                     self.account
@@ -481,7 +493,9 @@ impl Session {
             .find(|c| c.name == self.consumer.name && c.identity == self.consumer.identity)
             .cloned()
         else {
-            return Err(revoked(format!("consumer `{name}` was removed from the broker's config")));
+            return Err(revoked(format!(
+                "consumer `{name}` was removed from the broker's config"
+            )));
         };
         let Some(grant) = consumer.grants.iter().find(|g| g.account == self.account) else {
             return Err(revoked(format!(
@@ -489,11 +503,7 @@ impl Session {
                 self.account
             )));
         };
-        if let Some((method, channel)) = self
-            .used
-            .iter()
-            .find(|(m, c)| !consumer.relay.allows(m, c.as_deref()))
-        {
+        if let Some((method, channel)) = self.used.iter().find(|(m, c)| !consumer.relay.allows(m, c.as_deref())) {
             let what = channel.as_ref().map_or(method.clone(), |c| format!("{method}:{c}"));
             return Err(revoked(format!("`{what}` is no longer allowed for consumer `{name}`")));
         }
@@ -522,7 +532,10 @@ impl Session {
                 Ok(())
             }
             Reproof::Refused => {
-                self.state.metrics.relay().refused(&self.consumer.name, Refusal::Revoked);
+                self.state
+                    .metrics
+                    .relay()
+                    .refused(&self.consumer.name, Refusal::Revoked);
                 Err(End::Close(
                     1008,
                     "the consumer's proof of identity is no longer accepted: reconnect with a current one".into(),

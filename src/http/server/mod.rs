@@ -210,12 +210,7 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(
-        self,
-        stream: TcpStream,
-        tls: Option<Arc<rustls::ServerConfig>>,
-        watcher: DrainWatch,
-    ) {
+    async fn run(self, stream: TcpStream, tls: Option<Arc<rustls::ServerConfig>>, watcher: DrainWatch) {
         let stream = stall::WriteDeadline::new(stream, self.write_stall);
         let Some(config) = tls else {
             return self.http(stream, None, watcher).await;
@@ -352,7 +347,10 @@ struct DrainWatch {
 
 impl DrainWatch {
     /// Serves `connection`; on shutdown, lets its request under way finish.
-    async fn watch<I, S, B>(self, connection: hyper::server::conn::http1::UpgradeableConnection<I, S>) -> hyper::Result<()>
+    async fn watch<I, S, B>(
+        self,
+        connection: hyper::server::conn::http1::UpgradeableConnection<I, S>,
+    ) -> hyper::Result<()>
     where
         S: hyper::service::HttpService<Incoming, ResBody = B>,
         S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
