@@ -1,0 +1,118 @@
+"""The relay modes against stand-ins (no broker needed): the relay's URL and
+headers; the credential goes to the relay's connection only, never to
+Kraken's public one; no request carries a token; no token is asked for."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ktb_client import AsyncBroker, Broker
+from net_helpers import MARKETS, until
+from relay_helpers import FakeRelay
+
+
+def test_the_relay_url_and_headers_follow_the_broker_url():
+    broker = Broker("http://broker.example:8080/", account="main", credential="c")
+    assert broker.relay_url == "ws://broker.example:8080/v1/relay?account=main"
+    assert broker.relay_headers()["Authorization"] == "Bearer c"
+    assert "Accept" not in broker.relay_headers()
+    assert broker.ssl_context is None
+    assert Broker("https://b:8443/ktb", credential="c").relay_url == "wss://b:8443/ktb/v1/relay"
+    assert Broker("http://[::1]:80", account="a b", credential="c").relay_url == "ws://[::1]:80/v1/relay?account=a+b"
+    wrapped = AsyncBroker.like(broker)
+    assert wrapped.relay_url == broker.relay_url and wrapped.relay_headers() == broker.relay_headers()
+
+
+def _broker(fake: FakeRelay) -> Broker:
+    return Broker(fake.url.replace("ws://", "http://"), account="main", credential="relay-credential")
+
+
+def test_the_sdk_relay_client_sends_its_credential_to_the_relay_only_and_no_token():
+    pytest.importorskip("kraken.spot")
+    from ktb_client.kraken_sdk_relay import RelaySpotWSClient
+
+    seen: list[dict] = []
+
+    async def on_message(message) -> None:
+        if isinstance(message, dict):
+            seen.append(message)
+
+    async def main() -> None:
+        async with FakeRelay() as relay, FakeRelay() as public:
+            client = RelaySpotWSClient(_broker(relay), callback=on_message, no_public=False, ws_url=public.url)
+            await client.start()
+            try:
+                await client.subscribe(params={"channel": "executions"})
+                await client.send_message({"method": "add_order", "params": {"symbol": "BTC/USD", "side": "buy",
+                                                                             "order_type": "market", "order_qty": 1}})
+                await client.send_message({"method": "cancel_all"})
+                await client.subscribe(params={"channel": "ticker", "symbol": ["BTC/USD"]})
+                await until("the answers", 10, lambda: len([m for m in seen if m.get("success")]) >= 4)
+            finally:
+                await client.close()
+            assert relay.requests[0][0] == "/v1/relay?account=main"
+            assert relay.headers("Authorization") == ["Bearer relay-credential"]
+            assert public.headers("Authorization") == [None], "Kraken's public endpoint never gets the credential"
+            assert public.requests[0][0] == "/v2"
+            private = [m for m in relay.messages if m.get("method") != "ping"]
+            assert [m["method"] for m in private] == ["subscribe", "add_order", "cancel_all"]
+            assert all("token" not in m.get("params", {}) for m in relay.messages), "no token on the wire"
+            assert private[2]["params"] == {}, "a trading request without params gets empty ones"
+            assert [m["params"]["channel"] for m in public.messages if m.get("method") == "subscribe"] == ["ticker"]
+
+    asyncio.run(main())
+
+
+def test_the_sdk_relay_client_never_asks_for_a_token():
+    pytest.importorskip("kraken.spot")
+    from ktb_client.kraken_sdk_relay import RelaySpotWSClient
+
+    async def main() -> None:
+        async with FakeRelay() as relay:
+            client = RelaySpotWSClient(_broker(relay))
+
+            async def no_rest(*args, **kwargs):
+                raise AssertionError(f"a REST call: {args}")
+
+            client.request = no_rest  # the SDK's GetWebSocketsToken goes through request()
+            await client.start()
+            try:
+                assert await client.get_ws_token() == {}
+                assert client._priv_conn.ws_conn_details == {}
+            finally:
+                await client.close()
+
+    asyncio.run(main())
+
+
+def test_the_ccxt_relay_exchange_sends_its_credential_to_the_relay_only_and_no_token():
+    pytest.importorskip("ccxt.pro")
+    from ktb_client.ccxt_kraken_relay import RelayKraken
+
+    async def main() -> None:
+        async with FakeRelay() as relay, FakeRelay() as public:
+            exchange = RelayKraken(_broker(relay), {"enableRateLimit": False})
+            exchange.set_markets(MARKETS)
+            exchange.urls["api"]["ws"]["publicV2"] = public.url + "/v2"
+            try:
+                balance = await exchange.watch_balance()
+                assert balance["BTC"]["total"] == 1.5
+                order = await exchange.create_order_ws("BTC/USD", "limit", "buy", 0.001, 1000)
+                assert order["id"] == "OFAKE1-AAAAA-BBBBBB"
+                ticker = asyncio.ensure_future(exchange.watch_ticker("BTC/USD"))
+                await until("the public subscribe", 10, lambda: public.messages)
+                ticker.cancel()
+                client = exchange.client(exchange.relay_url)
+                assert exchange.ping(client) == {"method": "ping"}, "v2's ping, though the URL has no v2"
+            finally:
+                await exchange.close()
+            assert not exchange.apiKey and not exchange.secret
+            assert relay.requests[0][0] == "/v1/relay?account=main"
+            assert relay.headers("Authorization") == ["Bearer relay-credential"]
+            assert public.headers("Authorization") == [None], "Kraken's public endpoint never gets the credential"
+            assert [m["method"] for m in relay.messages] == ["subscribe", "add_order"]
+            assert all("token" not in m.get("params", {}) for m in relay.messages), "no token on the wire"
+
+    asyncio.run(main())
