@@ -116,3 +116,97 @@ def test_the_ccxt_relay_exchange_sends_its_credential_to_the_relay_only_and_no_t
             assert all("token" not in m.get("params", {}) for m in relay.messages), "no token on the wire"
 
     asyncio.run(main())
+
+
+class _Refusing:
+    """A server that refuses every WebSocket upgrade with `status` (and a
+    problem+json body, and Retry-After), as the broker refuses the relay."""
+
+    def __init__(self, status: int) -> None:
+        self.status, self.url, self.refused = status, "", 0
+
+    async def __aenter__(self):
+        import http
+        import json as _json
+
+        from websockets.asyncio.server import serve
+        from websockets.datastructures import Headers
+        from websockets.http11 import Response
+
+        def refuse(connection, request):
+            self.refused += 1
+            body = _json.dumps({"type": "about:blank", "title": "no", "status": self.status,
+                                "detail": f"refused {self.status}"}).encode()
+            headers = Headers([("Content-Type", "application/problem+json"), ("Retry-After", "7"),
+                               ("Content-Length", str(len(body)))])
+            return Response(self.status, http.HTTPStatus(self.status).phrase, headers, body)
+
+        self._server = await serve(lambda conn: None, "127.0.0.1", 0, process_request=refuse)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc):
+        self._server.close()
+        await self._server.wait_closed()
+
+
+def test_the_sdk_relay_client_raises_refusals_and_waits_out_transient_ones():
+    pytest.importorskip("kraken.spot")
+    from ktb_client import BrokerError
+    from ktb_client.kraken_sdk_relay import RelaySpotWSClient
+
+    async def main() -> None:
+        async with _Refusing(403) as refusing:
+            client = RelaySpotWSClient(Broker(refusing.url, credential="c"), patience=30)
+            with pytest.raises(BrokerError) as refused:
+                await asyncio.wait_for(client.start(), 10)
+            assert refused.value.status == 403 and refused.value.detail == "refused 403"
+            assert refusing.refused == 1
+        async with _Refusing(429) as refusing:
+            # Retry-After (7 s) past the patience: raised at once.
+            client = RelaySpotWSClient(Broker(refusing.url, credential="c"), patience=5)
+            with pytest.raises(BrokerError) as refused:
+                await asyncio.wait_for(client.start(), 10)
+            assert refused.value.status == 429 and refused.value.retry_after == 7
+            # Within the patience: waited out, until close() ends the wait.
+            client = RelaySpotWSClient(Broker(refusing.url, credential="c"), patience=30)
+            starting = asyncio.ensure_future(client.start())
+            await until("the refusal", 5, lambda: refusing.refused == 2)
+            await asyncio.sleep(0.5)  # a duration: the Retry-After is waited out
+            assert not starting.done() and refusing.refused == 2
+            await asyncio.wait_for(client.close(), 5)
+            done, _ = await asyncio.wait({starting}, timeout=5)
+            assert starting in done and isinstance(starting.exception(), ConnectionError)
+            assert refusing.refused == 2
+
+    asyncio.run(main())
+
+
+def test_the_ccxt_relay_exchange_raises_refusals_as_ccxt_errors():
+    pytest.importorskip("ccxt.pro")
+    import ccxt
+
+    from ktb_client.ccxt_kraken_relay import RelayKraken
+
+    async def watch(status: int) -> Exception:
+        async with _Refusing(status) as refusing:
+            exchange = RelayKraken(Broker(refusing.url, credential="c"))
+            exchange.set_markets(MARKETS)
+            try:
+                await asyncio.wait_for(exchange.watch_balance(), 10)
+            except Exception as e:  # noqa: BLE001 (the test inspects what escaped)
+                return e
+            finally:
+                await exchange.close()
+        raise AssertionError("the watch succeeded")
+
+    async def main() -> None:
+        for status in (401, 403):
+            error = await watch(status)
+            assert isinstance(error, ccxt.AuthenticationError) and str(status) in str(error), repr(error)
+        error = await watch(429)
+        assert isinstance(error, ccxt.RateLimitExceeded) and error.retry_after == 7, repr(error)
+        error = await watch(503)
+        assert isinstance(error, ccxt.ExchangeNotAvailable), repr(error)
+
+    asyncio.run(main())

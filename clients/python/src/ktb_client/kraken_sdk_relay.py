@@ -193,7 +193,8 @@ class RelaySpotWSClient(SpotWSClient):
     async def start(self) -> None:
         """As the SDK's, once the relay is open (a broker that is unreachable
         or answers 429/5xx is waited for, up to ``patience`` seconds). A
-        refusal, or the patience run out, raises ``BrokerError``."""
+        refusal, or the patience run out, raises ``BrokerError``; ``close()``
+        meanwhile ends it with ``ConnectionError``."""
         self._starting = asyncio.get_running_loop().create_future()
         starting = asyncio.ensure_future(super().start())
         try:
@@ -206,7 +207,8 @@ class RelaySpotWSClient(SpotWSClient):
             return starting.result()
         refusal = self._starting.exception()
         self._starting = None
-        await self.close()
+        if not self._closing.is_set():
+            await self.close()
         raise refusal
 
     async def send_message(self, message: dict, *, raw: bool = False) -> None:
@@ -221,6 +223,8 @@ class RelaySpotWSClient(SpotWSClient):
         """As the SDK's, and at once even while a handshake waits out a
         broker outage."""
         self._closing.set()
+        if self._starting is not None and not self._starting.done():
+            self._starting.set_exception(ConnectionError("the client is closed"))
         # The SDK's receive loop sees keep_alive only between messages (up
         # to 10 s apart without a subscription): close its sockets.
         for conn in (self._priv_conn, self._pub_conn):
