@@ -55,14 +55,16 @@ class FakeRelay:
     pong, a subscribe's success (and a balances snapshot), a trading
     request's success. As Kraken's public endpoint it does the same."""
 
-    def __init__(self) -> None:
+    def __init__(self, ssl: Any = None) -> None:
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.messages: list[dict] = []
         self.url = ""
+        self._ssl = ssl
 
     async def __aenter__(self) -> FakeRelay:
-        self._server = await serve(self._serve, "127.0.0.1", 0)
-        self.url = f"ws://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        self._server = await serve(self._serve, "127.0.0.1", 0, ssl=self._ssl)
+        scheme = "wss" if self._ssl is not None else "ws"
+        self.url = f"{scheme}://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -94,3 +96,21 @@ class FakeRelay:
             elif method is not None:
                 await conn.send(json.dumps({"method": method, "success": True, "req_id": req_id,
                                             "result": {"order_id": "OFAKE1-AAAAA-BBBBBB"}}))
+
+
+def make_pki(tmp) -> dict[str, str]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate,
+    made with openssl in `tmp`; answers their file names."""
+    import subprocess
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj", "/CN=ktb-test-ca")
+    for name, san in (("server", "IP:127.0.0.1"), ("client", "DNS:engine.test")):
+        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        (tmp / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.crt", "-days", "1", "-extfile", f"{name}.ext")
+    return {n: str(tmp / n) for n in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}

@@ -210,3 +210,46 @@ def test_the_ccxt_relay_exchange_raises_refusals_as_ccxt_errors():
         assert isinstance(error, ccxt.ExchangeNotAvailable), repr(error)
 
     asyncio.run(main())
+
+
+def test_both_relay_modes_open_a_tls_relay_with_a_client_certificate(tmp_path):
+    """An https:// broker with its own CA, requiring a client certificate:
+    the relay is opened over wss:// with the broker's TLS context (ccxt's
+    session alone would trust only the public CAs), and no Authorization."""
+    pytest.importorskip("kraken.spot")
+    pytest.importorskip("ccxt.pro")
+    import shutil
+    import ssl
+
+    from ktb_client.ccxt_kraken_relay import RelayKraken
+    from ktb_client.kraken_sdk_relay import RelaySpotWSClient
+    from relay_helpers import make_pki
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make certificates")
+    pki = make_pki(tmp_path)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=pki["ca.crt"])
+    server.load_cert_chain(pki["server.crt"], pki["server.key"])
+    server.verify_mode = ssl.CERT_REQUIRED
+
+    async def main() -> None:
+        async with FakeRelay(ssl=server) as relay:
+            broker = Broker(relay.url.replace("wss://", "https://"), account="main", ca_file=pki["ca.crt"],
+                            cert_file=pki["client.crt"], key_file=pki["client.key"])
+            assert broker.relay_url.startswith("wss://") and "Authorization" not in broker.relay_headers()
+            client = RelaySpotWSClient(broker)
+            await client.start()
+            try:
+                await client.subscribe(params={"channel": "balances"})
+                await until("the subscribe", 10, lambda: any(m.get("method") == "subscribe" for m in relay.messages))
+            finally:
+                await client.close()
+            exchange = RelayKraken(broker)
+            exchange.set_markets(MARKETS)
+            try:
+                assert (await exchange.watch_balance())["BTC"]["total"] == 1.5
+            finally:
+                await exchange.close()
+            assert len(relay.requests) == 2 and relay.headers("Authorization") == [None, None]
+
+    asyncio.run(main())
