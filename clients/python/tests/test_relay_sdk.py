@@ -63,6 +63,7 @@ def test_an_sdk_engine_trades_through_the_relay_and_never_holds_a_token(relay):
 
         # Nor in its memory or environment: the account's token, as the broker holds it now.
         token = Broker(relay.api, account=relay.account, credential=relay.credentials["monitor"]).fetch().token
+        assert tokens_in(json.dumps({"params": {"token": token}}), relay.minted()), "the scan finds a token"
         assert token.encode() not in Path(f"/proc/{engine.proc.pid}/environ").read_bytes()
         assert not engine.memory_holds(token.encode()), "the token is nowhere in the engine's memory"
         assert not engine.memory_holds(relay.api_key().encode()), "nor the key"
