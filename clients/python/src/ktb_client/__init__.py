@@ -18,7 +18,10 @@ The identity is one of: a credential (``credential=`` or the
 broker. Standard library only.
 
 Providers for libraries engines already use: ``ktb_client.kraken_sdk``
-(python-kraken-sdk) and ``ktb_client.ccxt_kraken`` (ccxt).
+(python-kraken-sdk) and ``ktb_client.ccxt_kraken`` (ccxt). Their relay
+modes, ``ktb_client.kraken_sdk_relay`` and ``ktb_client.ccxt_kraken_relay``,
+trade through the broker's relay (``Broker.relay_url``) and never hold a
+token at all.
 """
 
 from __future__ import annotations
@@ -127,6 +130,31 @@ class Broker:
 
     def __repr__(self) -> str:
         return f"Broker({self._scheme}://{self._host}:{self._port}, account={self.account!r})"
+
+    # -- the relay -------------------------------------------------------
+
+    @property
+    def relay_url(self) -> str:
+        """The broker's relay, ``ws(s)://HOST:PORT/v1/relay?account=NAME``:
+        a WebSocket that speaks Kraken's v2 API without tokens (the broker
+        adds them). Open it with ``relay_headers()`` and ``ssl_context``."""
+        scheme = "wss" if self._scheme == "https" else "ws"
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"{scheme}://{host}:{self._port}" + self._path("/v1/relay")
+
+    def relay_headers(self) -> dict[str, str]:
+        """The headers that prove this client's identity when it opens the
+        relay: ``Authorization`` (none with a client certificate), read anew
+        each time (a projected token file rotates)."""
+        headers = self._headers()
+        headers.pop("Accept", None)
+        return headers
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """For an ``https://`` broker: the TLS context that trusts its CA and
+        holds the client certificate, if any (for ``wss://`` too)."""
+        return self._ssl
 
     # -- requests --------------------------------------------------------
 

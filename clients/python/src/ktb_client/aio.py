@@ -30,6 +30,7 @@ import http.client
 import json
 import logging
 import random
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -64,6 +65,20 @@ class AsyncBroker:
     @property
     def account(self) -> str | None:
         return self._config.account
+
+    @property
+    def relay_url(self) -> str:
+        """As ``Broker.relay_url``."""
+        return self._config.relay_url
+
+    def relay_headers(self) -> dict[str, str]:
+        """As ``Broker.relay_headers()``."""
+        return self._config.relay_headers()
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """As ``Broker.ssl_context``."""
+        return self._config.ssl_context
 
     def __repr__(self) -> str:
         return "Async" + repr(self._config)
