@@ -91,6 +91,37 @@ async fn throughput(socket: Socket, token: Option<String>, for_: Duration, windo
     answered as f64 / started.elapsed().as_secs_f64()
 }
 
+/// A bare WebSocket hop (no auth, no parsing, no token): the floor any
+/// relay pays on this machine, to tell the hop's cost from the broker's work.
+async fn bare_hop(upstream: String) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let _ = stream.set_nodelay(true);
+                let Ok(client) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                let Ok((kraken, _)) = tokio_tungstenite::connect_async_with_config(upstream, None, true).await else {
+                    return;
+                };
+                let (mut client_tx, mut client_rx) = client.split();
+                let (mut kraken_tx, mut kraken_rx) = kraken.split();
+                loop {
+                    tokio::select! {
+                        Some(Ok(m)) = client_rx.next() => if kraken_tx.send(m).await.is_err() { return },
+                        Some(Ok(m)) = kraken_rx.next() => if client_tx.send(m).await.is_err() { return },
+                        else => return,
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
 fn main() {
     let rounds: u64 = std::env::var("RELAY_BENCH_ROUNDS")
         .ok()
@@ -138,6 +169,8 @@ fn main() {
         ));
         addr
     });
+    let hop_rt = one_thread();
+    let hop = hop_rt.block_on(bare_hop(sim.ws_url()));
 
     let engine = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -169,43 +202,60 @@ fn main() {
         let (mut relay, _) = tokio_tungstenite::connect_async(relay_request())
             .await
             .expect("the relay");
-        // Warm both paths (the first private request binds the token).
+        let (mut bare, _) = tokio_tungstenite::connect_async_with_config(format!("ws://{hop}/v2"), None, true)
+            .await
+            .expect("the bare hop");
+        // Warm every path (the first private request binds the token).
         for i in 0..200 {
             direct.send(order(i, Some(&token))).await.expect("send");
             answer(&mut direct, i).await;
+            bare.send(order(i, Some(&token))).await.expect("send");
+            answer(&mut bare, i).await;
             relay.send(order(i, None)).await.expect("send");
             answer(&mut relay, i).await;
         }
-        let (mut via_direct, mut via_relay) = (Vec::new(), Vec::new());
+        let (mut via_direct, mut via_relay, mut via_bare) = (Vec::new(), Vec::new(), Vec::new());
         let mut tick = tokio::time::interval(Duration::from_millis(1));
         for i in 0..rounds {
             tick.tick().await;
             let id = 10_000 + i;
-            // Alternate which goes first, so neither always runs on a cold cache.
-            let order_of = if i % 2 == 0 { [true, false] } else { [false, true] };
-            for through_relay in order_of {
+            // Rotate which goes first, so none always runs on a cold cache.
+            for k in 0..3 {
                 let started = Instant::now();
-                if through_relay {
-                    relay.send(order(id, None)).await.expect("send");
-                    answer(&mut relay, id).await;
-                    via_relay.push(started.elapsed().as_nanos() as u64);
-                } else {
-                    direct.send(order(id, Some(&token))).await.expect("send");
-                    answer(&mut direct, id).await;
-                    via_direct.push(started.elapsed().as_nanos() as u64);
+                match (i + k) % 3 {
+                    0 => {
+                        relay.send(order(id, None)).await.expect("send");
+                        answer(&mut relay, id).await;
+                        via_relay.push(started.elapsed().as_nanos() as u64);
+                    }
+                    1 => {
+                        direct.send(order(id, Some(&token))).await.expect("send");
+                        answer(&mut direct, id).await;
+                        via_direct.push(started.elapsed().as_nanos() as u64);
+                    }
+                    _ => {
+                        bare.send(order(id, Some(&token))).await.expect("send");
+                        answer(&mut bare, id).await;
+                        via_bare.push(started.elapsed().as_nanos() as u64);
+                    }
                 }
             }
         }
         let direct_summary = summary(via_direct);
         let relay_summary = summary(via_relay);
-        let added = |p: &str| relay_summary[p].as_f64().unwrap_or(0.0) - direct_summary[p].as_f64().unwrap_or(0.0);
-        let added = json!({"p50_us": added("p50_us"), "p99_us": added("p99_us"), "p999_us": added("p999_us")});
+        let bare_summary = summary(via_bare);
+        let diff = |a: &Value, b: &Value, p: &str| a[p].as_f64().unwrap_or(0.0) - b[p].as_f64().unwrap_or(0.0);
+        let added = json!({"p50_us": diff(&relay_summary, &direct_summary, "p50_us"),
+            "p99_us": diff(&relay_summary, &direct_summary, "p99_us"),
+            "p999_us": diff(&relay_summary, &direct_summary, "p999_us")});
+        let over_bare = json!({"p50_us": diff(&relay_summary, &bare_summary, "p50_us"),
+            "p99_us": diff(&relay_summary, &bare_summary, "p99_us")});
         let window = 64;
         let direct_rate = throughput(direct, Some(token.clone()), Duration::from_secs(3), window).await;
         let relay_rate = throughput(relay, None, Duration::from_secs(3), window).await;
         json!({
             "round_trip": {"rate_per_path_per_s": 1000, "direct": direct_summary, "relay": relay_summary,
-                "added_by_relay": added},
+                "bare_hop": bare_summary, "added_by_relay": added, "relay_over_bare_hop": over_bare},
             "throughput_msgs_per_s": {"window": window, "direct": direct_rate.round(), "relay": relay_rate.round()},
         })
     });

@@ -103,6 +103,10 @@ pub(super) struct Session {
     _open: OpenGauge,
 }
 
+fn peer_text(peer: Option<SocketAddr>) -> String {
+    peer.map_or_else(|| "-".to_owned(), |p| p.to_string())
+}
+
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_micros(SystemTime::now()).to_string()
 }
@@ -137,14 +141,14 @@ impl Session {
         self.to_consumer = Some(tx);
         let mut writer = tokio::spawn(write_to_consumer(sink, rx));
         let (mut to_kraken, from_kraken) = kraken.split();
-        info!(consumer = %self.consumer.name, account = %self.account, peer = ?self.peer, "relay opened");
+        info!(consumer = %self.consumer.name, account = %self.account, peer = %peer_text(self.peer), "relay opened");
         let (end, kraken_closed) = self.relay(from_consumer, &mut to_kraken, from_kraken).await;
         let reason = match &end {
             End::Close(code, reason) => format!("{code} {reason}"),
             End::ConsumerGone => "the consumer closed".to_owned(),
             End::SlowReader => "the consumer did not read".to_owned(),
         };
-        info!(consumer = %self.consumer.name, account = %self.account, peer = ?self.peer, why = %reason, "relay closed");
+        info!(consumer = %self.consumer.name, account = %self.account, peer = %peer_text(self.peer), why = %reason, "relay closed");
         // Kraken's side first, so the session ends at Kraken whatever the
         // consumer does.
         if !kraken_closed {
