@@ -13,9 +13,9 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use common::broker::Broker;
 use common::kraken_ws::FakeKraken;
-use common::process::{config_tables, write, write_key};
+use common::process::{Served, config_tables, write, write_key};
 use common::sim::sim_with_key;
-use common::wait_for;
+use common::{rss_kib, wait_for};
 use kraken_token_broker::identity::credential::new_credential;
 use kraken_token_broker::sim::{SimHandle, SimKey};
 
@@ -31,16 +31,16 @@ struct Engine {
 }
 
 impl Engine {
-    async fn connect(broker: &Broker, credential: &str, query: &str) -> Engine {
-        match Engine::try_connect(broker, credential, query).await {
+    async fn connect(api: &str, credential: &str, query: &str) -> Engine {
+        match Engine::try_connect(api, credential, query).await {
             Ok(engine) => engine,
             Err(status) => panic!("relay refused: {status}"),
         }
     }
 
     /// The connection, or the HTTP status that refused it.
-    async fn try_connect(broker: &Broker, credential: &str, query: &str) -> Result<Engine, u16> {
-        let url = format!("{}/v1/relay{query}", broker.api.replacen("http://", "ws://", 1));
+    async fn try_connect(api: &str, credential: &str, query: &str) -> Result<Engine, u16> {
+        let url = format!("{}/v1/relay{query}", api.replacen("http://", "ws://", 1));
         let mut request = url.into_client_request().unwrap();
         request
             .headers_mut()
@@ -158,7 +158,7 @@ async fn an_engine_subscribes_and_trades_through_the_relay_and_never_sees_a_toke
         trail.path().display()
     );
     let broker = broker_with(&sim, &key, &sim.ws_url(), "", &audit).await;
-    let mut engine = Engine::connect(&broker, &broker.credential, "").await;
+    let mut engine = Engine::connect(&broker.api, &broker.credential, "").await;
     assert_eq!(broker.metric("relay_connections{account=\"main\"}"), 1.0);
 
     engine
@@ -249,7 +249,7 @@ async fn a_read_only_consumer_is_refused_by_the_broker_and_the_request_never_rea
     let kraken = FakeKraken::start().await;
     let read_only = r#"relay = { allow = ["subscribe:executions", "subscribe:balances", "unsubscribe"] }"#;
     let broker = broker_with(&sim, &key, &kraken.url, read_only, "").await;
-    let mut engine = Engine::connect(&broker, &broker.credential, "?account=main").await;
+    let mut engine = Engine::connect(&broker.api, &broker.credential, "?account=main").await;
 
     engine
         .send(json!({"method": "add_order", "req_id": 7, "params": {"symbol": "BTC/USD", "side": "buy"}}))
@@ -331,21 +331,21 @@ async fn a_relay_only_consumer_gets_403_for_tokens_and_its_relays_are_bounded() 
         3.0
     );
 
-    let mut first = Engine::connect(&broker, &broker.credential, "").await;
-    let _second = Engine::connect(&broker, &broker.credential, "").await;
+    let mut first = Engine::connect(&broker.api, &broker.credential, "").await;
+    let _second = Engine::connect(&broker.api, &broker.credential, "").await;
     assert_eq!(
-        Engine::try_connect(&broker, &broker.credential, "").await.err(),
+        Engine::try_connect(&broker.api, &broker.credential, "").await.err(),
         Some(429)
     );
     assert_eq!(
-        Engine::try_connect(&broker, "not-the-credential", "").await.err(),
+        Engine::try_connect(&broker.api, "not-the-credential", "").await.err(),
         Some(401)
     );
     first.send(json!({"method": "ping", "req_id": 1})).await;
     assert_eq!(first.answer(json!(1)).await["method"], "pong");
     drop(first);
     wait_for("a freed relay slot", ANSWER, || async {
-        Engine::try_connect(&broker, &broker.credential, "").await.ok()
+        Engine::try_connect(&broker.api, &broker.credential, "").await.ok()
     })
     .await;
     broker.stop().await.unwrap();
@@ -357,7 +357,7 @@ async fn revoking_a_method_in_use_ends_the_relay_within_a_second_and_kraken_sees
     let kraken = FakeKraken::start().await;
     let trading = r#"relay = { allow = ["subscribe:executions", "add_order", "cancel_order"] }"#;
     let broker = broker_with(&sim, &key, &kraken.url, trading, "").await;
-    let mut engine = Engine::connect(&broker, &broker.credential, "").await;
+    let mut engine = Engine::connect(&broker.api, &broker.credential, "").await;
     engine
         .send(json!({"method": "add_order", "req_id": 1, "params": {"symbol": "BTC/USD"}}))
         .await;
@@ -393,7 +393,7 @@ async fn revoking_a_method_in_use_ends_the_relay_within_a_second_and_kraken_sees
     // Removing the consumer's credential ends its relays too.
     std::fs::write(&path, &text).unwrap();
     broker.reload().await;
-    let mut engine = Engine::connect(&broker, &broker.credential, "").await;
+    let mut engine = Engine::connect(&broker.api, &broker.credential, "").await;
     let (_, other) = new_credential();
     let current = text
         .lines()
@@ -415,7 +415,7 @@ async fn revoking_a_method_in_use_ends_the_relay_within_a_second_and_kraken_sees
 async fn a_token_revoked_mid_session_is_replaced_and_the_request_answered_once() {
     let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
     let broker = broker_with(&sim, &key, &sim.ws_url(), "", "").await;
-    let mut engine = Engine::connect(&broker, &broker.credential, "").await;
+    let mut engine = Engine::connect(&broker.api, &broker.credential, "").await;
     engine
         .send(json!({"method": "subscribe", "req_id": 1, "params": {"channel": "executions"}}))
         .await;
@@ -449,7 +449,7 @@ async fn bounds_a_slow_reader_a_large_frame_krakens_close_and_shutdown() {
     let broker = broker_with(&sim, &key, &kraken.url, "", "").await;
 
     // A consumer that does not read is closed once its queue is full.
-    let mut slow = Engine::connect(&broker, &broker.credential, "").await;
+    let mut slow = Engine::connect(&broker.api, &broker.credential, "").await;
     slow.send(json!({"method": "ping", "req_id": "flood"})).await;
     wait_for("the slow reader to be closed", Duration::from_secs(20), || {
         let n = broker.metric("relay_refused_total{consumer=\"engine\",reason=\"slow_reader\"}");
@@ -463,18 +463,18 @@ async fn bounds_a_slow_reader_a_large_frame_krakens_close_and_shutdown() {
     .await;
 
     // A frame over 64 KiB closes with 1009.
-    let mut large = Engine::connect(&broker, &broker.credential, "").await;
+    let mut large = Engine::connect(&broker.api, &broker.credential, "").await;
     let padding = "x".repeat(70 * 1024);
     large.send(json!({"method": "ping", "req_id": padding})).await;
     assert_eq!(large.closed(ANSWER).await.map(|c| c.0), Some(1009));
 
     // Kraken's own close code reaches the consumer.
-    let mut engine = Engine::connect(&broker, &broker.credential, "").await;
+    let mut engine = Engine::connect(&broker.api, &broker.credential, "").await;
     engine.send(json!({"method": "ping", "req_id": "close"})).await;
     assert_eq!(engine.closed(ANSWER).await, Some((1013, "try again later".to_owned())));
 
     // Malformed frames are answered by the broker.
-    let mut engine = Engine::connect(&broker, &broker.credential, "").await;
+    let mut engine = Engine::connect(&broker.api, &broker.credential, "").await;
     engine.socket.send(Message::Text("not json".into())).await.unwrap();
     let status = engine.next(ANSWER).await.unwrap();
     assert_eq!(status["channel"], "status", "Kraken's greeting comes first: {status}");
@@ -486,4 +486,55 @@ async fn bounds_a_slow_reader_a_large_frame_krakens_close_and_shutdown() {
     let stopping = tokio::spawn(async move { broker.stop().await });
     assert_eq!(engine.closed(Duration::from_secs(10)).await.map(|c| c.0), Some(1001));
     stopping.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_relays_fit_in_the_charts_memory_limit() {
+    const RELAYS: usize = 200;
+    /// The chart's `resources.limits.memory`.
+    const CHART_LIMIT_KIB: u64 = 128 * 1024;
+    let (sim, key) = sim_with_key(Duration::from_secs(900)).await;
+    let (credential, hash) = new_credential();
+    let fleet = format!(
+        "\n[[consumer]]\nname = \"fleet\"\ncredential_sha256 = \"{}\"\naccounts = [\"main\"]\n\
+         rate_limit = {{ per_second = 10000, burst = 100000 }}\nrelay = {{ max_connections = {RELAYS} }}\n",
+        hex::encode(hash)
+    );
+    let served = Served::start_with(&sim, &key, "", &fleet, &[]).await;
+    let pid: u32 = served.pid().parse().unwrap();
+    // One relay first, so what the first connection sets up (TLS config,
+    // buffers, the token) is in the baseline.
+    let mut first = Engine::connect(&served.api, credential.expose(), "").await;
+    first
+        .send(json!({"method": "subscribe", "params": {"channel": "executions"}, "req_id": 0}))
+        .await;
+    assert_eq!(first.answer(json!(0)).await["success"], true);
+    let before = rss_kib(pid);
+    let mut engines = Vec::new();
+    for i in 1..RELAYS {
+        let mut engine = Engine::connect(&served.api, credential.expose(), "").await;
+        engine
+            .send(json!({"method": "subscribe", "params": {"channel": "executions"}, "req_id": i}))
+            .await;
+        engines.push(engine);
+    }
+    for (i, engine) in engines.iter_mut().enumerate() {
+        assert_eq!(engine.answer(json!(i + 1)).await["success"], true);
+    }
+    let after = rss_kib(pid);
+    let metrics = served.admin_text("/metrics").await;
+    assert_eq!(
+        common::metric_value(&metrics, "relay_connections{account=\"main\"}"),
+        RELAYS as f64
+    );
+    let per_connection = after.saturating_sub(before) as f64 / (RELAYS - 1) as f64;
+    println!(
+        "RSS with 1 relay: {before} KiB; with {RELAYS}: {after} KiB; {per_connection:.1} KiB per relay connection"
+    );
+    assert!(after < CHART_LIMIT_KIB, "{after} KiB with {RELAYS} relays");
+    // Each relay holds both ends of its connection and nothing more.
+    assert_eq!(
+        Engine::try_connect(&served.api, credential.expose(), "").await.err(),
+        Some(429)
+    );
 }
