@@ -38,6 +38,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from websockets.sync.client import connect
+
 from ktb_harness import free_port, start_prometheus, start_simulator, stop_all, wait, write_broker_config
 from prometheus_e2e import http
 
@@ -71,6 +73,9 @@ MUST_BE_NONZERO: dict[tuple[str, str], str] = {
     ("Rejected calls in the last 15 minutes, and the budget", "A"): "Kraken rejected stale's key",
     ("Permissions the key holds", "A"): "main's key holds create-ws-token",
     ("Signing key", "A"): "main signs with a key",
+    ("Open relay connections", "A"): "a relay connection is open",
+    ("Relayed frames / s, by direction", "A"): "frames were relayed",
+    ("Relay refusals, by consumer and reason", "A"): "the relay refused a malformed frame",
 }
 
 
@@ -180,6 +185,7 @@ def main() -> None:
     procs: list[subprocess.Popen] = []
     tmp = Path(tempfile.mkdtemp(prefix="ktb-dash-"))
     watch = None
+    relay = None
     try:
         # The simulator, its key expiring in 30 days (so the key-expiry panel
         # has a series), and a second key that may withdraw.
@@ -230,6 +236,22 @@ def main() -> None:
         while not any(line.startswith(b"event: token") for line in first):
             assert len(first) < 20, "the stream sends the current token at once"
             first.append(watch.readline())
+        # A relay connection kept open to the end: a subscription, an order,
+        # and a frame the broker refuses itself.
+        relay = connect(f"ws://127.0.0.1:{api_port}/v1/relay?account={ACCOUNT}", additional_headers=auth,
+                        open_timeout=10)
+        relay.send(json.dumps({"method": "subscribe", "params": {"channel": "executions"}, "req_id": 1}))
+        relay.send(json.dumps({"method": "add_order", "req_id": 2, "params": {
+            "order_type": "limit", "side": "buy", "order_qty": 0.001, "limit_price": 1000.0, "symbol": "BTC/USD"}}))
+        relay.send("not json")
+        answered: set[int] = set()
+        refused = False
+        while len(answered) < 2 or not refused:
+            message = json.loads(relay.recv(timeout=10))
+            if message.get("req_id") in (1, 2):
+                assert message["success"], message
+                answered.add(message["req_id"])
+            refused = refused or message.get("error") == "EGeneral:Invalid arguments"
         # A refresh that fails once (Kraken unavailable), then succeeds on retry.
         held = json.loads(http("GET", f"{api}/v1/token?account={ACCOUNT}", headers=auth)[1])["token"]
         status, body = http("PUT", f"{sim}/_sim/fault", {"error": "EService:Unavailable", "count": 1})
@@ -306,6 +328,8 @@ def main() -> None:
     finally:
         if watch is not None:
             watch.close()
+        if relay is not None:
+            relay.close()
         stop_all(procs)
         if os.environ.get("KEEP_TMP") is None:
             subprocess.run(["rm", "-rf", str(tmp)], check=False)
