@@ -117,6 +117,8 @@ const ITEMS: &[(&str, &str, &[&str], &[&str])] = &[
             "Answer",
             "Malformed",
             "error_answer",
+            "METHODS",
+            "CHANNELS",
         ],
         &[],
     ),

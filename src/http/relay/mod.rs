@@ -143,7 +143,7 @@ pub async fn relay(
             warn!(%error, url = %ws_url, consumer = %consumer.name, "relay: Kraken's WebSocket cannot be reached");
             return Err(ApiError::Unavailable {
                 retry_after: UNREACHABLE_RETRY_AFTER,
-                detail: format!("Kraken's WebSocket ({ws_url}) cannot be reached now: {error}"),
+                detail: format!("Kraken's WebSocket ({ws_url}) cannot be reached now"),
             });
         }
     };

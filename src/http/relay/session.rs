@@ -23,7 +23,7 @@ use super::{CONSUMER_QUEUE, Refusal, close_reason};
 use crate::audit::{Event, RelayOrder};
 use crate::http::auth::{Reproof, prove_again};
 use crate::http::{AppState, Consumer, ServeTable};
-use crate::kraken::ws::{Answer, Malformed, Request, error_answer};
+use crate::kraken::ws::{Answer, CHANNELS, METHODS, Malformed, Request, error_answer};
 use crate::secret::SecretString;
 use crate::token::{AccountHandle, CachedToken};
 
@@ -201,6 +201,14 @@ impl Session {
         let stop = self.state.streams.relays_stop.clone();
         let mut tables = self.state.streams.tables.subscribe();
         tables.mark_unchanged();
+        // A reload that landed while the relay was being opened (Kraken's
+        // connect, the upgrade) is followed now: subscribed first, so none
+        // is missed in between.
+        if !Arc::ptr_eq(&self.state.table.load_full(), &self.table)
+            && let Err(end) = self.follow_reload()
+        {
+            return (end, false);
+        }
         loop {
             let reprove = async {
                 match self.reprove_at {
@@ -330,7 +338,13 @@ impl Session {
             self.audit(&request, "refused", None, Some(&error));
             return self.answer(Some(&request), &error, &time_in);
         }
-        self.used.insert((request.method.clone(), request.channel.clone()));
+        // Only Kraken's own names are remembered (what a reload can take
+        // away): a client's made-up names cannot grow the set.
+        if METHODS.contains(&request.method.as_str())
+            && request.channel.as_deref().is_none_or(|c| CHANNELS.contains(&c))
+        {
+            self.used.insert((request.method.clone(), request.channel.clone()));
+        }
         let (text, token) = if request.needs_token() {
             let Some(token) = self.token().await else {
                 self.state
@@ -345,10 +359,10 @@ impl Session {
                 return self.answer(Some(&request), &error, &time_in);
             };
             (request.with_token(token.token.expose()), Some(token.sha256))
-        } else if request.body.get("params").and_then(|p| p.get("token")).is_some() {
-            (request.without_token(), None)
         } else {
-            (text.to_owned(), None)
+            // Always the body as read (one value per key, no token): what was
+            // checked is what Kraken gets.
+            (request.without_token(), None)
         };
         self.send_to_kraken(to_kraken, text).await?;
         if token.is_some() || request.is_trading() {
