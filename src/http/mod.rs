@@ -189,18 +189,19 @@ pub fn peer_ip(parts: &Parts) -> Option<IpAddr> {
         .map(|ConnectInfo(addr)| addr.ip())
 }
 
-/// Holds a route's in-flight gauge up for as long as a request is being
-/// answered, including a request whose client goes away mid-way.
-struct InFlight(prometheus::IntGauge);
+/// Holds a gauge up for as long as something lives (a request being
+/// answered, a watch stream, a relay connection), however it ends: a
+/// client that goes away mid-way, a panic.
+pub(crate) struct Held(prometheus::IntGauge);
 
-impl InFlight {
-    fn enter(gauge: prometheus::IntGauge) -> Self {
+impl Held {
+    pub(crate) fn enter(gauge: prometheus::IntGauge) -> Self {
         gauge.inc();
         Self(gauge)
     }
 }
 
-impl Drop for InFlight {
+impl Drop for Held {
     fn drop(&mut self) {
         self.0.dec();
     }
@@ -210,7 +211,7 @@ impl Drop for InFlight {
 async fn track(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let recorder = metrics.http().request(Route::of_path(request.uri().path()));
-    let _in_flight = InFlight::enter(recorder.in_flight());
+    let _in_flight = Held::enter(recorder.in_flight());
     let response = next.run(request).await;
     recorder.record(response.status().as_u16(), started.elapsed().as_secs_f64());
     response
@@ -242,7 +243,7 @@ fn refuse_oversized(request: &Request) -> Option<problem::ApiError> {
 async fn api_layer(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let recorder = metrics.http().request(Route::of_path(request.uri().path()));
-    let _in_flight = InFlight::enter(recorder.in_flight());
+    let _in_flight = Held::enter(recorder.in_flight());
     let response = match refuse_oversized(&request) {
         Some(refusal) => axum::response::IntoResponse::into_response(refusal),
         None => next.run(request).await,

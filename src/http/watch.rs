@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use super::api::{parse_query, record_served, token_json};
 use super::auth::Authenticated;
 use super::problem::{ApiError, problem_json};
-use super::{AppState, Consumer, Grant, ServeTable};
+use super::{AppState, Consumer, Grant, Held, ServeTable};
 use crate::audit::Via;
 use crate::token::Health;
 
@@ -96,16 +96,8 @@ struct Watcher {
     /// the client reconnects with its current token.
     reprove_at: Option<Instant>,
     _permit: OwnedSemaphorePermit,
-    _open: OpenGauge,
-}
-
-/// Holds `watch_streams{account}` up while the stream lives.
-struct OpenGauge(prometheus::IntGauge);
-
-impl Drop for OpenGauge {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
+    /// `watch_streams{account}`, held up while the stream lives.
+    _open: Held,
 }
 
 impl Watcher {
@@ -244,8 +236,7 @@ pub async fn watch(
         let _ = grant.handle.want_as(&auth.consumer.name, Duration::ZERO).await;
     }
     let reprove_at = auth.reprove_at;
-    let gauge = state.metrics.consumers().watch_streams(&account);
-    gauge.inc();
+    let open = Held::enter(state.metrics.consumers().watch_streams(&account));
     let mut changes = grant.handle.changes();
     changes.mark_unchanged();
     let watcher = Watcher {
@@ -261,7 +252,7 @@ pub async fn watch(
         waiting_since: None,
         reprove_at,
         _permit: permit,
-        _open: OpenGauge(gauge),
+        _open: open,
     };
     Ok(Sse::new(events(watcher))
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))

@@ -21,6 +21,8 @@
 //! after the broker's drain on shutdown; with Kraken's own code when Kraken
 //! closes.
 
+mod audit;
+mod injected;
 pub mod metrics;
 mod session;
 pub mod upstream;

@@ -17,12 +17,15 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame as KrakenCloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tracing::{debug, info};
 
+mod revoke;
+
+use super::audit::{Who, order_line};
+use super::injected::Injected;
 use super::metrics::Direction;
 use super::upstream::KrakenSocket;
 use super::{CONSUMER_QUEUE, Refusal, close_reason};
-use crate::audit::{Event, RelayOrder};
-use crate::http::auth::{Reproof, prove_again};
-use crate::http::{AppState, Consumer, ServeTable};
+use crate::audit::Event;
+use crate::http::{AppState, Consumer, Held, ServeTable};
 use crate::kraken::ws::{Answer, CHANNELS, METHODS, Malformed, Request, error_answer};
 use crate::secret::SecretString;
 use crate::token::{AccountHandle, CachedToken};
@@ -33,13 +36,8 @@ use crate::token::{AccountHandle, CachedToken};
 const MAX_PENDING: usize = 256;
 /// A request unanswered this long is given up.
 const PENDING_FOR: Duration = Duration::from_secs(60);
-/// Tokens a connection remembers having injected, to scrub from frames
-/// sent to the consumer.
-const REMEMBERED_TOKENS: usize = 4;
 /// How long the closing handshakes may take at the end.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// After a ServiceAccount review could not be had, when to try again.
-const REPROVE_RETRY: Duration = Duration::from_secs(5);
 
 /// What a session starts from.
 pub(super) struct Start {
@@ -53,15 +51,6 @@ pub(super) struct Start {
     /// A ServiceAccount consumer's `Authorization` value, to prove it again.
     pub bearer: Option<SecretString>,
     pub permit: OwnedSemaphorePermit,
-}
-
-/// Holds `relay_connections{account}` up while the session lives.
-struct OpenGauge(prometheus::IntGauge);
-
-impl Drop for OpenGauge {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
 }
 
 /// A request sent to Kraken and not yet answered.
@@ -97,10 +86,11 @@ pub(super) struct Session {
     /// takes one away ends it.
     used: BTreeSet<(String, Option<String>)>,
     pending: VecDeque<Pending>,
-    injected: VecDeque<Arc<CachedToken>>,
+    injected: Injected,
     to_consumer: Option<mpsc::Sender<Message>>,
     _permit: OwnedSemaphorePermit,
-    _open: OpenGauge,
+    /// `relay_connections{account}`, held up while the session lives.
+    _open: Held,
 }
 
 fn peer_text(peer: Option<SocketAddr>) -> String {
@@ -113,8 +103,7 @@ fn now_rfc3339() -> String {
 
 impl Session {
     pub(super) fn new(start: Start) -> Self {
-        let gauge = start.state.metrics.relay().connections(&start.account);
-        gauge.inc();
+        let open = Held::enter(start.state.metrics.relay().connections(&start.account));
         Self {
             state: start.state,
             table: start.table,
@@ -126,10 +115,10 @@ impl Session {
             bearer: start.bearer,
             used: BTreeSet::new(),
             pending: VecDeque::new(),
-            injected: VecDeque::new(),
+            injected: Injected::default(),
             to_consumer: None,
             _permit: start.permit,
-            _open: OpenGauge(gauge),
+            _open: open,
         }
     }
 
@@ -400,17 +389,8 @@ impl Session {
             Some(token) => token,
             None => self.handle.want_as(&self.consumer.name, Duration::ZERO).await.ok()?,
         };
-        self.note_injected(&token);
+        self.injected.note(&token);
         Some(token)
-    }
-
-    fn note_injected(&mut self, token: &Arc<CachedToken>) {
-        if !self.injected.iter().any(|t| t.sha256 == token.sha256) {
-            if self.injected.len() == REMEMBERED_TOKENS {
-                self.injected.pop_front();
-            }
-            self.injected.push_back(Arc::clone(token));
-        }
     }
 
     fn remember(&mut self, pending: Pending) {
@@ -466,7 +446,7 @@ impl Session {
             }
             self.audit(&pending.request, "answered", Some(&answer), None);
         }
-        let text = self.scrub(text);
+        let text = self.injected.scrub(text);
         self.send_to_consumer(Message::Text(text.into()))
     }
 
@@ -477,122 +457,28 @@ impl Session {
         if token.sha256 == refused {
             return None;
         }
-        self.note_injected(&token);
+        self.injected.note(&token);
         Some(token)
-    }
-
-    /// The frame with any token this connection injected cut out (Kraken
-    /// does not echo tokens in what it is documented to send; this holds the
-    /// promise whatever it sends).
-    fn scrub(&self, text: &str) -> String {
-        let mut out: Option<String> = None;
-        for token in &self.injected {
-            let value = token.token.expose();
-            if !value.is_empty() && out.as_deref().unwrap_or(text).contains(value) {
-                debug!(token = %token.fingerprint, "relay: a token was cut out of a frame for the consumer");
-                out = Some(out.as_deref().unwrap_or(text).replace(value, crate::secret::REDACTED));
-            }
-        }
-        out.unwrap_or_else(|| text.to_owned())
-    }
-
-    /// After a reload: the same consumer (name and identity), still granted
-    /// the account, still allowed every method it used; otherwise the end.
-    fn follow_reload(&mut self) -> Result<(), End> {
-        let table = self.state.table.load_full();
-        let name = self.consumer.name.clone();
-        let revoked = |why: String| {
-            self.state.metrics.relay().refused(&name, Refusal::Revoked);
-            End::Close(1008, why)
-        };
-        let Some(consumer) = table
-            .consumers
-            .iter()
-            .find(|c| c.name == self.consumer.name && c.identity == self.consumer.identity)
-            .cloned()
-        else {
-            return Err(revoked(format!(
-                "consumer `{name}` was removed from the broker's config"
-            )));
-        };
-        let Some(grant) = consumer.grants.iter().find(|g| g.account == self.account) else {
-            return Err(revoked(format!(
-                "consumer `{name}` is no longer granted account `{}`",
-                self.account
-            )));
-        };
-        if let Some((method, channel)) = self.used.iter().find(|(m, c)| !consumer.relay.allows(m, c.as_deref())) {
-            let what = channel.as_ref().map_or(method.clone(), |c| format!("{method}:{c}"));
-            return Err(revoked(format!("`{what}` is no longer allowed for consumer `{name}`")));
-        }
-        self.handle = grant.handle.clone();
-        self.consumer = consumer;
-        self.table = table;
-        Ok(())
-    }
-
-    /// The consumer's proof lapsed: a client certificate past its
-    /// `notAfter` ends the relay; a ServiceAccount token is reviewed again.
-    async fn prove_again(&mut self) -> Result<(), End> {
-        let outcome = match &self.bearer {
-            None => Reproof::Refused,
-            Some(bearer) => prove_again(&self.state, bearer, &self.consumer).await,
-        };
-        match outcome {
-            Reproof::Proven(next) => {
-                self.reprove_at = next;
-                Ok(())
-            }
-            Reproof::Unknown => {
-                // The API server is down or busy: the session goes on, and
-                // the review is tried again shortly.
-                self.reprove_at = Instant::now().checked_add(REPROVE_RETRY);
-                Ok(())
-            }
-            Reproof::Refused => {
-                self.state
-                    .metrics
-                    .relay()
-                    .refused(&self.consumer.name, Refusal::Revoked);
-                Err(End::Close(
-                    1008,
-                    "the consumer's proof of identity is no longer accepted: reconnect with a current one".into(),
-                ))
-            }
-        }
     }
 
     /// A `relay.order` line for a trading request, with the answer if any.
     fn audit(&self, request: &Request, outcome: &'static str, answer: Option<&Answer>, error: Option<&str>) {
-        if !request.is_trading() {
-            return;
+        if let Some(audit) = &self.table.audit
+            && request.is_trading()
+        {
+            let line = order_line(
+                Who {
+                    consumer: &self.consumer.name,
+                    account: &self.account,
+                    peer: self.peer,
+                },
+                request,
+                outcome,
+                answer,
+                error,
+            );
+            audit.record(Event::RelayOrder(Box::new(line)));
         }
-        let Some(audit) = &self.table.audit else {
-            return;
-        };
-        let order = RelayOrder {
-            consumer: self.consumer.name.clone(),
-            account: self.account.clone(),
-            peer: self.peer.map(|p| p.to_string()),
-            method: request.method.clone(),
-            req_id: request.req_id().cloned(),
-            symbol: request.param("symbol"),
-            side: request.param("side"),
-            order_qty: request.param("order_qty"),
-            limit_price: request.param("limit_price"),
-            cl_ord_id: request.param("cl_ord_id"),
-            order_userref: request.param("order_userref"),
-            order_id: answer
-                .and_then(|a| a.order_id.clone())
-                .or_else(|| request.param("order_id")),
-            orders: request.orders(),
-            outcome,
-            success: answer.and_then(|a| a.success),
-            error: answer
-                .and_then(|a| a.error.clone())
-                .or_else(|| error.map(str::to_owned)),
-        };
-        audit.record(Event::RelayOrder(Box::new(order)));
     }
 }
 
